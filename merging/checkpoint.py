@@ -1,0 +1,177 @@
+"""Returns read-only, memory-mapped access to a model checkpoint, one tensor at a time.
+
+A checkpoint is a Hugging Face folder (single or sharded safetensors, or pytorch_model.bin),
+or a bare `.safetensors` / `.bin` file. Pickle checkpoints are only ever opened with
+`torch.load(weights_only=True)`, so a file that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.errors import CheckpointError
+from merging.safetensors_format import MappedFile, TensorInfo, read_header
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    """Returns the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Checkpoint:
+    """A model's weights, opened lazily: headers at construction, tensor bytes on demand."""
+
+    def __init__(self, path: str | Path, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or self.path.name
+        if not self.path.exists():
+            raise CheckpointError(f"model {self.label!r}: path {self.path} does not exist")
+        self.files: list[Path] = []
+        self.infos: dict[str, TensorInfo] = {}
+        self._mapped: dict[Path, MappedFile] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        self.config: dict[str, Any] | None = None
+        self._index_map: dict[str, str] = {}
+        self._open()
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        p = self.path
+        if p.is_file():
+            if p.suffix == ".safetensors":
+                self._add_safetensors([p])
+            elif p.suffix in (".bin", ".pt", ".pth"):
+                self._add_pickle([p])
+            else:
+                raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors or .bin)")
+            return
+        config_file = p / "config.json"
+        if config_file.exists():
+            try:
+                self.config = json.loads(config_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{config_file}: invalid JSON ({exc})") from exc
+        if (p / SAFE_INDEX).exists():
+            self._add_safetensors(self._index_files(p / SAFE_INDEX), index=p / SAFE_INDEX)
+        elif (p / SAFE_SINGLE).exists():
+            self._add_safetensors([p / SAFE_SINGLE])
+        elif singles := sorted(p.glob("*.safetensors")):
+            if len(singles) > 1:
+                raise CheckpointError(
+                    f"{p}: {len(singles)} .safetensors files but no {SAFE_INDEX}: "
+                    "cannot tell which hold the model"
+                )
+            self._add_safetensors(singles)
+        elif (p / BIN_INDEX).exists():
+            self._add_pickle(self._index_files(p / BIN_INDEX))
+        elif (p / BIN_SINGLE).exists():
+            self._add_pickle([p / BIN_SINGLE])
+        else:
+            raise CheckpointError(
+                f"{p}: no model weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, or {BIN_SINGLE})"
+            )
+
+    def _index_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: invalid index file ({exc})") from exc
+        self._index_map = {str(k): str(v) for k, v in weight_map.items()}
+        files = []
+        for name in sorted(set(self._index_map.values())):
+            shard = index.parent / name
+            if not shard.exists():
+                raise CheckpointError(f"{index}: lists shard {name} which does not exist")
+            files.append(shard)
+        return files
+
+    def _add_safetensors(self, files: list[Path], index: Path | None = None) -> None:
+        for f in files:
+            infos, _ = read_header(f)
+            for name, info in infos.items():
+                if name in self.infos:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {self.infos[name].file}")
+                self.infos[name] = info
+            self.files.append(f)
+        if index is not None:
+            listed = set(self._index_map)
+            found = set(self.infos)
+            if listed != found:
+                missing = sorted(listed - found)[:5]
+                extra = sorted(found - listed)[:5]
+                raise CheckpointError(
+                    f"{index}: index and shards disagree (listed but absent: {missing}; "
+                    f"present but unlisted: {extra})"
+                )
+
+    def _add_pickle(self, files: list[Path]) -> None:
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(
+                    f"{f}: refused to load this pickle checkpoint: it holds objects other than "
+                    f"tensors (loading it could execute code). Convert it to safetensors. ({str(exc).splitlines()[0]})"
+                ) from exc
+            except Exception as exc:  # torch raises several types for a damaged zip/pickle
+                raise CheckpointError(f"{f}: cannot read pickle checkpoint ({type(exc).__name__}: {exc})") from exc
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(state).__name__}")
+            for name, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{f}: entry {name!r} is a {type(value).__name__}, not a tensor")
+                self._pickled[name] = value
+                self.infos[name] = TensorInfo(
+                    name, value.dtype, tuple(value.shape), f, -1, value.numel() * value.element_size()
+                )
+            self.files.append(f)
+
+    # -- access ------------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        """Returns tensor `name` as a read-only view (memory-mapped; never write to it)."""
+        if name in self._pickled:
+            return self._pickled[name]
+        try:
+            info = self.infos[name]
+        except KeyError:
+            raise CheckpointError(f"model {self.label!r} ({self.path}): no tensor {name!r}") from None
+        mapped = self._mapped.get(info.file)
+        if mapped is None:
+            mapped = self._mapped[info.file] = MappedFile(info.file)
+        return mapped.tensor(info)
+
+    def side_files(self) -> list[Path]:
+        """Returns the non-weight files of a folder checkpoint (config, tokenizer, ...)."""
+        if not self.path.is_dir():
+            return []
+        weight_files = set(self.files) | {self.path / SAFE_INDEX, self.path / BIN_INDEX}
+        return sorted(f for f in self.path.iterdir() if f.is_file() and f not in weight_files)
+
+    def close(self) -> None:
+        for m in self._mapped.values():
+            m.close()
+        self._mapped.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,351 @@
+"""Returns a merged model folder: streams tensors one at a time from memory-mapped inputs.
+
+Order of work: validate the config and every header (plan), run the model-wide statistics pass
+when the method needs one, merge tensor by tensor into pre-laid-out shards in a temporary
+folder, add heads, side files and the model card, then rename the folder into place. A failure
+at any point removes the temporary folder, so no partial output is ever visible.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from merging.checkpoint import Checkpoint, file_sha256
+from merging.config import MergeConfig, dump_config
+from merging.errors import ConfigError, MergeflowError, NonFiniteError
+from merging.memory import PeakMemory
+from merging.methods import REGISTRY
+from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
+from merging.model_card import InputRecord, render_model_card
+from merging.plan import MergePlan, Role, TensorPlan, build_plan
+from merging.trim import ModelThreshold, TensorTrimL1
+from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SKIP_SIDE_FILES = {"README.md", ".gitattributes"}
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    out_shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int | None = None
+    progress: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: output, timing, bytes read, memory, and the statistics it used."""
+
+    out_dir: Path
+    method: str
+    tensors: int
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss_bytes: int
+    peak_anon_bytes: int
+    stats: ModelStats
+    heads: dict[str, list[str]] = field(default_factory=dict)
+    inputs: list[InputRecord] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Returns the torch device for `cpu`, `cuda` or `auto` (CUDA when present)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: expected cpu, cuda or auto, got {device!r}")
+    return torch.device(device)
+
+
+def model_labels(config: MergeConfig) -> list[str]:
+    """Returns a unique, file-name-safe label per fine-tune (its `name`, else its folder name)."""
+    labels: list[str] = []
+    for entry in config.fine_tunes():
+        raw = entry.name or Path(entry.model.rstrip("/")).name or "model"
+        label = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
+        base, n = label, 2
+        while label in labels:
+            label, n = f"{base}-{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+class TensorSource:
+    """Returns oriented compute-dtype base and task vectors for one planned tensor."""
+
+    def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device):
+        self.base = base
+        self.models = models
+        self.device = device
+        self.bytes_read = 0
+
+    def compute_dtype(self, plan: TensorPlan) -> torch.dtype:
+        return torch.float64 if plan.dtype == torch.float64 else torch.float32
+
+    def _orient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+        if plan.role == Role.POINT:
+            return tensor.reshape(-1)
+        if plan.transposed:
+            return tensor.t()
+        return tensor.reshape(plan.neuron_shape)
+
+    def load(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (base, deltas (T, ...)) oriented so rows are neurons, checked for NaN/Inf."""
+        dtype = self.compute_dtype(plan)
+        raw = self.base.tensor(plan.name)
+        self.bytes_read += raw.numel() * raw.element_size()
+        base = self._orient(raw, plan).to(self.device, dtype)
+        if not torch.isfinite(base.sum()):
+            _raise_non_finite(base, plan.name, f"base model ({self.base.path})")
+        deltas = torch.empty((len(self.models), *base.shape), dtype=dtype, device=self.device)
+        for i, (model, src) in enumerate(zip(self.models, plan.sources)):
+            ft = model.tensor(src)
+            self.bytes_read += ft.numel() * ft.element_size()
+            deltas[i].copy_(self._orient(ft, plan))
+            deltas[i].sub_(base)
+        if deltas.numel() and not torch.isfinite(deltas.sum()):
+            for i, model in enumerate(self.models):
+                if not torch.isfinite(deltas[i]).all():
+                    _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
+        return base, deltas
+
+    def unorient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+        if plan.role != Role.POINT and plan.transposed:
+            tensor = tensor.t()
+        return tensor.reshape(plan.shape)
+
+
+def _raise_non_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise NonFiniteError(f"tensor {name!r} in {where} holds {bad} NaN/Inf values")
+
+
+def mergeable(plan: MergePlan) -> Iterator[TensorPlan]:
+    """Yields the tensors that are merged (floating point, not aliases)."""
+    for t in plan.merged:
+        if t.dtype.is_floating_point:
+            yield t
+
+
+def compute_stats(
+    request: StatsRequest | None,
+    plan: MergePlan,
+    source: TensorSource,
+    densities: list[float],
+    progress: bool,
+) -> ModelStats:
+    """Returns model-wide trim thresholds and/or sigma_t, streaming the task vectors."""
+    if request is None:
+        return ModelStats()
+    tensors = list(mergeable(plan))
+    if request.model_thresholds:
+        accs = [ModelThreshold(d) for d in densities]
+        for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
+            _, deltas = source.load(t)
+            for acc, delta in zip(accs, deltas):
+                acc.add_pass1(delta.abs())
+        for acc in accs:
+            acc.finish_pass1()
+        if any(acc.needs_pass2 for acc in accs):
+            for t in tqdm(tensors, desc="trim thresholds (2/2)", disable=not progress, leave=False):
+                _, deltas = source.load(t)
+                for acc, delta in zip(accs, deltas):
+                    if acc.needs_pass2:
+                        acc.add_pass2(delta.abs())
+        results = [acc.result() for acc in accs]
+        return ModelStats(
+            thresholds=tuple(r[0] for r in results),
+            trimmed_l1_fraction=tuple(r[1] for r in results) if request.trimmed_l1 else None,
+        )
+    l1 = [TensorTrimL1(d) for d in densities]
+    for t in tqdm(tensors, desc="trim statistics", disable=not progress, leave=False):
+        _, deltas = source.load(t)
+        for acc, delta in zip(l1, deltas):
+            acc.add(delta)
+    return ModelStats(trimmed_l1_fraction=tuple(acc.sigma() for acc in l1))
+
+
+def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
+    """Returns the dtype a tensor is written in: out_dtype, else dtype, else the base's."""
+    if not plan.dtype.is_floating_point:
+        return plan.dtype
+    name = config.out_dtype or config.dtype
+    return TORCH_DTYPES[name] if name else plan.dtype
+
+
+def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | None = None) -> MergeReport:
+    """Returns the report of merging `config` into `out_dir` (written atomically)."""
+    options = options or MergeOptions()
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not options.overwrite:
+        raise ConfigError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    device = resolve_device(options.device)
+    method = REGISTRY[config.merge_method]
+    params: MethodParams = config.method_params()
+    entries = config.fine_tunes()
+    seed = config.seed if options.seed is None else options.seed
+    labels = model_labels(config)
+    started = time.perf_counter()
+
+    base = Checkpoint(config.base_model, "base")
+    models = [Checkpoint(e.model, label) for e, label in zip(entries, labels)]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with PeakMemory() as memory, ThreadPoolExecutor(max_workers=1) as hasher:
+        try:
+            plan = build_plan(base, models, config.task_specific, config.transposed, config.allow_dtype_mismatch)
+            hashes = {f: hasher.submit(file_sha256, f) for ck in [base, *models] for f in ck.files}
+            weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
+            densities = [config.model_density(e, params) for e in entries]
+            source = TensorSource(base, models, device)
+            stats = compute_stats(method.stats_request(params), plan, source, densities, options.progress)
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            bytes_written = _write_model(config, plan, source, method.merge, params, stats, weights, densities, seed, tmp, options)
+            bytes_written += _write_heads(plan, models, tmp)
+            _copy_side_files(base, config, tmp)
+            inputs = _input_records(base, models, entries, hashes)
+            (tmp / "mergeflow_config.yml").write_text(dump_config(config))
+            report = MergeReport(
+                out_dir=out_dir,
+                method=config.merge_method,
+                tensors=len(plan.tensors),
+                seconds=0.0,
+                bytes_read=source.bytes_read,
+                bytes_written=bytes_written,
+                peak_rss_bytes=0,
+                peak_anon_bytes=0,
+                stats=stats,
+                heads=plan.heads,
+                inputs=inputs,
+            )
+            (tmp / "README.md").write_text(render_model_card(config, method, params, report))
+            if out_dir.exists():
+                trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                out_dir.rename(trash)
+                tmp.rename(out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            base.close()
+            for m in models:
+                m.close()
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_bytes = memory.peak_rss_bytes
+    report.peak_anon_bytes = memory.peak_anon_bytes
+    return report
+
+
+def _write_model(
+    config: MergeConfig,
+    plan: MergePlan,
+    source: TensorSource,
+    merge_fn: object,
+    params: MethodParams,
+    stats: ModelStats,
+    weights: torch.Tensor,
+    densities: list[float],
+    seed: int,
+    folder: Path,
+    options: MergeOptions,
+) -> int:
+    entries = [(t.name, output_dtype(config, t), t.shape) for t in plan.tensors]
+    writer = ShardedWriter(folder, entries, options.out_shard_size)
+    aliases: dict[str, list[str]] = {}
+    for t in plan.tensors:
+        if t.tied_to is not None:
+            aliases.setdefault(t.tied_to, []).append(t.name)
+    try:
+        total = sum(t.numel * t.dtype.itemsize for t in plan.merged)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({config.merge_method})", disable=not options.progress) as bar:
+            for t in plan.merged:
+                if not t.dtype.is_floating_point:
+                    result = source.base.tensor(t.name)
+                else:
+                    base, deltas = source.load(t)
+                    inputs = TensorInputs(
+                        name=t.name,
+                        role=t.role,
+                        base=base,
+                        deltas=deltas,
+                        weights=weights.to(device=deltas.device),
+                        densities=tuple(densities),
+                        seed=tensor_seed(seed, t.name),
+                    )
+                    merged_delta = merge_fn(inputs, params, stats)  # type: ignore[operator]
+                    del deltas, inputs
+                    result = source.unorient(base + merged_delta.to(base.dtype), t)
+                writer.write(t.name, result)
+                for alias in aliases.get(t.name, []):
+                    writer.write(alias, result)
+                bar.update(t.numel * t.dtype.itemsize)
+        missing = writer.missing()
+        if missing:
+            raise MergeflowError(f"internal error: tensors planned but not written: {missing[:5]}")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.total_size
+
+
+def _write_heads(plan: MergePlan, models: list[Checkpoint], folder: Path) -> int:
+    """Writes each model's task-specific tensors, unmerged, to heads/<label>.safetensors."""
+    written = 0
+    for model in models:
+        names = plan.heads.get(model.label)
+        if not names:
+            continue
+        heads_dir = folder / "heads"
+        heads_dir.mkdir(exist_ok=True)
+        infos = [model.infos[n] for n in names]
+        writer = ShardedWriter(heads_dir, [(i.name, i.dtype, i.shape) for i in infos], 1 << 62, prefix=model.label)
+        for name in names:
+            writer.write(name, model.tensor(name))
+        writer.close()
+        written += writer.total_size
+    return written
+
+
+def _copy_side_files(base: Checkpoint, config: MergeConfig, folder: Path) -> None:
+    """Copies the base's config.json and tokenizer files; records the output dtype in config.json."""
+    for f in base.side_files():
+        if f.name in SKIP_SIDE_FILES or f.name.startswith("."):
+            continue
+        shutil.copy2(f, folder / f.name)
+    cfg = folder / "config.json"
+    out_name = config.out_dtype or config.dtype
+    if cfg.exists() and out_name:
+        data = json.loads(cfg.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = out_name
+        cfg.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _input_records(
+    base: Checkpoint, models: list[Checkpoint], entries: list, hashes: dict[Path, Future[str]]
+) -> list[InputRecord]:
+    records = [InputRecord("base", str(base.path), {f.name: hashes[f].result() for f in base.files})]
+    for model in models:
+        records.append(InputRecord(model.label, str(model.path), {f.name: hashes[f].result() for f in model.files}))
+    return records

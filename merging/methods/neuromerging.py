@@ -1,0 +1,162 @@
+"""NeuroMerging: merge each neuron's task vectors in the subspaces parallel and orthogonal to it.
+
+Fang et al., 2025, "To See a World in a Spark of Neuron" (EMNLP 2025). For neuron row k with
+pretrained weights w0, task vector tau_t splits into s_t w0 (s_t = <tau_t, w0>/||w0||^2) and the
+orthogonal rest O_t. The parallel scalars are TIES-merged; the T orthogonal rows are expressed
+in their singular basis (O = U S V^T), their coordinates C = O V = U S are TIES-merged per
+direction, and psi_perp = sum_j cbar_j v_j.
+
+The singular basis comes from the T x T Gram matrix G = O O^T = U S^2 U^T (batched eigh), so no
+d-dimensional SVD is computed: v_j = O^T u_j / s_j, hence psi_perp = O^T (U (cbar / s)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from merging.methods.base import (
+    ModelStats,
+    StatsRequest,
+    TensorInputs,
+    TrimParams,
+    broadcast_weights,
+    register_method,
+)
+from merging.plan import Role
+from merging.ties_core import disjoint_mean, elect_sign
+from merging.trim import trim_
+
+ZERO_NORM2 = 1e-30
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class NeuroMergingParams(TrimParams):
+    trim_scope: Literal["tensor", "model"] = "model"
+    density: float | None = Field(default=0.2, gt=0, le=1, description="share of each task vector kept")
+    lambda_: float | Literal["auto"] = Field(
+        default="auto", alias="lambda", description="lambda_2, scale of the orthogonal part; auto = 1/(1-sigma)"
+    )
+    lambda_parallel: float = Field(default=0.0, description="lambda_1, scale of the parallel part; 0 = Lite")
+    energy_threshold: float = Field(
+        default=1.0, gt=0, le=1, description="keep the leading singular directions holding this share of energy"
+    )
+    compute_dtype: Literal["float32", "float64"] = "float64"
+
+
+def resolve_lambda(params: NeuroMergingParams, stats: ModelStats) -> float:
+    """Returns lambda_2: the configured value, or 1/(1 - max_t sigma_t) for `auto`."""
+    if params.lambda_ != "auto":
+        return float(params.lambda_)
+    sigmas = stats.trimmed_l1_fraction or (0.0,)
+    sigma = max(sigmas)
+    return 1.0 / (1.0 - sigma) if sigma < 1.0 else 1.0
+
+
+def _column_tie_sign(coords: torch.Tensor) -> torch.Tensor:
+    """Returns, per neuron and direction, the sign of the entry of largest magnitude.
+
+    It breaks a tie (a direction whose coordinates sum to 0) and flips with the direction's
+    arbitrary sign, so the merge stays independent of singular-vector signs.
+    """
+    idx = coords.abs().argmax(dim=1, keepdim=True)  # coords: (rows, T, r)
+    sign = torch.sign(torch.gather(coords, 1, idx)).squeeze(1)
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def orthogonal_merge(
+    orth: torch.Tensor, energy_threshold: float = 1.0
+) -> torch.Tensor:
+    """Returns psi_perp (rows, d) from orthogonal task rows `orth` (T, rows, d), vectorised over rows."""
+    rows_first = orth.permute(1, 0, 2)  # (rows, T, d)
+    gram = torch.bmm(rows_first, rows_first.transpose(1, 2)).to(torch.float64)
+    evals, u = torch.linalg.eigh(gram)  # ascending
+    sing = evals.clamp_min(0).sqrt()  # (rows, T)
+    t, d = orth.shape[0], orth.shape[2]
+    eps = torch.finfo(orth.dtype).eps
+    keep = sing > (sing.max(dim=1, keepdim=True).values * max(t, d) * eps)
+    if energy_threshold < 1:
+        energy = evals.clamp_min(0)
+        desc = torch.flip(energy, [1])
+        share_before = (desc.cumsum(1) - desc) / energy.sum(1, keepdim=True).clamp_min(1e-300)
+        keep &= torch.flip(share_before < energy_threshold, [1])
+    coords = u * sing.unsqueeze(1)  # C[k, t, j] = u_j[t] * s_j
+    elected = elect_sign(coords.transpose(0, 1), _column_tie_sign(coords))  # (rows, r)
+    cbar = disjoint_mean(coords.transpose(0, 1), elected)
+    cbar = torch.where(keep, cbar / torch.where(keep, sing, torch.ones_like(sing)), torch.zeros_like(cbar))
+    mix = torch.bmm(u, cbar.unsqueeze(2)).squeeze(2)  # (rows, T)
+    return torch.bmm(mix.to(orth.dtype).unsqueeze(1), rows_first).squeeze(1)
+
+
+def neuron_merge(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    lambda_parallel: float,
+    lambda_orth: float,
+    energy_threshold: float = 1.0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Returns lambda_1 psi_par + lambda_2 psi_perp for a (rows, d) weight and (T, rows, d) task vectors."""
+    t, m, d = deltas.shape
+    w0 = base.to(compute_dtype)
+    norm2 = (w0 * w0).sum(dim=-1)
+    inv_norm2 = torch.where(norm2 > ZERO_NORM2, 1.0 / norm2.clamp_min(ZERO_NORM2), torch.zeros_like(norm2))
+    chunk = max(1, CHUNK_BYTES // max(1, t * d * 8))
+    scalars = torch.empty((t, m), dtype=compute_dtype, device=base.device)
+    for lo in range(0, m, chunk):
+        hi = min(m, lo + chunk)
+        scalars[:, lo:hi] = (deltas[:, lo:hi].to(compute_dtype) * w0[lo:hi]).sum(-1) * inv_norm2[lo:hi]
+    # Parallel part: TIES over the scalars; a tie takes the sign of the sum over the matrix.
+    total = float(scalars.sum())
+    s_bar = disjoint_mean(scalars, elect_sign(scalars, 1.0 if total >= 0 else -1.0))
+    out = torch.empty((m, d), dtype=deltas.dtype, device=base.device)
+    for lo in range(0, m, chunk):
+        hi = min(m, lo + chunk)
+        w_chunk = w0[lo:hi]
+        orth = deltas[:, lo:hi].to(compute_dtype) - scalars[:, lo:hi, None] * w_chunk
+        psi = orthogonal_merge(orth, energy_threshold)
+        # Re-project so rounding cannot leave a component along w0.
+        psi -= ((psi * w_chunk).sum(-1) * inv_norm2[lo:hi]).unsqueeze(-1) * w_chunk
+        merged = lambda_orth * psi
+        if lambda_parallel:
+            merged += lambda_parallel * s_bar[lo:hi, None] * w_chunk
+        out[lo:hi] = merged.to(out.dtype)
+    return out
+
+
+def _stats(params: NeuroMergingParams) -> StatsRequest | None:
+    scope = params.trim_scope == "model"
+    auto = params.lambda_ == "auto"
+    if not scope and not auto:
+        return None
+    return StatsRequest(model_thresholds=scope, trimmed_l1=auto)
+
+
+def _describe(p: NeuroMergingParams) -> str:
+    variant = "Lite" if p.lambda_parallel == 0 else "Full"
+    return (
+        f"NeuroMerging {variant}: lambda_1={p.lambda_parallel}, lambda_2={p.lambda_}, "
+        f"trim_scope={p.trim_scope}, energy_threshold={p.energy_threshold}, compute_dtype={p.compute_dtype}"
+    )
+
+
+@register_method(
+    "neuromerging",
+    pretty_name="NeuroMerging",
+    reference_url="https://arxiv.org/abs/2503.05320",
+    params=NeuroMergingParams,
+    stats_request=_stats,
+    describe=_describe,
+)
+def neuromerging(inputs: TensorInputs, params: NeuroMergingParams, stats: ModelStats) -> torch.Tensor:
+    """Returns the NeuroMerging task vector of one tensor (TIES for 1-D tensors)."""
+    lambda_orth = resolve_lambda(params, stats)
+    deltas = trim_(inputs.deltas, inputs.densities, stats.thresholds)
+    deltas.mul_(broadcast_weights(inputs.weights, deltas))
+    if inputs.role == Role.POINT or inputs.base.dim() != 2:
+        flat = deltas.reshape(deltas.shape[0], -1)
+        return lambda_orth * disjoint_mean(flat, elect_sign(flat, 1.0)).reshape(inputs.base.shape)
+    dtype = torch.float64 if params.compute_dtype == "float64" else torch.float32
+    return neuron_merge(inputs.base, deltas, params.lambda_parallel, lambda_orth, params.energy_threshold, dtype)

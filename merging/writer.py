@@ -1,0 +1,122 @@
+"""Returns a streaming writer of Hugging Face-style safetensors shards.
+
+The plan fixes every output tensor's name, dtype and shape in advance, so each shard's header is
+written first and tensors are written into their offsets as they are produced (in any order),
+without holding a shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merging.errors import ConfigError
+from merging.safetensors_format import dtype_itemsize, header_bytes, tensor_bytes
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """Returns a byte count from `5GB`, `500MB`, `2GiB` or a plain integer."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise ConfigError(f"out-shard-size: cannot read {text!r} (use bytes, or e.g. 5GB, 500MB)")
+        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if value <= 0:
+        raise ConfigError(f"out-shard-size: must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Slot:
+    shard: int
+    offset: int  # absolute offset in the shard file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class ShardedWriter:
+    """Writes tensors, in any order, into shards whose layout is fixed at construction."""
+
+    def __init__(
+        self,
+        folder: Path,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = DEFAULT_SHARD_SIZE,
+        metadata: dict[str, str] | None = None,
+        prefix: str = "model",
+    ):
+        self.folder = folder
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for name, dtype, shape in entries:
+            nbytes = dtype_itemsize(dtype) * math.prod(shape)
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, shape))
+            size += nbytes
+        n = len(groups)
+        self.filenames = (
+            [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.slots: dict[str, Slot] = {}
+        self._fds: list[int] = []
+        self.total_size = 0
+        for i, group in enumerate(groups):
+            header, spans = header_bytes(group, metadata or {"format": "pt"})
+            fd = os.open(folder / self.filenames[i], os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            data_len = spans[-1][1] if spans else 0
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, len(header) + data_len)
+            for (name, dtype, shape), (begin, end) in zip(group, spans):
+                self.slots[name] = Slot(i, len(header) + begin, end - begin, dtype, shape)
+            self.total_size += data_len
+        self._written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Writes `tensor` (cast to the planned dtype) into its slot."""
+        slot = self.slots[name]
+        t = tensor.detach().to("cpu", slot.dtype).reshape(slot.shape)
+        data = tensor_bytes(t)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < slot.nbytes:
+            done += os.pwrite(self._fds[slot.shard], view[done:], slot.offset + done)
+        self._written.add(name)
+
+    def missing(self) -> list[str]:
+        return sorted(set(self.slots) - self._written)
+
+    def close(self, index_name: str = "model.safetensors.index.json") -> None:
+        """Flushes the shards and writes the index when there is more than one shard."""
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = []
+        if len(self.filenames) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {name: self.filenames[s.shard] for name, s in sorted(self.slots.items())},
+            }
+            (self.folder / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
