@@ -66,28 +66,45 @@ def _column_tie_sign(coords: torch.Tensor) -> torch.Tensor:
     return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def orthogonal_merge(
-    orth: torch.Tensor, energy_threshold: float = 1.0
-) -> torch.Tensor:
-    """Returns psi_perp (rows, d) from orthogonal task rows `orth` (T, rows, d), vectorised over rows."""
+def singular_basis(orth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (U, s) per row of `orth` (T, rows, d): O = U diag(s) V^T, from the T x T Gram matrix."""
     rows_first = orth.permute(1, 0, 2)  # (rows, T, d)
     gram = torch.bmm(rows_first, rows_first.transpose(1, 2)).to(torch.float64)
     evals, u = torch.linalg.eigh(gram)  # ascending
-    sing = evals.clamp_min(0).sqrt()  # (rows, T)
+    return u, evals.clamp_min(0).sqrt()
+
+
+def merge_in_basis(
+    orth: torch.Tensor, u: torch.Tensor, sing: torch.Tensor, energy_threshold: float = 1.0
+) -> torch.Tensor:
+    """Returns psi_perp (rows, d): TIES over the coordinates C = U diag(s) per direction, mapped back.
+
+    Directions below numerical rank are dropped: s_j comes from an eigenvalue of O O^T, whose
+    rounding error is about eps * s_max^2, so the cut is s_j^2 <= s_max^2 * max(T, d) * eps. With
+    energy_threshold < 1 only the leading directions holding that share of sum s_j^2 are kept.
+    """
     t, d = orth.shape[0], orth.shape[2]
     eps = torch.finfo(orth.dtype).eps
-    keep = sing > (sing.max(dim=1, keepdim=True).values * max(t, d) * eps)
+    energy_max = (sing * sing).max(dim=1, keepdim=True).values
+    keep = (sing * sing > energy_max * max(t, d) * eps) & (sing > 0)
     if energy_threshold < 1:
-        energy = evals.clamp_min(0)
-        desc = torch.flip(energy, [1])
-        share_before = (desc.cumsum(1) - desc) / energy.sum(1, keepdim=True).clamp_min(1e-300)
-        keep &= torch.flip(share_before < energy_threshold, [1])
+        energy = sing * sing
+        order = torch.argsort(energy, dim=1, descending=True)
+        sorted_energy = torch.gather(energy, 1, order)
+        before = (sorted_energy.cumsum(1) - sorted_energy) / energy.sum(1, keepdim=True).clamp_min(1e-300)
+        keep &= torch.zeros_like(keep).scatter(1, order, before < energy_threshold)
     coords = u * sing.unsqueeze(1)  # C[k, t, j] = u_j[t] * s_j
     elected = elect_sign(coords.transpose(0, 1), _column_tie_sign(coords))  # (rows, r)
     cbar = disjoint_mean(coords.transpose(0, 1), elected)
     cbar = torch.where(keep, cbar / torch.where(keep, sing, torch.ones_like(sing)), torch.zeros_like(cbar))
     mix = torch.bmm(u, cbar.unsqueeze(2)).squeeze(2)  # (rows, T)
-    return torch.bmm(mix.to(orth.dtype).unsqueeze(1), rows_first).squeeze(1)
+    return torch.bmm(mix.to(orth.dtype).unsqueeze(1), orth.permute(1, 0, 2)).squeeze(1)
+
+
+def orthogonal_merge(orth: torch.Tensor, energy_threshold: float = 1.0) -> torch.Tensor:
+    """Returns psi_perp (rows, d) from orthogonal task rows `orth` (T, rows, d), vectorised over rows."""
+    u, sing = singular_basis(orth)
+    return merge_in_basis(orth, u, sing, energy_threshold)
 
 
 def neuron_merge(
