@@ -3,8 +3,11 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# mergekit (LGPL-3.0) lives in its own venv: the compatibility tests and benchmarks run it side by side.
+MKVENV := .venv-mergekit
+MKSTAMP := $(MKVENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test install mergekit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,15 +15,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+$(MKSTAMP): constraints.txt
+	$(PYTHON) -m venv $(MKVENV)
+	$(MKVENV)/bin/pip install --quiet --upgrade pip
+	$(MKVENV)/bin/pip install --quiet -c constraints.txt torch mergekit==0.1.5
+	touch $(MKSTAMP)
+
 install: $(STAMP)
+
+mergekit: $(MKSTAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mergeflow demo
 
-test: $(STAMP)
+test: $(STAMP) $(MKSTAMP)
 	$(VENV)/bin/ruff check merging tasks flows tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MKVENV)

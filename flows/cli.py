@@ -62,7 +62,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(workdir)
     print(f"\n{'method':16s} {'time s':>7s} {'peak anon':>12s}  cos(merged task vector, each fine-tune's)")
     for method, report, cos in results:
-        print(f"{method:16s} {report.seconds:7.2f} {_mib(report.peak_anon_bytes):>12s}  " + "  ".join(f"{c:.3f}" for c in cos))
+        print(
+            f"{method:16s} {report.seconds:7.2f} {_mib(report.peak_anon_bytes):>12s}  "
+            + "  ".join(f"{c:.3f}" for c in cos)
+        )
     out = results[0][1].out_dir.parent
     print(f"\nmerged models (each loads with transformers.AutoModel.from_pretrained): {out}")
     return 0

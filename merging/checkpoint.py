@@ -73,8 +73,7 @@ class Checkpoint:
         elif singles := sorted(p.glob("*.safetensors")):
             if len(singles) > 1:
                 raise CheckpointError(
-                    f"{p}: {len(singles)} .safetensors files but no {SAFE_INDEX}: "
-                    "cannot tell which hold the model"
+                    f"{p}: {len(singles)} .safetensors files but no {SAFE_INDEX}: cannot tell which hold the model"
                 )
             self._add_safetensors(singles)
         elif (p / BIN_INDEX).exists():
@@ -115,8 +114,7 @@ class Checkpoint:
                 missing = sorted(listed - found)[:5]
                 extra = sorted(found - listed)[:5]
                 raise CheckpointError(
-                    f"{index}: index and shards disagree (listed but absent: {missing}; "
-                    f"present but unlisted: {extra})"
+                    f"{index}: index and shards disagree (listed but absent: {missing}; present but unlisted: {extra})"
                 )
 
     def _add_pickle(self, files: list[Path]) -> None:

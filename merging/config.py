@@ -135,7 +135,7 @@ def resolve_paths(config: MergeConfig, root: Path) -> MergeConfig:
             return ref
         if p.exists():
             return str(p.resolve())
-        beside = (root / p)
+        beside = root / p
         return str(beside.resolve()) if beside.exists() else ref
 
     models = [m.model_copy(update={"model": resolve(m.model)}) for m in config.models]

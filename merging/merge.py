@@ -31,7 +31,12 @@ from merging.plan import MergePlan, Role, TensorPlan, build_plan
 from merging.trim import ModelThreshold, TensorTrimL1
 from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 SKIP_SIDE_FILES = {"README.md", ".gitattributes"}
 
 
@@ -176,9 +181,9 @@ def compute_stats(
     l1 = [TensorTrimL1(d) for d in densities]
     for t in tqdm(tensors, desc="trim statistics", disable=not progress, leave=False):
         _, deltas = source.load(t)
-        for acc, delta in zip(l1, deltas):
-            acc.add(delta)
-    return ModelStats(trimmed_l1_fraction=tuple(acc.sigma() for acc in l1))
+        for l1_acc, delta in zip(l1, deltas):
+            l1_acc.add(delta)
+    return ModelStats(trimmed_l1_fraction=tuple(a.sigma() for a in l1))
 
 
 def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
@@ -216,7 +221,9 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             stats = compute_stats(method.stats_request(params), plan, source, densities, options.progress)
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-            bytes_written = _write_model(config, plan, source, method.merge, params, stats, weights, densities, seed, tmp, options)
+            bytes_written = _write_model(
+                config, plan, source, method.merge, params, stats, weights, densities, seed, tmp, options
+            )
             bytes_written += _write_heads(plan, models, tmp)
             _copy_side_files(base, config, tmp)
             inputs = _input_records(base, models, entries, hashes)
@@ -276,7 +283,9 @@ def _write_model(
             aliases.setdefault(t.tied_to, []).append(t.name)
     try:
         total = sum(t.numel * t.dtype.itemsize for t in plan.merged)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({config.merge_method})", disable=not options.progress) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"merge ({config.merge_method})", disable=not options.progress
+        ) as bar:
             for t in plan.merged:
                 if not t.dtype.is_floating_point:
                     result = source.base.tensor(t.name)

@@ -47,7 +47,10 @@ def render_model_card(config: MergeConfig, method: MergeMethod, params: MethodPa
     if report.stats.thresholds is not None:
         lines.append("- whole-model trim thresholds |τ| ≥ " + ", ".join(f"{t:.6g}" for t in report.stats.thresholds))
     if report.stats.trimmed_l1_fraction is not None:
-        lines.append("- share of ‖τ‖₁ removed by trimming (σₜ): " + ", ".join(f"{s:.4f}" for s in report.stats.trimmed_l1_fraction))
+        lines.append(
+            "- share of ‖τ‖₁ removed by trimming (σₜ): "
+            + ", ".join(f"{s:.4f}" for s in report.stats.trimmed_l1_fraction)
+        )
     lines += ["", "## Inputs", "", "| role | path | file | sha256 |", "|---|---|---|---|"]
     for rec in report.inputs:
         for fname, digest in sorted(rec.sha256.items()):

@@ -12,7 +12,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -32,7 +32,7 @@ XP_PATTERN = re.compile(r"(^|\.)(text_projection|proj)$")
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.\d+)\.")
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     NEURON = "neuron"
     POINT = "point"
     EMBEDDING = "embedding"
@@ -127,7 +127,7 @@ def align_names(base: set[str], model: set[str]) -> dict[str, str]:
     prefixes = {n.split(".", 1)[0] + "." for n in model | base if "." in n}
     for p in prefixes:
         added = {b: p + b for b in base if p + b in model}
-        stripped = {b: b[len(p):] for b in base if b.startswith(p) and b[len(p):] in model}
+        stripped = {b: b[len(p) :] for b in base if b.startswith(p) and b[len(p) :] in model}
         for cand in (added, stripped):
             if len(cand) > len(best):
                 best = cand
@@ -160,7 +160,7 @@ def build_plan(
                 extras[name].append((m.label, m.infos[name].shape))
     for name, owners in extras.items():
         shapes = {s for _, s in owners}
-        if len(shapes) > 1 or len(owners) < len(models):
+        if len(shapes) > 1:
             for label, _ in owners:
                 heads[label].append(name)
         else:
@@ -238,8 +238,7 @@ def _mark_tied(tensors: list[TensorPlan], base: Checkpoint, models: list[Checkpo
                     continue
                 ta, tb = tensors[a], tensors[b]
                 same = torch.equal(base.tensor(ta.name), base.tensor(tb.name)) and all(
-                    torch.equal(m.tensor(sa), m.tensor(sb))
-                    for m, sa, sb in zip(models, ta.sources, tb.sources)
+                    torch.equal(m.tensor(sa), m.tensor(sb)) for m, sa, sb in zip(models, ta.sources, tb.sources)
                 )
                 if same:
                     out[b] = TensorPlan(**{**tb.__dict__, "tied_to": ta.name})

@@ -73,8 +73,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise CheckpointError(
-                f"{path}: corrupt safetensors header (declares {header_len} header bytes, "
-                f"file has {size} bytes)"
+                f"{path}: corrupt safetensors header (declares {header_len} header bytes, file has {size} bytes)"
             )
         raw = fh.read(header_len)
     try:
@@ -155,7 +154,9 @@ class MappedFile:
         self._fh.close()
 
 
-def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[tuple[int, int]]]:
+def header_bytes(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, list[tuple[int, int]]]:
     """Returns the encoded header (length prefix included) and each entry's [begin, end) offsets."""
     header: dict[str, object] = {"__metadata__": metadata}
     spans = []
@@ -179,4 +180,4 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy().data)

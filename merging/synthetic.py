@@ -13,7 +13,7 @@ import torch
 WORDS = "the a of to and in is it for on with as was at by an be this that from merge model neuron task vector".split()
 
 
-def _bert_config(hidden: int = 32, layers: int = 2, vocab: int = 64):  # noqa: ANN202
+def _bert_config(hidden: int = 32, layers: int = 2, vocab: int = 64):
     from transformers import BertConfig
 
     return BertConfig(
@@ -26,7 +26,7 @@ def _bert_config(hidden: int = 32, layers: int = 2, vocab: int = 64):  # noqa: A
     )
 
 
-def _llama_config(hidden: int = 32, layers: int = 2, vocab: int = 64, intermediate: int = 64, tie: bool = False):  # noqa: ANN202
+def _llama_config(hidden: int = 32, layers: int = 2, vocab: int = 64, intermediate: int = 64, tie: bool = False):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -92,7 +92,7 @@ def build_family(
         base_model = LlamaForCausalLM(cfg)
     else:
         raise ValueError(f"unknown model kind {kind!r} (bert or llama)")
-    base_model = base_model.to(dtype)
+    base_model = torch.nn.Module.to(base_model, dtype=dtype)
     base_dir = root / "base"
     base_model.save_pretrained(base_dir)
     if kind == "bert":
@@ -103,11 +103,11 @@ def build_family(
         if kind == "bert" and classification:
             cfg_t = _bert_config(**config_overrides)  # type: ignore[arg-type]
             cfg_t.num_labels = 2 + t
-            model = BertForSequenceClassification(cfg_t).to(dtype)
+            model = torch.nn.Module.to(BertForSequenceClassification(cfg_t), dtype=dtype)
             model.bert.load_state_dict(base_model.state_dict())
             target = model.bert
         else:
-            model = type(base_model)(cfg).to(dtype)
+            model = torch.nn.Module.to(type(base_model)(cfg), dtype=dtype)
             model.load_state_dict(base_model.state_dict())
             target = model
         with torch.no_grad():

@@ -146,4 +146,3 @@ class TensorTrimL1:
 
     def sigma(self) -> float:
         return 1.0 - self.kept_l1 / self.total_l1 if self.total_l1 > 0 else 0.0
-

@@ -21,8 +21,17 @@ from merging.safetensors_format import dtype_itemsize, header_bytes, tensor_byte
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+_UNITS = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -119,4 +128,3 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-

@@ -8,7 +8,7 @@ import torch
 
 from merging.methods import get_method
 from merging.methods.base import ModelStats, TensorInputs, tensor_seed
-from merging.methods.neuromerging import NeuroMergingParams, neuron_merge
+from merging.methods.neuromerging import neuron_merge
 from merging.plan import Role
 from merging.trim import topk_mask
 from tests import reference as ref
@@ -56,9 +56,7 @@ def test_task_arithmetic_matches_reference(rng, t, normalize):
 def test_ties_matches_reference(rng, t, normalize, density):
     base, fts = random_family(rng, (5, 8), t)
     weights = [1.0, 0.5, 2.0, 1.0, 0.7, 1.3][:t]
-    got = base + run(
-        "ties", make_inputs(base, fts, weights, [density] * t), {"lambda": 0.9, "normalize": normalize}
-    )
+    got = base + run("ties", make_inputs(base, fts, weights, [density] * t), {"lambda": 0.9, "normalize": normalize})
     want = ref.ties(ref.as_np(base), [ref.as_np(f) for f in fts], weights, [density] * t, 0.9, normalize)
     np.testing.assert_allclose(ref.as_np(got), want, atol=1e-12)
 

@@ -1,0 +1,87 @@
+"""mergekit YAMLs run unchanged, and give mergekit's tensors (TA, TIES with per-tensor trim).
+
+mergekit itself runs from its own virtual environment (`make mergekit`, or MERGEKIT_YAML pointing
+at a `mergekit-yaml` executable), side by side: nothing of it is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merging.config import load_config
+from merging.merge import MergeOptions, run_merge
+from merging.synthetic import build_family
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT = Path(os.environ.get("MERGEKIT_YAML", ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"))
+needs_mergekit = pytest.mark.skipif(
+    not MERGEKIT.exists(), reason=f"mergekit not installed at {MERGEKIT} (run `make mergekit`)"
+)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("mk"), "llama", 3, hidden=48, intermediate=96)
+
+
+def mergekit_yaml(path: Path, method: str, base: Path, fts: list[Path], params: str) -> Path:
+    weights, densities = [0.6, 0.5, 1.0], [0.4, 0.7, 0.3]
+    models = "\n".join(
+        f"  - model: {f}\n    parameters:\n      weight: {w}\n      density: {d}"
+        for f, w, d in zip(fts, weights, densities)
+    )
+    path.write_text(
+        f"models:\n  - model: {base}\n{models}\nmerge_method: {method}\nbase_model: {base}\n"
+        f"parameters:\n{params}\ndtype: float32\n"
+    )
+    return path
+
+
+def run_mergekit(config: Path, out: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [str(MERGEKIT), str(config), str(out), "--no-copy-tokenizer"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+CASES = [
+    ("task_arithmetic", "  lambda: 0.7\n"),
+    ("task_arithmetic", "  normalize: true\n"),
+    ("ties", "  normalize: true\n  lambda: 0.9\n"),
+    ("ties", "  normalize: false\n  int8_mask: true\n"),
+]
+
+
+@needs_mergekit
+@pytest.mark.parametrize("method,params", CASES)
+def test_same_tensors_as_mergekit(family, tmp_path, method, params):
+    base, fts = family
+    cfg = mergekit_yaml(tmp_path / "mk.yml", method, base, fts, params)
+    run_mergekit(cfg, tmp_path / "mergekit")
+    run_merge(load_config(cfg), tmp_path / "mergeflow", MergeOptions(progress=False))
+    theirs = load_file(tmp_path / "mergekit" / "model.safetensors")
+    ours = load_file(tmp_path / "mergeflow" / "model.safetensors")
+    assert set(theirs) == set(ours)
+    worst = max(float((theirs[k] - ours[k]).abs().max()) for k in theirs)
+    assert worst <= 1e-6, f"max abs difference to mergekit {worst}"
+    base_t = load_file(base / "model.safetensors")
+    assert any(not torch.equal(ours[k], base_t[k]) for k in ours)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_mergekit_yaml_runs_unchanged(family, tmp_path, method):
+    base, fts = family
+    cfg = mergekit_yaml(tmp_path / "mk.yml", method, base, fts, "  lambda: 1.0\n  rescale: true\n")
+    run_merge(load_config(cfg), tmp_path / "out", MergeOptions(progress=False))
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    base_t = load_file(base / "model.safetensors")
+    changed = torch.cat([(ours[k] != base_t[k]).reshape(-1).float() for k in ours]).mean()
+    # Each entry survives in at least one of three task vectors with probability 1 - 0.6*0.3*0.7.
+    assert 0.80 < float(changed) < 0.95
