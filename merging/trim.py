@@ -52,8 +52,9 @@ def kth_largest(abs_values: torch.Tensor, k: int) -> tuple[float, int]:
 def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
     """Returns a bool mask keeping exactly k = max(1, int(density*n)) entries of largest |value|.
 
-    Ties at the threshold are broken by position (lowest flat index first), so the mask is
-    deterministic.
+    The threshold comes from a radix select. When entries tie at the threshold and not all of
+    them fit, the kept ones are those `torch.argsort(|x|, descending=True)` puts first, which
+    is mergekit's rule, so outputs match mergekit's; this full sort only runs in that case.
     """
     flat = values.reshape(-1).abs().to(torch.float32)
     n = flat.numel()
@@ -62,10 +63,9 @@ def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
     k = keep_count(density, n)
     threshold, at_least = kth_largest(flat.cpu(), k)
     mask = flat >= threshold
-    if at_least > k:  # more entries tie at the threshold than fit: keep the first ones
-        mask = flat > threshold
-        ties = torch.nonzero(flat == threshold).reshape(-1)[: k - int(mask.sum())]
-        mask[ties] = True
+    if at_least > k:  # more entries tie at the threshold than fit
+        mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+        mask[torch.argsort(flat, descending=True)[:k]] = True
     return mask.reshape(values.shape)
 
 

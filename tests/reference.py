@@ -11,7 +11,11 @@ import torch
 
 
 def keep_topk(values: np.ndarray, density: float) -> np.ndarray:
-    """Keeps the k = max(1, int(density*n)) entries of largest |value| (ties: lowest index first)."""
+    """Keeps the k = max(1, int(density*n)) entries of largest |value| (ties: lowest index first).
+
+    Used on data without ties at the threshold; where there are ties, which entries mergekit
+    keeps is torch.argsort's business, and the tests compare against that directly.
+    """
     flat = values.reshape(-1)
     n = flat.size
     if density >= 1:
