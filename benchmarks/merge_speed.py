@@ -291,7 +291,7 @@ def main() -> None:
         f"\n{params / 1e6:.0f}M parameters, {args.finetunes} fine-tunes, float32, {os.cpu_count()} CPUs; "
         f"medians of {args.repeats} (mergekit {args.mergekit_repeats})"
     )
-    print(f"| case | wall s (median) | runs | peak RSS MiB | peak anon MiB |\n|---|---:|---|---:|---:|")
+    print("| case | wall s (median) | runs | peak RSS MiB | peak anon MiB |\n|---|---:|---|---:|---:|")
     for label, r in results.items():
         runs = ", ".join(f"{x['wall_s']:.1f}" for x in r["runs"])  # type: ignore[union-attr]
         print(
@@ -302,7 +302,8 @@ def main() -> None:
         print(f"max |mergeflow - mergekit| {method}: {d:.3g}")
     print(
         f"NeuroMerging on model.layers.0 ({loop['rows']} neurons): vectorised {loop['vectorised_s']:.2f} s, "
-        f"per-neuron loop {loop['loop_s']:.2f} s, speedup {loop['speedup']:.0f}x, max abs diff {loop['max_abs_diff']:.2g}"
+        f"per-neuron loop {loop['loop_s']:.2f} s, speedup {loop['speedup']:.0f}x, "
+        f"max abs diff {loop['max_abs_diff']:.2g}"
     )
     print(f"memory bound (N+1) x largest tensor + 1 GiB = {bound_mib:.0f} MiB")
     for name, value in targets.items():

@@ -28,7 +28,7 @@ from merging.methods import REGISTRY
 from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
 from merging.model_card import InputRecord, render_model_card
 from merging.plan import MergePlan, Role, TensorPlan, build_plan
-from merging.trim import ModelThreshold, TensorTrimL1
+from merging.trim import ModelThreshold, TensorTrimL1, chunks
 from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 
 TORCH_DTYPES = {
@@ -91,16 +91,30 @@ def model_labels(config: MergeConfig) -> list[str]:
 
 
 class TensorSource:
-    """Returns oriented compute-dtype base and task vectors for one planned tensor."""
+    """Returns oriented compute-dtype base and task vectors for one planned tensor.
+
+    Task vectors land in one grow-only buffer reused for every tensor: allocating a fresh
+    (T, rows, cols) tensor each time costs a page fault per 4 KiB, which is most of a naive
+    merge's time. A returned tensor is only valid until the next `load`.
+    """
 
     def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device):
         self.base = base
         self.models = models
         self.device = device
         self.bytes_read = 0
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def compute_dtype(self, plan: TensorPlan) -> torch.dtype:
         return torch.float64 if plan.dtype == torch.float64 else torch.float32
+
+    def buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns a reusable flat buffer of at least `numel` elements."""
+        buf = self._buffers.get((key, dtype))
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop((key, dtype), None)
+            buf = self._buffers[(key, dtype)] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
 
     def _orient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
         if plan.role == Role.POINT:
@@ -114,15 +128,17 @@ class TensorSource:
         dtype = self.compute_dtype(plan)
         raw = self.base.tensor(plan.name)
         self.bytes_read += raw.numel() * raw.element_size()
-        base = self._orient(raw, plan).to(self.device, dtype)
+        base = self._orient(raw, plan)
+        if base.dtype != dtype or base.device != self.device:
+            base = self.buffer("base", base.numel(), dtype).view(base.shape).copy_(base)
         if not torch.isfinite(base.sum()):
             _raise_non_finite(base, plan.name, f"base model ({self.base.path})")
-        deltas = torch.empty((len(self.models), *base.shape), dtype=dtype, device=self.device)
+        t = len(self.models)
+        deltas = self.buffer("deltas", t * base.numel(), dtype).view(t, *base.shape)
         for i, (model, src) in enumerate(zip(self.models, plan.sources)):
             ft = model.tensor(src)
             self.bytes_read += ft.numel() * ft.element_size()
-            deltas[i].copy_(self._orient(ft, plan))
-            deltas[i].sub_(base)
+            torch.sub(self._orient(ft, plan).to(self.device), base, out=deltas[i])
         if deltas.numel() and not torch.isfinite(deltas.sum()):
             for i, model in enumerate(self.models):
                 if not torch.isfinite(deltas[i]).all():
@@ -154,6 +170,7 @@ def compute_stats(
     source: TensorSource,
     densities: list[float],
     progress: bool,
+    ties: str = "index",
 ) -> ModelStats:
     """Returns model-wide trim thresholds and/or sigma_t, streaming the task vectors."""
     if request is None:
@@ -164,7 +181,9 @@ def compute_stats(
         for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
             _, deltas = source.load(t)
             for acc, delta in zip(accs, deltas):
-                acc.add_pass1(delta.abs())
+                row = delta.reshape(-1)
+                for s, e in chunks(row.numel()):
+                    acc.add_pass1(row[s:e].abs())
         for acc in accs:
             acc.finish_pass1()
         if any(acc.needs_pass2 for acc in accs):
@@ -172,13 +191,15 @@ def compute_stats(
                 _, deltas = source.load(t)
                 for acc, delta in zip(accs, deltas):
                     if acc.needs_pass2:
-                        acc.add_pass2(delta.abs())
+                        row = delta.reshape(-1)
+                        for s, e in chunks(row.numel()):
+                            acc.add_pass2(row[s:e].abs())
         results = [acc.result() for acc in accs]
         return ModelStats(
             thresholds=tuple(r[0] for r in results),
             trimmed_l1_fraction=tuple(r[1] for r in results) if request.trimmed_l1 else None,
         )
-    l1 = [TensorTrimL1(d) for d in densities]
+    l1 = [TensorTrimL1(d, ties) for d in densities]
     for t in tqdm(tensors, desc="trim statistics", disable=not progress, leave=False):
         _, deltas = source.load(t)
         for l1_acc, delta in zip(l1, deltas):
@@ -218,7 +239,14 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
             densities = [config.model_density(e, params) for e in entries]
             source = TensorSource(base, models, device)
-            stats = compute_stats(method.stats_request(params), plan, source, densities, options.progress)
+            stats = compute_stats(
+                method.stats_request(params),
+                plan,
+                source,
+                densities,
+                options.progress,
+                getattr(params, "trim_ties", "index"),
+            )
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             bytes_written = _write_model(
@@ -300,9 +328,9 @@ def _write_model(
                         densities=tuple(densities),
                         seed=tensor_seed(seed, t.name),
                     )
-                    merged_delta = merge_fn(inputs, params, stats)  # type: ignore[operator]
+                    merged = merge_fn(inputs, params, stats).to(base.dtype)  # type: ignore[operator]
                     del deltas, inputs
-                    result = source.unorient(base + merged_delta.to(base.dtype), t)
+                    result = source.unorient(merged.add_(base), t)  # the method's tensor is its own
                 writer.write(t.name, result)
                 for alias in aliases.get(t.name, []):
                     writer.write(alias, result)

@@ -21,17 +21,16 @@ def disjoint_mean(
     elected: torch.Tensor,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Returns the mean over dim 0 of the entries whose sign equals `elected`.
+    """Returns the mean over dim 0 of the entries whose sign equals `elected` (+1 or -1).
 
     Zeros never count. Divides by the number of agreeing entries, or by the sum of their
     `weights` when given; where nothing agrees the result is 0.
     """
-    agree = torch.sign(values) == elected.unsqueeze(0)
-    total = torch.where(agree, values, torch.zeros((), dtype=values.dtype)).sum(dim=0)
+    agree = (values * elected.unsqueeze(0)) > 0  # same sign as elected, and not zero
+    total = (values * agree).sum(dim=0)
     if weights is None:
         divisor = agree.sum(dim=0).to(values.dtype)
     else:
         w = weights.to(values.dtype).reshape((-1,) + (1,) * (values.dim() - 1))
-        divisor = torch.where(agree, w, torch.zeros((), dtype=values.dtype)).sum(dim=0)
-    divisor = torch.where(divisor == 0, torch.ones((), dtype=values.dtype), divisor)
-    return total / divisor
+        divisor = (agree * w).sum(dim=0)
+    return total.div_(divisor.masked_fill_(divisor == 0, 1))

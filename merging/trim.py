@@ -8,6 +8,7 @@ one bucket that holds the k-th value. Memory: two 65,536-bin histograms per task
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,52 +37,139 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return hist.numel() - 1 - idx, int(from_top[idx - 1]) if idx > 0 else 0
 
 
-def kth_largest(abs_values: torch.Tensor, k: int) -> tuple[float, int]:
-    """Returns (k-th largest value of a non-negative float32 tensor, how many entries are >= it).
+CHUNK = 1 << 20  # entries per chunk: temporaries stay small and in cache
 
-    Radix select on the bit patterns: O(n), about 30x faster than torch.kthvalue on CPU.
+
+def chunks(n: int, size: int = CHUNK) -> Iterator[tuple[int, int]]:
+    """Yields [start, end) ranges covering n entries."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+@dataclass(frozen=True)
+class TrimRule:
+    """Which entries of one task vector trimming keeps.
+
+    |x| > threshold are kept; of the entries equal to it, the first `keep_ties` in flat order
+    (all of them when keep_ties < 0). An explicit `mask` overrides both.
     """
-    bits = _bits(abs_values)
-    high = bits >> 16
-    bucket, above = _locate(torch.bincount(high, minlength=HIGH_BINS), k)
-    low_hist = torch.bincount(bits[high == bucket] & 0xFFFF, minlength=LOW_BINS)
+
+    threshold: float
+    keep_ties: int = -1
+    mask: torch.Tensor | None = None
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.mask is None and self.threshold <= 0 and self.keep_ties < 0
+
+
+KEEP_ALL = TrimRule(0.0)
+
+
+def kth_largest(abs_values: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """Returns (k-th largest of a non-negative float32 tensor, entries > it, entries == it).
+
+    Radix select on the bit patterns, streamed over chunks: O(n), about 30x faster than
+    torch.kthvalue on CPU, and no full-size temporary.
+    """
+    flat = abs_values.reshape(-1)
+    high_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    for s, e in chunks(flat.numel()):
+        high_hist += torch.bincount(_bits(flat[s:e]) >> 16, minlength=HIGH_BINS)
+    bucket, above = _locate(high_hist, k)
+    low_hist = torch.zeros(LOW_BINS, dtype=torch.int64)
+    for s, e in chunks(flat.numel()):
+        bits = _bits(flat[s:e])
+        low_hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS)
     low, above_low = _locate(low_hist, k - above)
-    return _float_from_bits((bucket << 16) | low), above + above_low + int(low_hist[low])
+    return _float_from_bits((bucket << 16) | low), above + above_low, int(low_hist[low])
 
 
-def topk_mask(values: torch.Tensor, density: float) -> torch.Tensor:
-    """Returns a bool mask keeping exactly k = max(1, int(density*n)) entries of largest |value|.
+def tensor_trim_rule(values: torch.Tensor, density: float, ties: str = "index") -> TrimRule:
+    """Returns the rule keeping exactly k = max(1, int(density*n)) entries of largest |value|.
 
-    The threshold comes from a radix select. When entries tie at the threshold and not all of
-    them fit, the kept ones are those `torch.argsort(|x|, descending=True)` puts first, which
-    is mergekit's rule, so outputs match mergekit's; this full sort only runs in that case.
+    When entries tie at the threshold and not all of them fit, `ties` decides which are kept:
+    `index` keeps the lowest flat indices (fast, deterministic); `mergekit` keeps those
+    `torch.argsort(|x|, descending=True)` puts first, mergekit's own rule, which reproduces its
+    output bit for bit but costs a full sort, and large float tensors almost always have such ties.
     """
-    flat = values.reshape(-1).abs().to(torch.float32)
-    n = flat.numel()
+    n = values.numel()
     if density >= 1 or n == 0:
-        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+        return KEEP_ALL
     k = keep_count(density, n)
-    threshold, at_least = kth_largest(flat.cpu(), k)
-    mask = flat >= threshold
-    if at_least > k:  # more entries tie at the threshold than fit
+    flat = values.reshape(-1)
+    threshold, greater, equal = kth_largest(
+        flat.abs().to(torch.float32) if flat.dtype != torch.float32 else flat.abs(), k
+    )
+    if greater + equal <= k:
+        return TrimRule(threshold)
+    if ties == "mergekit":
         mask = torch.zeros(n, dtype=torch.bool, device=values.device)
-        mask[torch.argsort(flat, descending=True)[:k]] = True
-    return mask.reshape(values.shape)
+        mask[torch.argsort(flat.abs().to(torch.float32), descending=True)[:k]] = True
+        return TrimRule(threshold, mask=mask)
+    return TrimRule(threshold, keep_ties=k - greater)
 
 
-def threshold_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Returns a bool mask keeping entries with |value| >= threshold (compared in float32)."""
-    return values.abs().to(torch.float32) >= threshold
+def _keep(magnitude: torch.Tensor, rule: TrimRule, start: int, ties_seen: int) -> tuple[torch.Tensor, int]:
+    """Returns (keep mask for float32 magnitudes at flat offset `start`, threshold ties seen so far)."""
+    if rule.mask is not None:
+        return rule.mask[start : start + magnitude.numel()], ties_seen
+    if rule.keep_ties < 0:
+        return magnitude >= rule.threshold, ties_seen
+    tied = magnitude == rule.threshold
+    keep = magnitude > rule.threshold
+    n_tied = int(tied.sum())
+    if n_tied:
+        rank = torch.cumsum(tied, 0) + ties_seen
+        keep |= tied & (rank <= rule.keep_ties)
+    return keep, ties_seen + n_tied
 
 
-def trim_(deltas: torch.Tensor, densities: tuple[float, ...], thresholds: tuple[float, ...] | None) -> torch.Tensor:
+def apply_trim_(row: torch.Tensor, rule: TrimRule, start: int = 0, ties_seen: int = 0) -> int:
+    """Zeroes, in place, the entries of flat `row` (tensor entries start..) the rule drops.
+
+    Returns the number of threshold ties seen so far, to pass to the next chunk.
+    """
+    if rule.keeps_all:
+        return ties_seen
+    keep, ties_seen = _keep(row.abs().to(torch.float32), rule, start, ties_seen)
+    row.mul_(keep)
+    return ties_seen
+
+
+def topk_mask(values: torch.Tensor, density: float, ties: str = "index") -> torch.Tensor:
+    """Returns a bool mask keeping exactly k = max(1, int(density*n)) entries of largest |value| (see tensor_trim_rule)."""
+    rule = tensor_trim_rule(values, density, ties)
+    if rule.keeps_all:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    keep, _ = _keep(values.reshape(-1).abs().to(torch.float32), rule, 0, 0)
+    return keep.reshape(values.shape)
+
+
+def trim_rules(
+    deltas: torch.Tensor,
+    densities: tuple[float, ...],
+    thresholds: tuple[float, ...] | None,
+    ties: str = "index",
+) -> list[TrimRule]:
+    """Returns each task's trim rule: the model-wide threshold, or a per-tensor top-k."""
+    if thresholds is not None:
+        return [TrimRule(thr) if thr > 0 else KEEP_ALL for thr in thresholds]
+    return [tensor_trim_rule(deltas[t], d, ties) for t, d in enumerate(densities)]
+
+
+def trim_(
+    deltas: torch.Tensor,
+    densities: tuple[float, ...],
+    thresholds: tuple[float, ...] | None,
+    ties: str = "index",
+) -> torch.Tensor:
     """Returns `deltas` (T, ...) trimmed in place, per tensor or by model-wide thresholds."""
-    for t in range(deltas.shape[0]):
-        if thresholds is not None:
-            if thresholds[t] > 0:
-                deltas[t].mul_(threshold_mask(deltas[t], thresholds[t]))
-        elif densities[t] < 1:
-            deltas[t].mul_(topk_mask(deltas[t], densities[t]))
+    for t, rule in enumerate(trim_rules(deltas, densities, thresholds, ties)):
+        row = deltas[t].reshape(-1)
+        seen = 0
+        for s, e in chunks(row.numel()):
+            seen = apply_trim_(row[s:e], rule, s, seen)
     return deltas
 
 
@@ -144,17 +232,22 @@ class TensorTrimL1:
     """Accumulates the L1 norm that per-tensor trimming removes from one task vector."""
 
     density: float
+    ties: str = "index"
     total_l1: float = 0.0
     kept_l1: float = 0.0
 
     def add(self, delta: torch.Tensor) -> None:
-        abs_values = delta.abs().to(torch.float64)
-        total = float(abs_values.sum())
-        self.total_l1 += total
-        if self.density >= 1:
-            self.kept_l1 += total
-        else:
-            self.kept_l1 += float(abs_values[topk_mask(delta, self.density)].sum())
+        rule = tensor_trim_rule(delta, self.density, self.ties)
+        flat = delta.reshape(-1)
+        seen = 0
+        for s, e in chunks(flat.numel()):
+            magnitude = flat[s:e].abs().to(torch.float32)
+            self.total_l1 += float(magnitude.sum(dtype=torch.float64))
+            if rule.keeps_all:
+                self.kept_l1 += float(magnitude.sum(dtype=torch.float64))
+            else:
+                keep, seen = _keep(magnitude, rule, s, seen)
+                self.kept_l1 += float((magnitude * keep).sum(dtype=torch.float64))
 
     def sigma(self) -> float:
         return 1.0 - self.kept_l1 / self.total_l1 if self.total_l1 > 0 else 0.0

@@ -69,11 +69,12 @@ def test_ties_all_zero_task_vectors_give_base(rng):
 
 def test_topk_mask_keeps_exactly_k_with_ties():
     values = torch.tensor([3.0, -1.0, 1.0, 1.0, -3.0, 0.0, 1.0])
-    mask = topk_mask(values, 0.5)  # k = 3: both 3s, then one of the four tied 1s
-    assert int(mask.sum()) == 3 and mask[0] and mask[4]
+    mask = topk_mask(values, 0.5)  # k = 3: both 3s, then the first of the four tied 1s
+    assert mask.tolist() == [True, True, False, False, True, False, False]
+    mk = topk_mask(values, 0.5, ties="mergekit")
     want = torch.zeros_like(mask)
     want[torch.argsort(values.abs(), descending=True)[:3]] = True  # mergekit's choice among ties
-    assert torch.equal(mask, want)
+    assert torch.equal(mk, want)
     no_ties = torch.tensor([0.5, -4.0, 2.0, 0.1, -3.0])
     np.testing.assert_array_equal(ref.keep_topk(no_ties.numpy().astype(np.float64), 0.4) != 0, topk_mask(no_ties, 0.4))
 
@@ -157,7 +158,11 @@ def test_neuromerging_method_trims_and_handles_points(rng):
     base, fts = random_family(rng, (6, 10), 3)
     inputs = make_inputs(base, fts, densities=[0.4] * 3)
     taus = [ref.keep_topk(ref.as_np(f - base), 0.4) for f in fts]
-    got = run("neuromerging", inputs, {"trim_scope": "tensor", "lambda": 1.5, "lambda_parallel": 0.25})
+    got = run(
+        "neuromerging",
+        inputs,
+        {"trim_scope": "tensor", "lambda": 1.5, "lambda_parallel": 0.25, "compute_dtype": "float64"},
+    )
     want = ref.neuromerging_rows(ref.as_np(base), taus, 0.25, 1.5)
     np.testing.assert_allclose(ref.as_np(got), want, atol=1e-9)
     pbase, pfts = random_family(rng, (9,), 4)
@@ -181,3 +186,16 @@ def test_neuromerging_float32_compute_close_to_float64(rng):
     a = neuron_merge(base, deltas.clone(), 0.3, 1.0, compute_dtype=torch.float32)
     b = neuron_merge(base, deltas.clone(), 0.3, 1.0, compute_dtype=torch.float64)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_neuromerging_parallel_tie_takes_sign_of_matrix_sum():
+    base = torch.zeros(3, 4, dtype=torch.float64)
+    base[:, 0] = 1.0
+    deltas = torch.zeros(2, 3, 4, dtype=torch.float64)
+    deltas[0, 0, 0], deltas[1, 0, 0] = 1.0, -1.0  # row 0: scalars +1, -1 sum to 0 (a tie)
+    deltas[0, 1, 0], deltas[1, 1, 0] = -3.0, -1.0  # row 1 makes the matrix sum negative
+    deltas[0, 2, 1] = 0.5  # an orthogonal part too
+    got = neuron_merge(base, deltas.clone(), 1.0, 1.0)
+    want = ref.neuromerging_rows(ref.as_np(base), [ref.as_np(d) for d in deltas], 1.0, 1.0)
+    np.testing.assert_allclose(ref.as_np(got), want, atol=1e-12)
+    assert got[0, 0] == -1.0  # the tie took the matrix's negative sign

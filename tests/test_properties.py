@@ -118,13 +118,15 @@ def test_topk_mask_keeps_exactly_k_largest(arrays, density):
     from merging.trim import topk_mask
 
     values = torch.tensor([v for a in arrays for v in a], dtype=torch.float32)
-    mask = topk_mask(values, density)
     k = max(1, int(density * values.numel())) if density < 1 else values.numel()
-    assert int(mask.sum()) == k
-    kept, dropped = values.abs()[mask], values.abs()[~mask]
-    if dropped.numel():
-        assert kept.min() >= dropped.max()  # a top-k set; which tied entries is mergekit's rule
-        want = torch.zeros_like(mask)
+    mask = topk_mask(values, density)
+    order = sorted(range(values.numel()), key=lambda i: (-abs(float(values[i])), i))
+    assert set(torch.nonzero(mask).reshape(-1).tolist()) == set(order[:k])  # ties: lowest index
+    mk = topk_mask(values, density, ties="mergekit")
+    assert int(mk.sum()) == k
+    if k < values.numel():
+        assert values.abs()[mk].min() >= values.abs()[~mk].max()
+        want = torch.zeros_like(mk)
         want[torch.argsort(values.abs(), descending=True)[:k]] = True
-        if kept.min() == dropped.max():
-            assert torch.equal(mask, want)
+        if values.abs()[mk].min() == values.abs()[~mk].max():  # ties straddle the threshold
+            assert torch.equal(mk, want)

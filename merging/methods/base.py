@@ -26,6 +26,11 @@ class TrimParams(MethodParams):
     """Parameters of methods that trim task vectors by magnitude."""
 
     trim_scope: Literal["tensor", "model"] = "tensor"
+    trim_ties: Literal["index", "mergekit"] = Field(
+        default="index",
+        description="which entries tying at a per-tensor trim threshold are kept: lowest index (fast) or "
+        "mergekit's argsort order (bit-identical to mergekit, slow on large tensors)",
+    )
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class TensorInputs:
     role: Role
     base: torch.Tensor  # compute dtype; (rows, cols) for neuron/embedding roles, 1-D otherwise
     deltas: torch.Tensor  # (T, *base.shape), compute dtype; methods may modify it in place
+    # A method returns a tensor the caller may modify in place: a fresh one or a view of
+    # `deltas`, never `base`.
     weights: torch.Tensor  # (T,)
     densities: tuple[float, ...]
     seed: int

@@ -30,7 +30,7 @@ from merging.ties_core import disjoint_mean, elect_sign
 from merging.trim import trim_
 
 ZERO_NORM2 = 1e-30
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class NeuroMergingParams(TrimParams):
@@ -43,7 +43,9 @@ class NeuroMergingParams(TrimParams):
     energy_threshold: float = Field(
         default=1.0, gt=0, le=1, description="keep the leading singular directions holding this share of energy"
     )
-    compute_dtype: Literal["float32", "float64"] = "float64"
+    compute_dtype: Literal["float32", "float64"] = Field(
+        default="float32", description="precision of the bulk products (the T x T eigenproblems are always float64)"
+    )
 
 
 def resolve_lambda(params: NeuroMergingParams, stats: ModelStats) -> float:
@@ -74,21 +76,21 @@ def singular_basis(orth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, evals.clamp_min(0).sqrt()
 
 
-def merge_in_basis(
-    orth: torch.Tensor, u: torch.Tensor, sing: torch.Tensor, energy_threshold: float = 1.0
+def orthogonal_mix(
+    u: torch.Tensor,
+    sing: torch.Tensor,
+    noise_energy: torch.Tensor | float,
+    energy_threshold: float = 1.0,
 ) -> torch.Tensor:
-    """Returns psi_perp (rows, d): TIES over the coordinates C = U diag(s) per direction, mapped back.
+    """Returns a (rows, T) such that psi_perp = sum_t a_t O_t: TIES over C = U diag(s) per direction.
 
-    Directions below numerical rank are dropped: s_j comes from an eigenvalue of O O^T, whose
-    rounding error is about eps * s_max^2, so the cut is s_j^2 <= s_max^2 * max(T, d) * eps. With
-    energy_threshold < 1 only the leading directions holding that share of sum s_j^2 are kept.
+    psi_perp = sum_j cbar_j v_j with v_j = O^T u_j / s_j, so a = U (cbar / s). Directions whose
+    energy s_j^2 is at or below `noise_energy` (rounding noise of the Gram matrix) are dropped;
+    with energy_threshold < 1 only the leading directions holding that share of sum s_j^2 are kept.
     """
-    t, d = orth.shape[0], orth.shape[2]
-    eps = torch.finfo(orth.dtype).eps
-    energy_max = (sing * sing).max(dim=1, keepdim=True).values
-    keep = (sing * sing > energy_max * max(t, d) * eps) & (sing > 0)
+    energy = sing * sing
+    keep = energy > noise_energy
     if energy_threshold < 1:
-        energy = sing * sing
         order = torch.argsort(energy, dim=1, descending=True)
         sorted_energy = torch.gather(energy, 1, order)
         before = (sorted_energy.cumsum(1) - sorted_energy) / energy.sum(1, keepdim=True).clamp_min(1e-300)
@@ -97,14 +99,17 @@ def merge_in_basis(
     elected = elect_sign(coords.transpose(0, 1), _column_tie_sign(coords))  # (rows, r)
     cbar = disjoint_mean(coords.transpose(0, 1), elected)
     cbar = torch.where(keep, cbar / torch.where(keep, sing, torch.ones_like(sing)), torch.zeros_like(cbar))
-    mix = torch.bmm(u, cbar.unsqueeze(2)).squeeze(2)  # (rows, T)
+    return torch.bmm(u, cbar.unsqueeze(2)).squeeze(2)
+
+
+def merge_in_basis(
+    orth: torch.Tensor, u: torch.Tensor, sing: torch.Tensor, energy_threshold: float = 1.0
+) -> torch.Tensor:
+    """Returns psi_perp (rows, d) for orthogonal rows `orth` (T, rows, d) given their singular basis."""
+    t, d = orth.shape[0], orth.shape[2]
+    noise = (sing * sing).max(dim=1, keepdim=True).values * max(t, d) * torch.finfo(orth.dtype).eps
+    mix = orthogonal_mix(u, sing, noise, energy_threshold)
     return torch.bmm(mix.to(orth.dtype).unsqueeze(1), orth.permute(1, 0, 2)).squeeze(1)
-
-
-def orthogonal_merge(orth: torch.Tensor, energy_threshold: float = 1.0) -> torch.Tensor:
-    """Returns psi_perp (rows, d) from orthogonal task rows `orth` (T, rows, d), vectorised over rows."""
-    u, sing = singular_basis(orth)
-    return merge_in_basis(orth, u, sing, energy_threshold)
 
 
 def neuron_merge(
@@ -115,31 +120,51 @@ def neuron_merge(
     energy_threshold: float = 1.0,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Returns lambda_1 psi_par + lambda_2 psi_perp for a (rows, d) weight and (T, rows, d) task vectors."""
+    """Returns lambda_1 psi_par + lambda_2 psi_perp for a (rows, d) weight and (T, rows, d) task vectors.
+
+    Per neuron, X = [tau_1 .. tau_T; w0] (T+1 rows). One batched Gram matrix X X^T holds every
+    <tau_a, tau_b>, <tau_t, w0> and ||w0||^2; the orthogonal parts' Gram matrix follows as
+    G_O = G_tau - ||w0||^2 s s^T, so the orthogonal rows are never formed. The result
+    sum_t a_t O_t + lambda_1 sbar w0 = sum_t a_t tau_t + (lambda_1 sbar - sum_t a_t s_t) w0 is one
+    batched product coef @ X. Three passes over the task vectors, small temporaries.
+    """
     t, m, d = deltas.shape
-    w0 = base.to(compute_dtype)
-    norm2 = (w0 * w0).sum(dim=-1)
-    inv_norm2 = torch.where(norm2 > ZERO_NORM2, 1.0 / norm2.clamp_min(ZERO_NORM2), torch.zeros_like(norm2))
-    chunk = max(1, CHUNK_BYTES // max(1, t * d * 8))
-    scalars = torch.empty((t, m), dtype=compute_dtype, device=base.device)
-    for lo in range(0, m, chunk):
-        hi = min(m, lo + chunk)
-        scalars[:, lo:hi] = (deltas[:, lo:hi].to(compute_dtype) * w0[lo:hi]).sum(-1) * inv_norm2[lo:hi]
-    # Parallel part: TIES over the scalars; a tie takes the sign of the sum over the matrix.
-    total = float(scalars.sum())
-    s_bar = disjoint_mean(scalars, elect_sign(scalars, 1.0 if total >= 0 else -1.0))
     out = torch.empty((m, d), dtype=deltas.dtype, device=base.device)
+    eps = torch.finfo(compute_dtype).eps
+    scalars = torch.empty((m, t), dtype=torch.float64, device=base.device)
+    s_bars = torch.empty(m, dtype=torch.float64, device=base.device)
+    chunk = max(1, CHUNK_BYTES // max(1, (t + 1) * d * torch.finfo(compute_dtype).bits // 8))
+    stack = torch.empty((min(chunk, m), t + 1, d), dtype=compute_dtype, device=base.device)
     for lo in range(0, m, chunk):
         hi = min(m, lo + chunk)
-        w_chunk = w0[lo:hi]
-        orth = deltas[:, lo:hi].to(compute_dtype) - scalars[:, lo:hi, None] * w_chunk
-        psi = orthogonal_merge(orth, energy_threshold)
-        # Re-project so rounding cannot leave a component along w0.
-        psi -= ((psi * w_chunk).sum(-1) * inv_norm2[lo:hi]).unsqueeze(-1) * w_chunk
-        merged = lambda_orth * psi
-        if lambda_parallel:
-            merged += lambda_parallel * s_bar[lo:hi, None] * w_chunk
-        out[lo:hi] = merged.to(out.dtype)
+        x = stack[: hi - lo]
+        x[:, :t].copy_(deltas[:, lo:hi].transpose(0, 1))
+        x[:, t].copy_(base[lo:hi])
+        gram = torch.bmm(x, x.transpose(1, 2)).to(torch.float64)  # (r, T+1, T+1)
+        norm2 = gram[:, t, t]
+        inv_norm2 = torch.where(norm2 > ZERO_NORM2, 1.0 / norm2.clamp_min(ZERO_NORM2), torch.zeros_like(norm2))
+        s = gram[:, :t, t] * inv_norm2.unsqueeze(1)  # (r, T)
+        g_orth = gram[:, :t, :t] - norm2[:, None, None] * s.unsqueeze(2) * s.unsqueeze(1)
+        evals, u = torch.linalg.eigh(g_orth)
+        sing = evals.clamp_min(0).sqrt()
+        # G_O carries rounding noise of about eps * ||tau||^2: directions below it are not real.
+        tau_energy = torch.diagonal(gram[:, :t, :t], dim1=1, dim2=2).amax(dim=1, keepdim=True)
+        noise = torch.maximum(evals.amax(dim=1, keepdim=True), tau_energy) * max(t, d) * eps
+        mix = orthogonal_mix(u, sing, noise, energy_threshold)  # (r, T)
+        # Parallel part: TIES over the scalars, ties provisionally +1 (fixed below if needed).
+        s_bar = disjoint_mean(s.t(), elect_sign(s.t(), 1.0))
+        scalars[lo:hi], s_bars[lo:hi] = s, s_bar
+        coef = torch.empty((hi - lo, 1, t + 1), dtype=torch.float64, device=base.device)
+        coef[:, 0, :t] = lambda_orth * mix
+        coef[:, 0, t] = lambda_parallel * s_bar - lambda_orth * (mix * s).sum(dim=1)
+        out[lo:hi] = torch.bmm(coef.to(compute_dtype), x).squeeze(1).to(out.dtype)
+    if lambda_parallel and float(scalars.sum()) < 0:
+        # A neuron whose scalars sum to exactly 0 takes the sign of the sum over the matrix.
+        tied = (scalars.sum(dim=1) == 0) & (scalars != 0).any(dim=1)
+        if bool(tied.any()):
+            fixed = disjoint_mean(scalars[tied].t(), elect_sign(scalars[tied].t(), -1.0))
+            delta = (lambda_parallel * (fixed - s_bars[tied])).to(out.dtype)
+            out[tied] += delta.unsqueeze(1) * base[tied].to(out.dtype)
     return out
 
 
@@ -170,7 +195,7 @@ def _describe(p: NeuroMergingParams) -> str:
 def neuromerging(inputs: TensorInputs, params: NeuroMergingParams, stats: ModelStats) -> torch.Tensor:
     """Returns the NeuroMerging task vector of one tensor (TIES for 1-D tensors)."""
     lambda_orth = resolve_lambda(params, stats)
-    deltas = trim_(inputs.deltas, inputs.densities, stats.thresholds)
+    deltas = trim_(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties)
     deltas.mul_(broadcast_weights(inputs.weights, deltas))
     if inputs.role == Role.POINT or inputs.base.dim() != 2:
         flat = deltas.reshape(deltas.shape[0], -1)

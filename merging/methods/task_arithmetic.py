@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merging.methods.base import MethodParams, ModelStats, TensorInputs, broadcast_weights, register_method
+from merging.methods.base import MethodParams, ModelStats, TensorInputs, register_method
 
 
 class TaskArithmeticParams(MethodParams):
@@ -14,8 +14,13 @@ class TaskArithmeticParams(MethodParams):
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool, lambda_: float) -> torch.Tensor:
-    """Returns lambda * sum_t w_t tau_t, divided by sum_t w_t when `normalize` (mergekit's order of operations)."""
-    mixed = deltas.mul_(broadcast_weights(weights, deltas)).sum(dim=0)
+    """Returns lambda * sum_t w_t tau_t, divided by sum_t w_t when `normalize` (mergekit's order of operations).
+
+    Accumulates in place into deltas[0], one pass per task, so nothing is allocated.
+    """
+    mixed = deltas[0].mul_(float(weights[0]))
+    for t in range(1, deltas.shape[0]):
+        mixed.add_(deltas[t].mul_(float(weights[t])))
     if normalize:
         divisor = weights.sum().to(mixed.dtype)
         if divisor.abs() >= 1e-8:

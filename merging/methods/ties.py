@@ -10,11 +10,10 @@ from merging.methods.base import (
     StatsRequest,
     TensorInputs,
     TrimParams,
-    broadcast_weights,
     register_method,
 )
 from merging.ties_core import disjoint_mean, elect_sign
-from merging.trim import trim_
+from merging.trim import CHUNK, TrimRule, apply_trim_, chunks, trim_rules
 
 
 class TiesParams(TrimParams):
@@ -22,18 +21,38 @@ class TiesParams(TrimParams):
     normalize: bool = Field(default=True, description="divide by the weights of the agreeing entries")
 
 
-def ties_merge(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool, lambda_: float) -> torch.Tensor:
-    """Returns lambda * the disjoint merge of w_t tau_t (mergekit's rule: sign of the weighted sum, ties +1)."""
-    weighted = deltas.mul_(broadcast_weights(weights, deltas))
-    elected = elect_sign(weighted, tie_sign=1.0)
-    if normalize:
-        mixed = disjoint_mean(weighted, elected, weights)
-    else:
-        agree = torch.sign(weighted) == elected.unsqueeze(0)
-        mixed = torch.where(agree, weighted, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
-    if lambda_ != 1:
-        mixed *= lambda_
-    return mixed
+def ties_merge(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    normalize: bool,
+    lambda_: float,
+    rules: list[TrimRule] | None = None,
+) -> torch.Tensor:
+    """Returns lambda * the disjoint merge of w_t tau_t (mergekit's rule: sign of the weighted sum, ties +1).
+
+    Trims (when `rules` are given), weighs, elects and averages one chunk of columns at a time,
+    writing each chunk's result into deltas[0]: one pass over the task vectors, small temporaries.
+    """
+    t = deltas.shape[0]
+    flat = deltas.reshape(t, -1)
+    out = flat[0]
+    w = weights.to(flat.dtype).reshape(t, 1)
+    seen = [0] * t
+    for s, e in chunks(flat.shape[1], max(1, CHUNK // t)):
+        c = flat[:, s:e]
+        if rules is not None:
+            for i in range(t):
+                seen[i] = apply_trim_(c[i], rules[i], s, seen[i])
+        c.mul_(w)
+        elected = elect_sign(c, tie_sign=1.0)
+        if normalize:
+            mixed = disjoint_mean(c, elected, weights)
+        else:
+            mixed = (c * ((c * elected) > 0)).sum(dim=0)
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[s:e] = mixed
+    return out.reshape(deltas.shape[1:])
 
 
 def trim_stats(params: TrimParams) -> StatsRequest | None:
@@ -51,5 +70,5 @@ def trim_stats(params: TrimParams) -> StatsRequest | None:
 )
 def ties(inputs: TensorInputs, params: TiesParams, stats: ModelStats) -> torch.Tensor:
     """Returns the TIES-merged task vector of one tensor."""
-    trim_(inputs.deltas, inputs.densities, stats.thresholds)
-    return ties_merge(inputs.deltas, inputs.weights, params.normalize, params.lambda_)
+    rules = trim_rules(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties)
+    return ties_merge(inputs.deltas, inputs.weights, params.normalize, params.lambda_, rules)
