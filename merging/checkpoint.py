@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,60 @@ def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Returns mergeflow's cache folder: $MERGEFLOW_CACHE_DIR, else $XDG_CACHE_HOME/mergeflow, else ~/.cache/mergeflow."""
+    explicit = os.environ.get("MERGEFLOW_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergeflow"
+
+
+class HashCache:
+    """Returns file sha256s, remembering them by (path, size, mtime_ns, inode) as git's index does.
+
+    Re-merging the same inputs then costs no re-hashing; a file that changed in any of those
+    respects is hashed again. Entries are saved with an atomic replace, so concurrent runs can
+    at worst lose an entry, never corrupt the file.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / "sha256-v1.json"
+        try:
+            self._entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            self._entries = {}
+        self._lock = threading.Lock()
+        self._dirty = False
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, dict[str, int]]:
+        st = path.stat()
+        return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+    def sha256(self, path: Path) -> str:
+        key, stamp = self._key(path)
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit and all(hit.get(k) == v for k, v in stamp.items()):
+            return str(hit["sha256"])
+        digest = file_sha256(path)
+        with self._lock:
+            self._entries[key] = {**stamp, "sha256": digest}
+            self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache folder only costs re-hashing next time
 
 
 class Checkpoint:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from merging.checkpoint import Checkpoint, file_sha256
+from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig, dump_config
 from merging.errors import ConfigError, MergeflowError, NonFiniteError
 from merging.memory import PeakMemory
@@ -235,7 +235,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
     with PeakMemory() as memory, ThreadPoolExecutor(max_workers=1) as hasher:
         try:
             plan = build_plan(base, models, config.task_specific, config.transposed, config.allow_dtype_mismatch)
-            hashes = {f: hasher.submit(file_sha256, f) for ck in [base, *models] for f in ck.files}
+            hash_cache = HashCache()
+            hashes = {f: hasher.submit(hash_cache.sha256, f) for ck in [base, *models] for f in ck.files}
             weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
             densities = [config.model_density(e, params) for e in entries]
             source = TensorSource(base, models, device)
@@ -255,6 +256,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             bytes_written += _write_heads(plan, models, tmp)
             _copy_side_files(base, config, tmp)
             inputs = _input_records(base, models, entries, hashes)
+            hash_cache.save()
             (tmp / "mergeflow_config.yml").write_text(dump_config(config))
             report = MergeReport(
                 out_dir=out_dir,

@@ -66,20 +66,24 @@ class TrimRule:
 KEEP_ALL = TrimRule(0.0)
 
 
-def kth_largest(abs_values: torch.Tensor, k: int) -> tuple[float, int, int]:
-    """Returns (k-th largest of a non-negative float32 tensor, entries > it, entries == it).
+def _magnitudes(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    return flat[s:e].abs().to(torch.float32)
 
-    Radix select on the bit patterns, streamed over chunks: O(n), about 30x faster than
-    torch.kthvalue on CPU, and no full-size temporary.
+
+def kth_largest(values: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """Returns (k-th largest |value| as float32, entries above it, entries equal to it).
+
+    Radix select on the bit patterns, streamed over chunks: exact, O(n), about 7x faster than
+    torch.kthvalue on CPU (0.1 s for 32M entries on 2 cores), and no full-size temporary.
     """
-    flat = abs_values.reshape(-1)
+    flat = values.reshape(-1)
     high_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
     for s, e in chunks(flat.numel()):
-        high_hist += torch.bincount(_bits(flat[s:e]) >> 16, minlength=HIGH_BINS)
+        high_hist += torch.bincount(_bits(_magnitudes(flat, s, e)) >> 16, minlength=HIGH_BINS)
     bucket, above = _locate(high_hist, k)
     low_hist = torch.zeros(LOW_BINS, dtype=torch.int64)
     for s, e in chunks(flat.numel()):
-        bits = _bits(flat[s:e])
+        bits = _bits(_magnitudes(flat, s, e))
         low_hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS)
     low, above_low = _locate(low_hist, k - above)
     return _float_from_bits((bucket << 16) | low), above + above_low, int(low_hist[low])
@@ -138,7 +142,7 @@ def apply_trim_(row: torch.Tensor, rule: TrimRule, start: int = 0, ties_seen: in
 
 
 def topk_mask(values: torch.Tensor, density: float, ties: str = "index") -> torch.Tensor:
-    """Returns a bool mask keeping exactly k = max(1, int(density*n)) entries of largest |value| (see tensor_trim_rule)."""
+    """Returns a bool mask keeping k = max(1, int(density*n)) entries of largest |value| (see tensor_trim_rule)."""
     rule = tensor_trim_rule(values, density, ties)
     if rule.keeps_all:
         return torch.ones(values.shape, dtype=torch.bool, device=values.device)

@@ -92,3 +92,21 @@ def test_parse_size():
     for bad in ["", "GB", "-1", "5 parsecs", "0"]:
         with pytest.raises(ConfigError, match="out-shard-size"):
             parse_size(bad)
+
+
+def test_hash_cache_reuses_and_invalidates(tmp_path):
+    import os
+
+    from merging.checkpoint import HashCache, file_sha256
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    cache = HashCache(tmp_path / "cache.json")
+    first = cache.sha256(f)
+    assert first == file_sha256(f)
+    cache.save()
+    again = HashCache(tmp_path / "cache.json")
+    assert again._entries[str(f.resolve())]["sha256"] == first  # persisted
+    f.write_bytes(b"b" * 1000)  # same size, new content and mtime
+    os.utime(f, ns=(1, 1))
+    assert again.sha256(f) == file_sha256(f) != first

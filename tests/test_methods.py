@@ -53,9 +53,10 @@ def test_task_arithmetic_matches_reference(rng, t, normalize):
 @pytest.mark.parametrize("t", [1, 3, 6])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
-def test_ties_matches_reference(rng, t, normalize, density):
+@pytest.mark.parametrize("uniform", [None, 1.0, 0.4, -0.7, 0.0])
+def test_ties_matches_reference(rng, t, normalize, density, uniform):
     base, fts = random_family(rng, (5, 8), t)
-    weights = [1.0, 0.5, 2.0, 1.0, 0.7, 1.3][:t]
+    weights = [1.0, 0.5, 2.0, 1.0, 0.7, 1.3][:t] if uniform is None else [uniform] * t
     got = base + run("ties", make_inputs(base, fts, weights, [density] * t), {"lambda": 0.9, "normalize": normalize})
     want = ref.ties(ref.as_np(base), [ref.as_np(f) for f in fts], weights, [density] * t, 0.9, normalize)
     np.testing.assert_allclose(ref.as_np(got), want, atol=1e-12)

@@ -37,18 +37,29 @@ def ties_merge(
     flat = deltas.reshape(t, -1)
     out = flat[0]
     w = weights.to(flat.dtype).reshape(t, 1)
+    # Equal weights (the usual case) need no weighting pass: the disjoint mean's divisor is
+    # then w * count, and the weighted sum is w * sum.
+    uniform = bool((weights == weights[0]).all())
+    w0 = float(weights[0])
     seen = [0] * t
     for s, e in chunks(flat.shape[1], max(1, CHUNK // t)):
         c = flat[:, s:e]
         if rules is not None:
             for i in range(t):
                 seen[i] = apply_trim_(c[i], rules[i], s, seen[i])
-        c.mul_(w)
+        if not uniform:
+            c.mul_(w)
+        elif w0 < 0:
+            c.neg_()  # the agreeing set is chosen on the signs of w * tau
         elected = elect_sign(c, tie_sign=1.0)
         if normalize:
-            mixed = disjoint_mean(c, elected, weights)
+            mixed = disjoint_mean(c, elected, None if uniform else weights)
+            if uniform and w0 <= 0:
+                mixed.mul_(-1.0 if w0 < 0 else 0.0)
         else:
             mixed = (c * ((c * elected) > 0)).sum(dim=0)
+            if uniform and abs(w0) != 1:
+                mixed *= abs(w0)
         if lambda_ != 1:
             mixed *= lambda_
         out[s:e] = mixed
