@@ -36,7 +36,7 @@ def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
 
 
 def cache_dir() -> Path:
-    """Returns mergeflow's cache folder: $MERGEFLOW_CACHE_DIR, else $XDG_CACHE_HOME/mergeflow, else ~/.cache/mergeflow."""
+    """Returns the cache folder: $MERGEFLOW_CACHE_DIR, else $XDG_CACHE_HOME/mergeflow, else ~/.cache/mergeflow."""
     explicit = os.environ.get("MERGEFLOW_CACHE_DIR")
     if explicit:
         return Path(explicit)
