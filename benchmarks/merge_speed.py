@@ -231,6 +231,14 @@ def main() -> None:
         )
     have_mergekit = args.mergekit.exists()
     if have_mergekit:
+        # Bit-for-bit parity: mergekit's own order among entries tying at the trim threshold.
+        parity = write_config(
+            workdir / "ties_parity.yml", "ties", base, fts, {"lambda": 1.0, "trim_ties": "mergekit"}, trim
+        )
+        cases["mergeflow ties, trim_ties: mergekit"] = (
+            [mergeflow, "merge", str(parity), str(outs / "mergeflow_ties_parity"), "--no-progress", "--overwrite"],
+            1,
+        )
         for method in ["task_arithmetic", "ties"]:
             cases[f"mergekit {method}"] = (
                 [str(args.mergekit), str(configs[method]), str(outs / f"mergekit_{method}"), "--no-copy-tokenizer"],
@@ -260,6 +268,7 @@ def main() -> None:
     if have_mergekit:
         for method in ["task_arithmetic", "ties"]:
             diffs[method] = max_abs_diff(outs / f"mergeflow_{method}", outs / f"mergekit_{method}")
+        diffs["ties, trim_ties: mergekit"] = max_abs_diff(outs / "mergeflow_ties_parity", outs / "mergekit_ties")
     loop = neuromerging_vs_loop(base, fts, "model.layers.0")
 
     floor = results["floor TA (minimal streaming)"]["median_wall_s"]

@@ -9,6 +9,7 @@ one bucket that holds the k-th value. Memory: two 65,536-bin histograms per task
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -66,24 +67,28 @@ class TrimRule:
 KEEP_ALL = TrimRule(0.0)
 
 
-def _magnitudes(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    return flat[s:e].abs().to(torch.float32)
+def _abs_bits(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Returns the int32 bit patterns of |x| for a chunk (float32: the sign bit cleared, no abs pass)."""
+    chunk = flat[s:e]
+    if chunk.dtype == torch.float32:
+        return chunk.view(torch.int32) & 0x7FFFFFFF
+    return _bits(chunk.abs().to(torch.float32))
 
 
 def kth_largest(values: torch.Tensor, k: int) -> tuple[float, int, int]:
     """Returns (k-th largest |value| as float32, entries above it, entries equal to it).
 
-    Radix select on the bit patterns, streamed over chunks: exact, O(n), about 7x faster than
-    torch.kthvalue on CPU (0.1 s for 32M entries on 2 cores), and no full-size temporary.
+    Radix select on the bit patterns, streamed over chunks: exact, O(n), several times faster
+    than torch.kthvalue on CPU (0.1 s for 32M entries on 2 cores), and no full-size temporary.
     """
     flat = values.reshape(-1)
     high_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
     for s, e in chunks(flat.numel()):
-        high_hist += torch.bincount(_bits(_magnitudes(flat, s, e)) >> 16, minlength=HIGH_BINS)
+        high_hist += torch.bincount(_abs_bits(flat, s, e) >> 16, minlength=HIGH_BINS)
     bucket, above = _locate(high_hist, k)
     low_hist = torch.zeros(LOW_BINS, dtype=torch.int64)
     for s, e in chunks(flat.numel()):
-        bits = _bits(_magnitudes(flat, s, e))
+        bits = _abs_bits(flat, s, e)
         low_hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS)
     low, above_low = _locate(low_hist, k - above)
     return _float_from_bits((bucket << 16) | low), above + above_low, int(low_hist[low])
@@ -159,7 +164,11 @@ def trim_rules(
     """Returns each task's trim rule: the model-wide threshold, or a per-tensor top-k."""
     if thresholds is not None:
         return [TrimRule(thr) if thr > 0 else KEEP_ALL for thr in thresholds]
-    return [tensor_trim_rule(deltas[t], d, ties) for t, d in enumerate(densities)]
+    if deltas[0].numel() < CHUNK:
+        return [tensor_trim_rule(deltas[t], d, ties) for t, d in enumerate(densities)]
+    # torch.bincount runs on one core: select the tasks' thresholds two at a time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda td: tensor_trim_rule(deltas[td[0]], td[1], ties), enumerate(densities)))
 
 
 def trim_(
