@@ -47,10 +47,6 @@ class TensorInputs:
     densities: tuple[float, ...]
     seed: int
 
-    @property
-    def num_tasks(self) -> int:
-        return int(self.deltas.shape[0])
-
 
 @dataclass(frozen=True)
 class ModelStats:
