@@ -1,7 +1,8 @@
 """The I/O floor: the least work a streaming Task Arithmetic can do.
 
 Reads every tensor of the base and each fine-tune once (safetensors' own reader), computes
-base + lambda * sum_t (ft_t - base) in float32, and streams the bytes into one safetensors file.
+base + lambda * sum_t (ft_t - base) in float32, streams the bytes into one safetensors file and
+fsyncs it (a merge is finished when its output is on disk; mergeflow fsyncs before publishing).
 No validation, hashing, planning or progress: a lower bound to compare mergeflow against.
 
     python benchmarks/io_floor.py OUT.safetensors BASE.safetensors FT1.safetensors [FT2 ...] [--lambda 1.0]
@@ -10,6 +11,7 @@ No validation, hashing, planning or progress: a lower bound to compare mergeflow
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from safetensors import safe_open
@@ -46,6 +48,8 @@ def main() -> None:
             for ft in fts:
                 acc += ft.get_tensor(name).float() - b.float()
             out.write(tensor_bytes((b.float() + args.lam * acc).to(b.dtype)))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Every case runs as its own process; a poller samples its /proc status every 20 ms for peak RSS
 (VmHWM) and peak anonymous memory (RssAnon: heap, not the page cache of memory-mapped inputs).
-Inputs are read from a warm page cache (the first, unmeasured run warms it). mergekit runs from
+Inputs are read from a warm page cache, and dirty pages are flushed (sync) before each case. mergekit runs from
 its own virtual environment (`make mergekit`). Prints a table and writes JSON.
 """
 
@@ -73,7 +73,11 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
-    """Runs `cmd`; returns wall seconds, peak RSS and peak RssAnon (MiB) of the process."""
+    """Runs `cmd`; returns wall seconds, peak RSS and peak RssAnon (MiB) of the process.
+
+    Dirty pages left by the previous case are flushed first, so no case pays for another's writes.
+    """
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     peak_anon = peak_rss = 0

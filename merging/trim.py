@@ -9,7 +9,6 @@ one bucket that holds the k-th value. Memory: two 65,536-bin histograms per task
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -164,11 +163,7 @@ def trim_rules(
     """Returns each task's trim rule: the model-wide threshold, or a per-tensor top-k."""
     if thresholds is not None:
         return [TrimRule(thr) if thr > 0 else KEEP_ALL for thr in thresholds]
-    if deltas[0].numel() < CHUNK:
-        return [tensor_trim_rule(deltas[t], d, ties) for t, d in enumerate(densities)]
-    # torch.bincount runs on one core: select the tasks' thresholds two at a time.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda td: tensor_trim_rule(deltas[td[0]], td[1], ties), enumerate(densities)))
+    return [tensor_trim_rule(deltas[t], d, ties) for t, d in enumerate(densities)]
 
 
 def trim_(
