@@ -47,6 +47,10 @@ def task_vector_cosines(base: Path, merged: Path, fine_tunes: list[Path]) -> lis
 def run_demo(workdir: Path | None = None, n_finetunes: int = 3) -> list[tuple[str, MergeReport, list[float]]]:
     """Returns (method, report, cosines) for each method merged on a generated BERT family."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     root = workdir or Path(tempfile.mkdtemp(prefix="mergeflow-demo-"))
     base, fine_tunes = build_family(root / "models", "bert", n_finetunes, classification=True, hidden=64, layers=2)

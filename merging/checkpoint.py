@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,17 @@ class HashCache:
             os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only cache folder only costs re-hashing next time
+
+
+def _load_weights_only(path: Path) -> Any:
+    """Returns a pickle checkpoint's contents, memory-mapped when it is in torch's zip format.
+
+    Only `weights_only=True` loading is ever used: a file that would run code is refused.
+    Files in the legacy (pre-zip) format cannot be memory-mapped and are read whole.
+    """
+    if zipfile.is_zipfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Checkpoint:
@@ -176,7 +188,7 @@ class Checkpoint:
     def _add_pickle(self, files: list[Path]) -> None:
         for f in files:
             try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                state = _load_weights_only(f)
             except pickle.UnpicklingError as exc:
                 raise CheckpointError(
                     f"{f}: refused to load this pickle checkpoint: it holds objects other than "

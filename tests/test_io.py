@@ -110,3 +110,10 @@ def test_hash_cache_reuses_and_invalidates(tmp_path):
     f.write_bytes(b"b" * 1000)  # same size, new content and mtime
     os.utime(f, ns=(1, 1))
     assert again.sha256(f) == file_sha256(f) != first
+
+
+def test_reads_legacy_pickle_format(tmp_path):
+    tensors = {"x.weight": torch.randn(3, 2)}
+    torch.save(tensors, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with Checkpoint(tmp_path) as ck:
+        assert torch.equal(ck.tensor("x.weight"), tensors["x.weight"])
