@@ -34,6 +34,18 @@ def random_family(rng, shape, t, dtype=torch.float64, scale=0.1):
     return base, fts
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def ties_path(request, monkeypatch):
+    """Runs a test through the fused CPU kernel and through the torch formulation."""
+    import merging.kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(merging.kernels, "available", lambda *tensors: False)
+    else:
+        assert merging.kernels.available(torch.zeros(1))
+    return request.param
+
+
 def run(method, inputs, params=None, stats=None):
     m = get_method(method)
     p = m.params_model.model_validate(params or {})
@@ -54,7 +66,7 @@ def test_task_arithmetic_matches_reference(rng, t, normalize):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("uniform", [None, 1.0, 0.4, -0.7, 0.0])
-def test_ties_matches_reference(rng, t, normalize, density, uniform):
+def test_ties_matches_reference(rng, t, normalize, density, uniform, ties_path):
     base, fts = random_family(rng, (5, 8), t)
     weights = [1.0, 0.5, 2.0, 1.0, 0.7, 1.3][:t] if uniform is None else [uniform] * t
     got = base + run("ties", make_inputs(base, fts, weights, [density] * t), {"lambda": 0.9, "normalize": normalize})
@@ -62,7 +74,7 @@ def test_ties_matches_reference(rng, t, normalize, density, uniform):
     np.testing.assert_allclose(ref.as_np(got), want, atol=1e-12)
 
 
-def test_ties_all_zero_task_vectors_give_base(rng):
+def test_ties_all_zero_task_vectors_give_base(rng, ties_path):
     base = torch.randn(4, 5, generator=rng, dtype=torch.float64)
     got = run("ties", make_inputs(base, [base.clone(), base.clone()], densities=[0.3, 0.3]))
     assert torch.count_nonzero(got) == 0
@@ -106,7 +118,7 @@ def _dare_reference_taus(base, fts, densities, seed, name):
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_matches_reference(rng, method):
+def test_dare_matches_reference(rng, method, ties_path):
     base, fts = random_family(rng, (10, 10), 3)
     weights, densities = [0.5, 1.5, 1.0], [0.4, 0.6, 0.9]
     got = run(method, make_inputs(base, fts, weights, densities, seed=11, name="layer.w"), {"lambda": 0.8})

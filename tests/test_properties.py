@@ -130,3 +130,25 @@ def test_topk_mask_keeps_exactly_k_largest(arrays, density):
         want[torch.argsort(values.abs(), descending=True)[:k]] = True
         if values.abs()[mk].min() == values.abs()[~mk].max():  # ties straddle the threshold
             assert torch.equal(mk, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(value_arrays, st.floats(0.001, 0.999))
+def test_kernel_and_torch_selection_agree(arrays, density):
+    import merging.kernels
+    from merging.trim import keep_count, kth_largest, threshold_form, topk_mask, trim_rules
+
+    values = torch.tensor([v for a in arrays for v in a], dtype=torch.float32)
+    k = keep_count(density, values.numel())
+    fast = kth_largest(values, k)
+    rule = trim_rules(values.unsqueeze(0), (density,), None)[0]
+    fast_form = threshold_form(values.clone(), rule)
+    original = merging.kernels.available
+    try:
+        merging.kernels.available = lambda *tensors: False
+        assert kth_largest(values, k) == fast
+        assert threshold_form(values.clone(), rule) == fast_form
+        slow_mask = topk_mask(values, density)
+    finally:
+        merging.kernels.available = original
+    assert torch.equal(topk_mask(values, density), slow_mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merging import kernels
 from merging.methods.base import (
     ModelStats,
     StatsRequest,
@@ -13,7 +14,7 @@ from merging.methods.base import (
     register_method,
 )
 from merging.ties_core import disjoint_mean, elect_sign
-from merging.trim import CHUNK, TrimRule, apply_trim_, chunks, trim_rules
+from merging.trim import CHUNK, TrimRule, apply_trim_, chunks, threshold_form, trim_rules
 
 
 class TiesParams(TrimParams):
@@ -41,6 +42,17 @@ def ties_merge(
     # then w * count, and the weighted sum is w * sum.
     uniform = bool((weights == weights[0]).all())
     w0 = float(weights[0])
+    if uniform and w0 < 0:
+        flat.neg_()  # the agreeing set is chosen on the signs of w * tau
+    if kernels.available(flat) and flat.is_contiguous():
+        forms = [threshold_form(flat[i], rules[i]) if rules is not None else (0.0, flat.shape[1]) for i in range(t)]
+        result = torch.empty(flat.shape[1], dtype=flat.dtype)
+        kernels.ties_columns(flat, [f[0] for f in forms], [f[1] for f in forms], weights, normalize, 1.0, result)
+        out.copy_(result)
+        _finish_uniform(out, uniform, w0, normalize)
+        if lambda_ != 1:
+            out.mul_(lambda_)
+        return out.reshape(deltas.shape[1:])
     seen = [0] * t
     for s, e in chunks(flat.shape[1], max(1, CHUNK // t)):
         c = flat[:, s:e]
@@ -49,21 +61,27 @@ def ties_merge(
                 seen[i] = apply_trim_(c[i], rules[i], s, seen[i])
         if not uniform:
             c.mul_(w)
-        elif w0 < 0:
-            c.neg_()  # the agreeing set is chosen on the signs of w * tau
         elected = elect_sign(c, tie_sign=1.0)
         if normalize:
             mixed = disjoint_mean(c, elected, None if uniform else weights)
-            if uniform and w0 <= 0:
-                mixed.mul_(-1.0 if w0 < 0 else 0.0)
         else:
             mixed = (c * ((c * elected) > 0)).sum(dim=0)
-            if uniform and abs(w0) != 1:
-                mixed *= abs(w0)
+        _finish_uniform(mixed, uniform, w0, normalize)
         if lambda_ != 1:
             mixed *= lambda_
         out[s:e] = mixed
     return out.reshape(deltas.shape[1:])
+
+
+def _finish_uniform(mixed: torch.Tensor, uniform: bool, w0: float, normalize: bool) -> None:
+    """Applies, in place, the common weight w0 that a uniform-weight merge left out."""
+    if not uniform:
+        return
+    if normalize:
+        if w0 <= 0:
+            mixed.mul_(-1.0 if w0 < 0 else 0.0)
+    elif abs(w0) != 1:
+        mixed.mul_(abs(w0))
 
 
 def trim_stats(params: TrimParams) -> StatsRequest | None:
