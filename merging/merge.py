@@ -280,6 +280,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             else:
                 tmp.rename(out_dir)
         except BaseException:
+            hasher.shutdown(wait=False, cancel_futures=True)  # a failed merge need not finish hashing
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
