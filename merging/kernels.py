@@ -8,8 +8,16 @@ gives the torch path's (and mergekit's) numbers. Without numba the torch path is
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+
+from merging.checkpoint import cache_dir
+
+# Compiled kernels are cached in mergeflow's cache folder, not beside the installed package
+# (which may be read-only); an explicit NUMBA_CACHE_DIR wins.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
 
 try:
     import numba
