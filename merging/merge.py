@@ -181,9 +181,7 @@ def compute_stats(
         for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
             _, deltas = source.load(t)
             for acc, delta in zip(accs, deltas):
-                row = delta.reshape(-1)
-                for s, e in chunks(row.numel()):
-                    acc.add_pass1(row[s:e].abs())
+                acc.add_pass1(delta)
         for acc in accs:
             acc.finish_pass1()
         if any(acc.needs_pass2 for acc in accs):

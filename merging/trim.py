@@ -76,26 +76,41 @@ def _abs_bits(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
     return _bits(chunk.abs().to(torch.float32))
 
 
+def _kernel_ready(flat: torch.Tensor) -> bool:
+    return flat.dtype == torch.float32 and flat.is_contiguous() and kernels.available(flat)
+
+
+def high_histogram(values: torch.Tensor) -> torch.Tensor:
+    """Returns the counts of |x|'s high 16 bits (HIGH_BINS bins), streamed over chunks."""
+    flat = values.reshape(-1)
+    if _kernel_ready(flat):
+        return kernels.abs_bit_histogram(flat, -1, HIGH_BINS)
+    hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    for s, e in chunks(flat.numel()):
+        hist += torch.bincount(_abs_bits(flat, s, e) >> 16, minlength=HIGH_BINS)
+    return hist
+
+
+def low_histogram(values: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Returns the counts of the low 16 bits of the |x| whose high 16 bits equal `bucket`."""
+    flat = values.reshape(-1)
+    if _kernel_ready(flat):
+        return kernels.abs_bit_histogram(flat, bucket, LOW_BINS)
+    hist = torch.zeros(LOW_BINS, dtype=torch.int64)
+    for s, e in chunks(flat.numel()):
+        bits = _abs_bits(flat, s, e)
+        hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS)
+    return hist
+
+
 def kth_largest(values: torch.Tensor, k: int) -> tuple[float, int, int]:
     """Returns (k-th largest |value| as float32, entries above it, entries equal to it).
 
-    Radix select on the bit patterns, streamed over chunks: exact, O(n), several times faster
-    than torch.kthvalue on CPU (0.1 s for 32M entries on 2 cores), and no full-size temporary.
+    Radix select on the bit patterns: exact, O(n), no full-size temporary, several times faster
+    than torch.kthvalue on CPU (0.03 s for 32M entries on 2 cores with the fused kernel).
     """
-    flat = values.reshape(-1)
-    if flat.dtype == torch.float32 and flat.is_contiguous() and kernels.available(flat):
-        bucket, above = _locate(kernels.abs_bit_histogram(flat, -1, HIGH_BINS), k)
-        low_hist = kernels.abs_bit_histogram(flat, bucket, LOW_BINS)
-        low, above_low = _locate(low_hist, k - above)
-        return _float_from_bits((bucket << 16) | low), above + above_low, int(low_hist[low])
-    high_hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
-    for s, e in chunks(flat.numel()):
-        high_hist += torch.bincount(_abs_bits(flat, s, e) >> 16, minlength=HIGH_BINS)
-    bucket, above = _locate(high_hist, k)
-    low_hist = torch.zeros(LOW_BINS, dtype=torch.int64)
-    for s, e in chunks(flat.numel()):
-        bits = _abs_bits(flat, s, e)
-        low_hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS)
+    bucket, above = _locate(high_histogram(values), k)
+    low_hist = low_histogram(values, bucket)
     low, above_low = _locate(low_hist, k - above)
     return _float_from_bits((bucket << 16) | low), above + above_low, int(low_hist[low])
 
@@ -227,10 +242,9 @@ class ModelThreshold:
     above_l1: float = 0.0
     total_l1: float = 0.0
 
-    def add_pass1(self, abs_values: torch.Tensor) -> None:
-        bits = _bits(abs_values)
-        self.numel += bits.numel()
-        self.high_hist += torch.bincount(bits >> 16, minlength=HIGH_BINS)
+    def add_pass1(self, values: torch.Tensor) -> None:
+        self.numel += values.numel()
+        self.high_hist += high_histogram(values)
 
     def finish_pass1(self) -> None:
         """Finds the high-half bucket that holds the k-th largest value."""
