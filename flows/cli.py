@@ -1,4 +1,4 @@
-"""The `mergeflow` command line: merge, list methods, run the embedded demo."""
+"""The `mergeflow` command line: merge, list methods, build the offline zoo, evaluate, run the embedded demo."""
 
 from __future__ import annotations
 
@@ -71,6 +71,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from merging.zoo.build import build_zoo, zoo_summary
+
+    root, manifest, built = build_zoo(args.out, args.size, args.head, args.seed, progress=print, force=args.force)
+    print(f"\n{'task':22s} {'role':14s} {'classes':>7s} {'train':>6s} {'probe':>6s} {'tuned':>6s} {'margin':>7s}")
+    for row in zoo_summary(manifest):
+        print(
+            f"{row['task']:22s} {row['role']:14s} {row['classes']:7d} {row['train']:6d} {row['probe']:6.3f} "
+            f"{row['finetune']:6.3f} {row['margin']:+7.1f}"
+        )
+    state = "built" if built else "already up to date"
+    print(f"\nzoo ({manifest.size}, {manifest.head} heads) {state}: {root} (build took {manifest.build_seconds:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from merging.evaluation.harness import Evaluator
+    from merging.evaluation.plot import plot_report
+    from merging.zoo import zoo_tasks
+    from merging.zoo.manifest import load_manifest
+
+    manifest = load_manifest(args.zoo)
+    root = Path(args.zoo).resolve()
+    evaluator = Evaluator(zoo_tasks(root, manifest), root / manifest.base.path, progress=not args.no_progress)
+    merged = {Path(m).name: Path(m) for m in args.merged}
+    report = evaluator.evaluate(merged, args.split, cross=args.cross).to_json()
+    print_evaluation(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"report: {args.json}")
+    if args.plot:
+        print(f"plot: {plot_report(report, args.plot)}")
+    return 0
+
+
+def print_evaluation(report: dict) -> None:
+    """Prints one row per model: per-task scores, average, normalized average, out-of-domain retention."""
+    merge_tasks = [t["name"] for t in report["tasks"] if t["role"] == "merge"]
+    header = (
+        f"{'model':22s} " + " ".join(f"{t[:10]:>10s}" for t in merge_tasks) + f" {'avg':>6s} {'norm':>6s} {'ood':>6s}"
+    )
+    print(header)
+
+    def row(name: str, scores: dict, avg: float, norm: float, ood: float) -> None:
+        cells = " ".join(f"{scores.get(t, float('nan')):10.3f}" for t in merge_tasks)
+        print(f"{name[:22]:22s} {cells} {avg:6.3f} {norm:6.3f} {ood:6.3f}")
+
+    base = report["base_probe"]
+    base_avg = sum(base["scores"][t] for t in merge_tasks) / len(merge_tasks)
+    row("base (probe)", base["scores"], base_avg, base["average_normalized"], 1.0)
+    row("fine-tuned (own task)", report["finetuned"], report["finetuned_average"], 1.0, float("nan"))
+    for name, s in report["models"].items():
+        row(name, s["scores"], s["average"], s["average_normalized"], s["ood_retention"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description="Merge fine-tuned models into one.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build a small model family locally and merge it with every method")
     d.add_argument("--workdir", default=None, help="where to build and merge (default: a temporary folder)")
     d.set_defaults(func=cmd_demo)
+    z = sub.add_parser("zoo", help="the offline model zoo (real MiniLM encoder, real labelled tasks)")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="build (or reuse) the zoo: data, linear probes, one fine-tune per task")
+    zb.add_argument("--size", default="ci", choices=["ci", "full"], help="ci: about a minute; full: the benchmark's")
+    zb.add_argument(
+        "--head", default="joint", choices=["joint", "frozen"], help="train heads with the encoder or keep the probe"
+    )
+    zb.add_argument("--out", default=None, help="zoo folder (default: $MERGEFLOW_CACHE_DIR/zoo/<size>-<head>)")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
+    zb.set_defaults(func=cmd_zoo_build)
+    e = sub.add_parser(
+        "evaluate", help="score merged models on a zoo's tasks against the base probe and the fine-tunes"
+    )
+    e.add_argument("merged", nargs="*", help="merged model folders (each keeps the zoo's heads)")
+    e.add_argument("--zoo", required=True, help="zoo folder (with zoo.yaml)")
+    e.add_argument("--split", default="test", choices=["validation", "test"])
+    e.add_argument("--cross", action="store_true", help="also score every fine-tune on every other task")
+    e.add_argument("--json", default=None, help="write the report here")
+    e.add_argument("--plot", default=None, help="write the per-task bar chart (PNG) here")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
     return parser
 
 

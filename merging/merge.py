@@ -29,7 +29,7 @@ from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorI
 from merging.model_card import InputRecord, render_model_card
 from merging.plan import MergePlan, Role, TensorPlan, build_plan
 from merging.trim import ModelThreshold, TensorTrimL1, chunks
-from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter
+from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -270,13 +270,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
                 inputs=inputs,
             )
             (tmp / "README.md").write_text(render_model_card(config, method, params, report))
-            if out_dir.exists():
-                trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                out_dir.rename(trash)
-                tmp.rename(out_dir)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                tmp.rename(out_dir)
+            publish_folder(tmp, out_dir)
         except BaseException:
             hasher.shutdown(wait=False, cancel_futures=True)  # a failed merge need not finish hashing
             shutil.rmtree(tmp, ignore_errors=True)

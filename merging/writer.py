@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +130,14 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def publish_folder(tmp: Path, dest: Path) -> None:
+    """Makes the complete folder `tmp` visible as `dest` by renames, replacing an older `dest` if there is one."""
+    if dest.exists():
+        trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        dest.rename(trash)
+        tmp.rename(dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(dest)

@@ -1,0 +1,90 @@
+"""Returns language-model scores of a causal LM: perplexity on texts, and lm-evaluation-harness tasks.
+
+Perplexity is built in: exp of the mean negative log-likelihood per predicted token, over texts
+cut into windows of at most `max_length` tokens (each window scored on its own; the first token of
+a window has no context and is not predicted). lm-evaluation-harness is optional: install the
+`lm-eval` extra; without it `lm_eval_scores` raises a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from merging.errors import CheckpointError, ConfigError
+
+
+def load_causal_lm(path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """Returns (model in eval mode, tokenizer) from a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot load a causal language model and its tokenizer: {exc}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Returns {"perplexity", "nll" (mean per token), "tokens"} of `model` on `texts`."""
+    windows: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        windows += [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]
+    if not windows:
+        raise ConfigError("perplexity: the texts hold no window of two or more tokens")
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size]
+        width = max(len(w) for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, w in enumerate(batch):
+            ids[row, : len(w)] = torch.tensor(w)
+            mask[row, : len(w)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:]
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        keep = mask[:, 1:].bool()
+        total_nll += float(nll[keep].double().sum())
+        total_tokens += int(keep.sum())
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(total_tokens)}
+
+
+def lm_eval_scores(
+    path: str | Path, tasks: Sequence[str], limit: int | None = None, batch_size: int = 8
+) -> dict[str, Any]:
+    """Returns lm-evaluation-harness results of the model at `path` (needs the `lm-eval` extra)."""
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise ConfigError(
+            "lm-evaluation-harness is not installed; `pip install -e '.[lm-eval]'` adds it "
+            "(its tasks download their data: run it where the hub is reachable or pre-cached)"
+        ) from exc
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={Path(path)},dtype=float32",
+        tasks=list(tasks),
+        limit=limit,
+        batch_size=batch_size,
+    )
+    return dict(results["results"]) if results else {}

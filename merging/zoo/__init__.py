@@ -1,0 +1,32 @@
+"""The offline model zoo: all-MiniLM-L6-v2 fine-tuned on labelled tasks built from data in PyPI packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from merging.config import MergeConfig
+from merging.evaluation.data import TaskSpec
+from merging.zoo.manifest import ZooManifest, load_manifest
+
+
+def zoo_tasks(root: str | Path, manifest: ZooManifest | None = None) -> list[TaskSpec]:
+    """Returns the evaluation tasks of the zoo at `root`: merge tasks (with their fine-tune) and out-of-domain ones."""
+    folder = Path(root).resolve()
+    manifest = manifest or load_manifest(folder)
+    return [t.spec(folder) for t in manifest.tasks]
+
+
+def zoo_merge_config(
+    root: str | Path, method: str, parameters: dict[str, Any] | None = None, manifest: ZooManifest | None = None
+) -> MergeConfig:
+    """Returns a merge config of the zoo's base and every merge-task fine-tune with `method` and `parameters`."""
+    folder = Path(root).resolve()
+    manifest = manifest or load_manifest(folder)
+    return MergeConfig(
+        merge_method=method,
+        base_model=str(folder / manifest.base.path),
+        models=[{"model": str(folder / t.finetune.path)} for t in manifest.merge_tasks() if t.finetune],  # type: ignore[misc]
+        parameters=dict(parameters or {}),
+        name=f"zoo-{manifest.size}-{manifest.head}-{method}",
+    )

@@ -1,0 +1,99 @@
+"""The schema of a zoo's `zoo.yaml`: the base, every task with its data and provenance, every fine-tune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from merging.errors import ConfigError
+from merging.evaluation.data import TaskSpec
+
+ZOO_FORMAT = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseEntry(Strict):
+    path: str
+    source: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parameters: int = Field(gt=0)
+
+
+class Scores(Strict):
+    validation: float = Field(ge=0, le=1)
+    test: float = Field(ge=0, le=1)
+
+
+class FineTuneEntry(Strict):
+    path: str
+    seed: int
+    steps: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    seconds: float = Field(ge=0)
+    scores: Scores
+    margin_over_probe: float = Field(description="fine-tune test score minus the base probe's, in points")
+
+
+class TaskEntry(Strict):
+    name: str
+    role: Literal["merge", "out_of_domain"]
+    label_names: list[str] = Field(min_length=2)
+    metric: Literal["accuracy", "macro_f1"]
+    max_length: int = Field(ge=2)
+    data: str
+    counts: dict[Literal["train", "validation", "test"], int]
+    package: str
+    origin: str
+    license: str
+    construction: str
+    probe: Scores
+    probe_head: str
+    finetune: FineTuneEntry | None = None
+
+    def spec(self, root: Path) -> TaskSpec:
+        """Returns the evaluation TaskSpec of this task, with paths resolved under the zoo's folder."""
+        return TaskSpec(
+            name=self.name,
+            dataset=str(root / self.data),
+            label_names=self.label_names,
+            metric=self.metric,
+            max_length=self.max_length,
+            model=str(root / self.finetune.path) if self.finetune else None,
+        )
+
+
+class ZooManifest(Strict):
+    format: Literal[1] = 1
+    key: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of everything the build depends on")
+    size: Literal["ci", "full"]
+    head: Literal["joint", "frozen"]
+    seed: int
+    build_seconds: float = Field(ge=0)
+    base: BaseEntry
+    tasks: list[TaskEntry] = Field(min_length=2)
+
+    def merge_tasks(self) -> list[TaskEntry]:
+        return [t for t in self.tasks if t.role == "merge"]
+
+    def ood_tasks(self) -> list[TaskEntry]:
+        return [t for t in self.tasks if t.role == "out_of_domain"]
+
+
+def load_manifest(path: str | Path) -> ZooManifest:
+    """Returns the validated manifest at `path` (a zoo folder or its zoo.yaml)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "zoo.yaml"
+    if not file.is_file():
+        raise ConfigError(f"{file}: no zoo manifest here; build one with `mergeflow zoo build`")
+    try:
+        return ZooManifest.model_validate(yaml.safe_load(file.read_text()))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{file}: not a valid zoo manifest: {exc}") from exc
