@@ -58,16 +58,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
     workdir = Path(args.workdir).resolve() if args.workdir else None
-    print("building a small BERT family (base + 3 fine-tunes with their own heads) and merging it ...")
-    results = run_demo(workdir)
-    print(f"\n{'method':16s} {'time s':>7s} {'peak anon':>12s}  cos(merged task vector, each fine-tune's)")
-    for method, report, cos in results:
-        print(
-            f"{method:16s} {report.seconds:7.2f} {_mib(report.peak_anon_bytes):>12s}  "
-            + "  ".join(f"{c:.3f}" for c in cos)
-        )
-    out = results[0][1].out_dir.parent
-    print(f"\nmerged models (each loads with transformers.AutoModel.from_pretrained): {out}")
+    print("building (or reusing) the offline ci zoo, merging it with every method, evaluating ...")
+    report, merges, root = run_demo(workdir)
+    print()
+    print_evaluation(report)
+    print(f"\n{'method':16s} {'merge s':>8s} {'peak anon':>12s}")
+    for method, merge in merges.items():
+        print(f"{method:16s} {merge.seconds:8.2f} {_mib(merge.peak_anon_bytes):>12s}")
+    print(f"\nmerged models, report.json and scores.png: {root}")
     return 0
 
 

@@ -14,6 +14,15 @@ os.environ["MERGEFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergeflow-test-cach
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session")
+def ci_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The `ci` zoo, built once per test session (about a minute on 2 cores)."""
+    from merging.zoo.build import build_zoo
+
+    root, manifest, _ = build_zoo(tmp_path_factory.mktemp("zoo") / "ci-joint", "ci", "joint")
+    return root, manifest
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

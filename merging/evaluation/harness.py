@@ -218,14 +218,18 @@ class Evaluator:
         }
 
     def model_scores(
-        self, merged: str | Path, split: str = "test", finetuned: Mapping[str, float] | None = None
+        self,
+        merged: str | Path,
+        split: str = "test",
+        finetuned: Mapping[str, float] | None = None,
+        out_of_domain: bool = True,
     ) -> ModelScores:
         """Returns a merged encoder's scores on merge tasks (own heads) and its out-of-domain probe retention."""
         finetuned = finetuned if finetuned is not None else self.finetuned_scores(split)
         scores = {t: self.score_head(merged, t, self.task_head(t, merged), split) for t in self.in_domain()}
         normalized = {t: scores[t] / finetuned[t] if finetuned[t] > 0 else math.nan for t in scores}
         ood = {}
-        for t in self.out_of_domain():
+        for t in self.out_of_domain() if out_of_domain else []:
             base_probe = self.score_head(self.base, t, self.probe(self.base, t), split)
             merged_probe = self.score_head(merged, t, self.probe(merged, t), split)
             ood[t] = {

@@ -102,7 +102,7 @@ def search_validation(
         started = time.perf_counter()
         run_merge(cfg, out, opts)
         evaluator.forget(out)
-        scores = evaluator.model_scores(out, "validation")
+        scores = evaluator.model_scores(out, "validation", out_of_domain=False)
         value = scores.average if objective == "average" else scores.average_normalized
         evaluator.forget(out)
         tried = SearchPoint(point, value, time.perf_counter() - started)

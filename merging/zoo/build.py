@@ -42,7 +42,7 @@ from merging.zoo.sources import BUILDERS, TaskSource
 
 Size = Literal["ci", "full"]
 Protocol = Literal["joint", "frozen"]
-MERGE_TASKS = ["vader_polarity", "afinn_intensity", "nrc_emotion", "name_gender", "language_id"]
+MERGE_TASKS = ["vader_intensity", "afinn_intensity", "nrc_emotion", "name_gender", "language_id"]
 OOD_TASKS = ["news_topic", "textblob_subjectivity"]
 
 
@@ -60,9 +60,9 @@ class SizeSpec:
 
 
 SIZES: dict[str, SizeSpec] = {
-    "ci": SizeSpec(train=256, validation=96, test=160, steps=30, batch_size=16, learning_rate=1e-4, weight_decay=0.01),
+    "ci": SizeSpec(train=256, validation=96, test=160, steps=30, batch_size=16, learning_rate=2e-4, weight_decay=0.01),
     "full": SizeSpec(
-        train=4000, validation=400, test=800, steps=500, batch_size=32, learning_rate=1e-4, weight_decay=0.01
+        train=4000, validation=400, test=800, steps=450, batch_size=32, learning_rate=2e-4, weight_decay=0.01
     ),
 }
 
@@ -192,6 +192,9 @@ def build_zoo(
     """Returns (zoo folder, manifest, whether it was built now); an existing build with the same key is reused."""
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if size not in SIZES:
         raise ConfigError(f"zoo size must be one of {sorted(SIZES)}, not {size!r}")

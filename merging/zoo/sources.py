@@ -79,24 +79,26 @@ def news_topic() -> TaskSource:
     )
 
 
-def vader_polarity() -> TaskSource:
-    """VADER lexicon words → negative / positive, from the mean of 10 human valence ratings."""
+def vader_intensity() -> TaskSource:
+    """VADER lexicon words → four valence classes, from the mean of 10 human ratings (-4..4)."""
     path = package_dir("vaderSentiment") / "vader_lexicon.txt"
     pairs = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        token, mean, *_ = line.split("\t")
-        if WORD.match(token) and abs(float(mean)) >= 0.5:
-            pairs.append((token, int(float(mean) > 0)))
+        token, mean_text, *_ = line.split("\t")
+        mean = float(mean_text)
+        if WORD.match(token) and abs(mean) >= 0.5:
+            label = 0 if mean <= -2 else 1 if mean < 0 else 2 if mean < 2 else 3
+            pairs.append((token, label))
     texts, labels = _dedupe(pairs)
     return TaskSource(
-        "vader_polarity",
+        "vader_intensity",
         texts,
         labels,
-        ["negative", "positive"],
+        ["strongly negative", "negative", "positive", "strongly positive"],
         "vaderSentiment",
         "VADER sentiment lexicon (Hutto & Gilbert, ICWSM 2014): mean of 10 human raters' valence, -4..4",
         "MIT",
-        "alphabetic entries with |mean valence| >= 0.5; label = sign of the mean",
+        "alphabetic entries with |mean valence| >= 0.5; label = mean <= -2, -2..0, 0..2, >= 2",
     )
 
 
@@ -227,7 +229,7 @@ def textblob_subjectivity() -> TaskSource:
 
 BUILDERS: dict[str, Callable[[], TaskSource]] = {
     "news_topic": news_topic,
-    "vader_polarity": vader_polarity,
+    "vader_intensity": vader_intensity,
     "afinn_intensity": afinn_intensity,
     "nrc_emotion": nrc_emotion,
     "name_gender": name_gender,
