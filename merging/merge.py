@@ -251,9 +251,9 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             bytes_written = _write_model(
                 config, plan, source, method.merge, params, stats, weights, densities, seed, tmp, options
             )
-            bytes_written += _write_heads(plan, models, tmp)
-            _copy_side_files(base, config, tmp)
-            inputs = _input_records(base, models, entries, hashes)
+            bytes_written += write_heads(plan, models, tmp)
+            copy_side_files(base, config, tmp)
+            inputs = input_records(base, models, entries, hashes)
             hash_cache.save()
             (tmp / "mergeflow_config.yml").write_text(dump_config(config))
             report = MergeReport(
@@ -285,6 +285,34 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
     return report
 
 
+def merge_tensor(
+    t: TensorPlan,
+    source: TensorSource,
+    merge_fn: object,
+    params: MethodParams,
+    stats: ModelStats,
+    weights: torch.Tensor,
+    densities: list[float],
+    seed: int,
+) -> torch.Tensor:
+    """Returns one merged tensor in the base's layout (non-float tensors are the base's)."""
+    if not t.dtype.is_floating_point:
+        return source.base.tensor(t.name)
+    base, deltas = source.load(t)
+    inputs = TensorInputs(
+        name=t.name,
+        role=t.role,
+        base=base,
+        deltas=deltas,
+        weights=weights.to(device=deltas.device),
+        densities=tuple(densities),
+        seed=tensor_seed(seed, t.name),
+    )
+    merged = merge_fn(inputs, params, stats).to(base.dtype)  # type: ignore[operator]
+    del deltas, inputs
+    return source.unorient(merged.add_(base), t)  # the method's tensor is its own
+
+
 def _write_model(
     config: MergeConfig,
     plan: MergePlan,
@@ -310,22 +338,7 @@ def _write_model(
             total=total, unit="B", unit_scale=True, desc=f"merge ({config.merge_method})", disable=not options.progress
         ) as bar:
             for t in plan.merged:
-                if not t.dtype.is_floating_point:
-                    result = source.base.tensor(t.name)
-                else:
-                    base, deltas = source.load(t)
-                    inputs = TensorInputs(
-                        name=t.name,
-                        role=t.role,
-                        base=base,
-                        deltas=deltas,
-                        weights=weights.to(device=deltas.device),
-                        densities=tuple(densities),
-                        seed=tensor_seed(seed, t.name),
-                    )
-                    merged = merge_fn(inputs, params, stats).to(base.dtype)  # type: ignore[operator]
-                    del deltas, inputs
-                    result = source.unorient(merged.add_(base), t)  # the method's tensor is its own
+                result = merge_tensor(t, source, merge_fn, params, stats, weights, densities, seed)
                 writer.write(t.name, result)
                 for alias in aliases.get(t.name, []):
                     writer.write(alias, result)
@@ -340,7 +353,7 @@ def _write_model(
     return writer.total_size
 
 
-def _write_heads(plan: MergePlan, models: list[Checkpoint], folder: Path) -> int:
+def write_heads(plan: MergePlan, models: list[Checkpoint], folder: Path) -> int:
     """Writes each model's task-specific tensors, unmerged, to heads/<label>.safetensors."""
     written = 0
     for model in models:
@@ -358,7 +371,7 @@ def _write_heads(plan: MergePlan, models: list[Checkpoint], folder: Path) -> int
     return written
 
 
-def _copy_side_files(base: Checkpoint, config: MergeConfig, folder: Path) -> None:
+def copy_side_files(base: Checkpoint, config: MergeConfig, folder: Path) -> None:
     """Copies the base's config.json and tokenizer files; records the output dtype in config.json."""
     for f in base.side_files():
         if f.name in SKIP_SIDE_FILES or f.name.startswith("."):
@@ -374,7 +387,7 @@ def _copy_side_files(base: Checkpoint, config: MergeConfig, folder: Path) -> Non
         cfg.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _input_records(
+def input_records(
     base: Checkpoint, models: list[Checkpoint], entries: list, hashes: dict[Path, Future[str]]
 ) -> list[InputRecord]:
     records = [InputRecord("base", str(base.path), {f.name: hashes[f].result() for f in base.files})]
