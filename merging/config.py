@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.errors import ConfigError
+from merging.evaluation.data import TaskSpec
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams
 from merging.plan import DEFAULT_TASK_SPECIFIC
@@ -39,6 +40,79 @@ class ModelEntry(BaseModel):
         return v
 
 
+class EvaluationConfig(BaseModel):
+    """What to evaluate on: a zoo's tasks or explicit tasks, the splits, and an optional validation grid."""
+
+    model_config = ConfigDict(extra="forbid")
+    zoo: str | None = None  # a zoo folder: its tasks, data and heads (from zoo.yaml)
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    split: str = "test"
+    validation_split: str = "validation"
+    search: dict[str, list[Any]] = Field(default_factory=dict)  # parameter -> values, searched on validation
+    objective: Literal["average", "average_normalized"] = "average_normalized"
+    batch_size: int = Field(default=128, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_tasks(self) -> EvaluationConfig:
+        if self.zoo is None and not self.tasks:
+            raise ValueError("give a zoo folder or a list of tasks")
+        if self.search and self.validation_split == self.split:
+            raise ValueError(f"validation_split and split are both {self.split!r}: λ must not be chosen on test")
+        return self
+
+
+class GateConfig(BaseModel):
+    """The promotion gate: `champion` moves when `metric` beats the champion's by at least `min_margin`."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str = "average_normalized"
+    min_margin: float = 0.0
+    higher_is_better: bool = True
+
+
+class RegistryConfig(BaseModel):
+    """Where runs are tracked and the merged model is registered."""
+
+    model_config = ConfigDict(extra="forbid")
+    tracking_uri: str | None = None  # default: sqlite in the run folder (the embedded default)
+    experiment: str = "mergeflow"
+    model_name: str = Field(min_length=1)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    pipeline_task: str | None = None  # transformers pipeline of the logged model; default from the architecture
+
+
+class StorageConfig(BaseModel):
+    """Where merged models are published: a local folder or s3://bucket/prefix (credentials never here)."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(min_length=1)
+    endpoint_url: str | None = None
+    region: str | None = None
+    credentials_block: str | None = None  # a Prefect Secret block holding {"aws_access_key_id", ...}
+    multipart_threshold_mb: int = Field(default=64, ge=5)
+    max_attempts: int = Field(default=5, ge=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"storage uri {v!r}: expected a local folder or s3://bucket/prefix")
+        if v.startswith("s3://") and not v[5:].split("/", 1)[0]:
+            raise ValueError(f"storage uri {v!r}: no bucket name")
+        return v
+
+
+class PipelineConfig(BaseModel):
+    """How the pipeline runs: its working folder and the task runner of the per-layer fan-out."""
+
+    model_config = ConfigDict(extra="forbid")
+    workdir: str | None = None
+    runner: Literal["threads", "sequential", "dask"] = "threads"
+    max_workers: int = Field(default=2, ge=1)
+    dask_address: str | None = None
+
+
 class MergeConfig(BaseModel):
     """A merge: method, base model, fine-tunes, method parameters and output options."""
 
@@ -55,6 +129,10 @@ class MergeConfig(BaseModel):
     allow_dtype_mismatch: bool = False
     tokenizer_source: Literal["base"] | None = None
     name: str | None = None
+    evaluation: EvaluationConfig | None = None
+    registry: RegistryConfig | None = None
+    storage: StorageConfig | None = None
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("merge_method")
     @classmethod
@@ -139,7 +217,10 @@ def resolve_paths(config: MergeConfig, root: Path) -> MergeConfig:
         return str(beside.resolve()) if beside.exists() else ref
 
     models = [m.model_copy(update={"model": resolve(m.model)}) for m in config.models]
-    return config.model_copy(update={"base_model": resolve(config.base_model), "models": models})
+    update: dict[str, Any] = {"base_model": resolve(config.base_model), "models": models}
+    if config.evaluation is not None and config.evaluation.zoo:
+        update["evaluation"] = config.evaluation.model_copy(update={"zoo": resolve(config.evaluation.zoo)})
+    return config.model_copy(update=update)
 
 
 def dump_config(config: MergeConfig) -> str:

@@ -1,0 +1,315 @@
+"""Download step: a model reference becomes a verified local folder in a content-addressed cache.
+
+References: a local folder (used in place), `s3://bucket/prefix`, an MLflow model URI
+(`models:/name@alias`, `models:/name/3`, `runs:/<run id>/path`), or a Hugging Face repo id
+(`org/name` or `org/name@revision`). Every fetched file is stored once under
+`<cache>/blobs/<sha256>` and linked into `<cache>/snapshots/<key>/`, whose record is written last;
+a file lock per snapshot makes two runs fetching the same model at once do the work once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from prefect import task
+
+from merging.checkpoint import cache_dir, file_sha256
+from merging.config import StorageConfig
+from merging.errors import CheckpointError, ConfigError, MergeflowError
+from tasks.storage import (
+    MANIFEST,
+    IntegrityError,
+    S3Location,
+    StorageError,
+    download_file,
+    list_objects,
+    read_manifest,
+    retry_transient,
+    s3_client,
+)
+
+SNAPSHOT_RECORD = ".mergeflow-snapshot.json"
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "tokenizer*", "*.tiktoken"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A model available locally: where it came from, its folder, and each file's sha256."""
+
+    reference: str
+    kind: str  # local | s3 | mlflow | hub
+    path: Path
+    sha256: dict[str, str] = field(default_factory=dict)
+    detail: dict[str, str] = field(default_factory=dict)  # e.g. the registry version an alias resolved to
+    reused: bool = False
+
+
+def reference_kind(ref: str) -> str:
+    """Returns how a reference is fetched: local, s3, mlflow or hub."""
+    if ref.startswith("s3://"):
+        return "s3"
+    if ref.startswith(("models:/", "runs:/")):
+        return "mlflow"
+    if "://" in ref:
+        raise ConfigError(
+            f"model reference {ref!r}: unsupported scheme (use a local folder, s3://, models:/, runs:/ or a hub id)"
+        )
+    if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        return "local"
+    return "hub"
+
+
+class Snapshots:
+    """The content-addressed cache: blobs by sha256, snapshot folders of links, a lock per snapshot."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = (root or cache_dir()) / "models"
+        self.blobs = self.root / "blobs"
+        self.snapshots = self.root / "snapshots"
+        self.locks = self.root / "locks"
+        for d in (self.blobs, self.snapshots, self.locks):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(identity: str) -> str:
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+    def lock(self, key: str) -> FileLock:
+        return FileLock(str(self.locks / f"{key}.lock"), timeout=3600)
+
+    def find(self, key: str) -> tuple[Path, dict[str, Any]] | None:
+        """Returns a complete snapshot whose files still have their recorded sizes."""
+        folder = self.snapshots / key
+        try:
+            record = json.loads((folder / SNAPSHOT_RECORD).read_text())
+            for name, entry in record["files"].items():
+                if (folder / name).stat().st_size != entry["size"]:
+                    return None
+        except (OSError, ValueError, KeyError):
+            return None
+        return folder, record
+
+    def add_blob(self, path: Path, sha256: str | None = None) -> str:
+        """Returns the sha256 of `path` after moving it into the blob store (a blob already there is kept)."""
+        digest = sha256 or file_sha256(path)
+        blob = self.blobs / digest
+        if blob.exists() and blob.stat().st_size == path.stat().st_size:
+            path.unlink()
+        else:
+            os.replace(path, blob)
+            blob.chmod(0o444)
+        return digest
+
+    def has_blob(self, sha256: str, size: int) -> bool:
+        blob = self.blobs / sha256
+        return blob.exists() and blob.stat().st_size == size
+
+    def publish(self, key: str, files: dict[str, str], record: dict[str, Any]) -> Path:
+        """Returns the snapshot folder made of links to `files` ({name: sha256}), its record written last."""
+        folder = self.snapshots / key
+        tmp = self.snapshots / f".{key}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            entries = {}
+            for name, digest in files.items():
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self.blobs / digest, target)
+                except OSError:
+                    shutil.copy2(self.blobs / digest, target)
+                entries[name] = {"sha256": digest, "size": target.stat().st_size}
+            (tmp / SNAPSHOT_RECORD).write_text(json.dumps({**record, "files": entries}, indent=1))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+
+def _from_snapshot(ref: str, kind: str, folder: Path, record: dict[str, Any], reused: bool) -> FetchedModel:
+    sha = {name: e["sha256"] for name, e in record["files"].items()}
+    return FetchedModel(ref, kind, folder, sha, dict(record.get("detail", {})), reused)
+
+
+def fetch_model(
+    ref: str,
+    storage: StorageConfig | None = None,
+    tracking_uri: str | None = None,
+    cache: Path | None = None,
+) -> FetchedModel:
+    """Returns the model at `ref` as a verified local folder (fetched once, then reused)."""
+    kind = reference_kind(ref)
+    if kind == "local":
+        path = Path(ref).expanduser().resolve()
+        if not path.exists():
+            raise CheckpointError(f"model reference {ref!r}: local path {path} does not exist")
+        return FetchedModel(ref, "local", path)
+    store = Snapshots(cache)
+    if kind == "s3":
+        return _fetch_s3(ref, store, storage)
+    if kind == "mlflow":
+        return _fetch_mlflow(ref, store, tracking_uri)
+    return _fetch_hub(ref, store)
+
+
+def _fetch_s3(ref: str, store: Snapshots, storage: StorageConfig | None) -> FetchedModel:
+    loc = S3Location.parse(ref)
+    client = s3_client(storage)
+    manifest = read_manifest(loc, storage, client=client, missing_ok=True)
+    if manifest is not None:
+        expected = {n: (int(e["size"]), str(e["sha256"])) for n, e in manifest["files"].items()}
+    else:
+        listing = list_objects(loc, storage, client=client)
+        if not listing:
+            raise StorageError(f"{ref}: no objects under this prefix")
+        expected = {}
+        for name, size in listing.items():
+            meta = client.head_object(Bucket=loc.bucket, Key=loc.key(name)).get("Metadata", {})
+            expected[name] = (size, meta.get("sha256", ""))
+    identity = "s3\0" + ref + "\0" + json.dumps(sorted(expected.items()))
+    key = store.key(identity)
+    with store.lock(key):
+        found = store.find(key)
+        if found:
+            return _from_snapshot(ref, "s3", *found, reused=True)
+        files = {}
+        for name, (size, sha) in expected.items():
+            if name.startswith("..") or name.startswith("/"):
+                raise IntegrityError(f"{ref}: object name {name!r} escapes the prefix")
+            if sha and store.has_blob(sha, size):
+                files[name] = sha
+                continue
+            tmp = store.blobs / f".{uuid.uuid4().hex}.part"
+            digest = download_file(loc, name, tmp, size, sha or None, storage, client)
+            files[name] = store.add_blob(tmp, digest)
+        detail = {"manifest": "yes" if manifest is not None else "no (hashes from object metadata or computed)"}
+        folder = store.publish(key, files, {"reference": ref, "kind": "s3", "detail": detail})
+        return _from_snapshot(ref, "s3", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+
+
+def resolve_mlflow(ref: str, tracking_uri: str | None) -> tuple[str, dict[str, str]]:
+    """Returns (an immutable artifact URI, details) for a `models:/` or `runs:/` reference."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if ref.startswith("runs:/"):
+        run_id = ref[len("runs:/") :].split("/", 1)[0]
+        return ref, {"run_id": run_id}
+    body = ref[len("models:/") :]
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = body.partition("/")
+            if not version.isdigit():
+                raise ConfigError(f"{ref!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+            mv = client.get_model_version(name, version)
+    except MlflowException as exc:
+        where = tracking_uri or "the default tracking URI"
+        raise MergeflowError(f"{ref}: not found in the MLflow registry at {where} ({exc.error_code})") from None
+    return f"models:/{mv.name}/{mv.version}", {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+def _hf_folder(root: Path) -> Path:
+    """Returns the folder inside downloaded MLflow artifacts that holds the weights and config.json."""
+    candidates = [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+    if not candidates:
+        candidates = [p.parent for p in root.rglob("*.safetensors")]
+    if not candidates:
+        raise CheckpointError(f"{root}: the MLflow model holds no safetensors weights")
+    return min(candidates, key=lambda p: len(p.parts))
+
+
+def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> FetchedModel:
+    import mlflow
+
+    artifact_uri, detail = resolve_mlflow(ref, tracking_uri)
+    key = store.key(f"mlflow\0{tracking_uri}\0{artifact_uri}")
+    with store.lock(key):
+        found = store.find(key)
+        if found:
+            return _from_snapshot(ref, "mlflow", *found, reused=True)
+        with tempfile.TemporaryDirectory(dir=store.root, prefix=".mlflow-") as tmp:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+            weights = _hf_folder(local)
+            manifest_file = next(iter(local.rglob(MANIFEST)), None)
+            recorded = json.loads(manifest_file.read_text())["files"] if manifest_file else {}
+            chosen = {p.relative_to(weights).as_posix(): p for p in weights.rglob("*") if p.is_file()}
+            tok = next((p for p in local.rglob("components/tokenizer") if p.is_dir()), None)
+            if tok is not None:  # the transformers flavor keeps the tokenizer apart from the weights
+                for p in tok.iterdir():
+                    if p.is_file() and p.name not in chosen:
+                        chosen[p.name] = p
+            files = {}
+            for name, path in chosen.items():
+                digest = file_sha256(path)
+                want = recorded.get(name)
+                if want and (want["sha256"] != digest or want["size"] != path.stat().st_size):
+                    raise IntegrityError(f"{ref}: file {name} does not match the sha256 recorded when it was logged")
+                files[name] = store.add_blob(path, digest)
+            detail["manifest"] = "yes" if recorded else "no"
+            folder = store.publish(key, files, {"reference": ref, "kind": "mlflow", "detail": detail})
+        return _from_snapshot(ref, "mlflow", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+
+
+def _fetch_hub(ref: str, store: Snapshots) -> FetchedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    repo, _, revision = ref.partition("@")
+    try:
+        local = Path(
+            snapshot_download(
+                repo, revision=revision or None, allow_patterns=HUB_PATTERNS, cache_dir=str(store.root / "hub")
+            )
+        )
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as exc:
+        raise MergeflowError(
+            f"model reference {ref!r} is a Hugging Face repo id, but the hub cannot be reached "
+            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and it is not in the cache; "
+            "use a local folder, s3:// or models:/ reference"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise MergeflowError(f"model reference {ref!r}: the hub refused the download ({exc})") from exc
+    commit = local.name
+    key = store.key(f"hub\0{repo}\0{commit}")
+    with store.lock(key):
+        found = store.find(key)
+        if found:
+            return _from_snapshot(ref, "hub", *found, reused=True)
+        files = {}
+        for p in sorted(local.rglob("*")):
+            if p.is_file():
+                copy = store.blobs / f".{uuid.uuid4().hex}.part"
+                shutil.copyfile(p, copy)
+                files[p.relative_to(local).as_posix()] = store.add_blob(copy)
+        folder = store.publish(key, files, {"reference": ref, "kind": "hub", "detail": {"commit": commit}})
+        return _from_snapshot(ref, "hub", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+
+
+download_model = task(
+    fetch_model,
+    name="download",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_transient,
+    task_run_name="download {ref}",
+)
