@@ -20,6 +20,7 @@ from merging.evaluation.search import grid_points, search_validation, with_param
 from merging.merge import MergeOptions, run_merge
 from merging.synthetic import WORDS, build_family
 from merging.zoo.build import write_parquet
+from tests.helpers import build_tiny_tasks
 
 
 def test_accuracy_and_macro_f1_by_hand():
@@ -147,16 +148,7 @@ def test_task_spec_label_names_must_match_count():
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """A base, two classification fine-tunes (2 and 3 labels), a merge, and three tiny tasks (one out-of-domain)."""
     root = tmp_path_factory.mktemp("tiny-eval")
-    base, fts = build_family(root, "bert", 2, classification=True, scale=0.3)
-    tasks = []
-    for number, (name, labels) in enumerate([("two", 2), ("three", 3), ("ood", 2)]):
-        for split, n in (("train", 40), ("validation", 16), ("test", 24)):
-            texts, ys = _rows(n + number, labels)
-            write_parquet(root / "data" / name / f"{split}.parquet", texts[number:], ys[number:])
-        model = str(fts[number]) if number < 2 else None
-        tasks.append(
-            TaskSpec(name=name, dataset=str(root / "data" / name), num_labels=labels, model=model, max_length=8)
-        )
+    base, fts, tasks = build_tiny_tasks(root)
     config = MergeConfig(
         merge_method="task_arithmetic",
         base_model=str(base),

@@ -1,0 +1,52 @@
+"""Merge steps: plan (headers, input hashes, model-wide statistics), merge one layer group, assemble."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from merging.config import MergeConfig
+from merging.errors import MergeflowError
+from merging.merge import MergeOptions, MergeReport
+from merging.staged import LayerResult, StagedPlan, assemble, merge_layer, plan_merge
+from tasks.logs import run_logger
+
+# Fault injection for the tests of interrupted runs: the named layer group fails as a killed worker would.
+FAULT_ENV = "MERGEFLOW_FAULT_LAYER"
+
+
+class InjectedFault(MergeflowError):
+    """Raised in the layer group named by $MERGEFLOW_FAULT_LAYER."""
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(config: MergeConfig, cache: Path | None = None) -> StagedPlan:
+    """Returns the staged plan (validates every header before any layer is merged)."""
+    staged = plan_merge(config, cache)
+    run_logger().info("plan: %d layer groups, merge key %s", len(staged.groups), staged.key[:16])
+    return staged
+
+
+@task(name="merge-layer", task_run_name="merge {group}", cache_policy=NO_CACHE)
+def merge_layer_task(config: MergeConfig, staged: StagedPlan, group: str, cache: Path | None = None) -> LayerResult:
+    """Returns one layer group's merged tensors (reused from the layer cache when they are already there)."""
+    if os.environ.get(FAULT_ENV) == group:
+        raise InjectedFault(f"injected fault in layer group {group!r} (${FAULT_ENV})")
+    result = merge_layer(config, staged, group, cache)
+    word = "reused" if result.reused else f"merged in {result.seconds:.2f} s"
+    run_logger().info("%s: %s (%d bytes)", group, word, result.nbytes)
+    return result
+
+
+@task(name="assemble", cache_policy=NO_CACHE)
+def assemble_task(
+    config: MergeConfig, staged: StagedPlan, layers: list[LayerResult], out_dir: Path, out_shard_size: int | None = None
+) -> MergeReport:
+    """Returns the report of the assembled model folder (published atomically)."""
+    options = MergeOptions(progress=False, overwrite=True)
+    if out_shard_size:
+        options.out_shard_size = out_shard_size
+    return assemble(config, staged, layers, out_dir, options)

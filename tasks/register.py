@@ -1,0 +1,241 @@
+"""Register step: one MLflow run per pipeline run, a registered model version with lineage, and the aliases.
+
+`candidate` always moves to the new version; `champion` moves only when the promotion gate
+passes (the gate metric beats the current champion's by the configured margin; with no champion
+yet, it passes). Anything that fails after the version was created deletes that version and
+marks the run failed, so a failed run leaves no version and moves no alias.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import merging
+from merging.config import GateConfig, MergeConfig
+from merging.errors import MergeflowError
+from tasks.logs import run_logger
+from tasks.storage import MANIFEST, folder_manifest
+
+METRIC_TAG = "mergeflow.metric."
+
+
+@dataclass
+class Registration:
+    """What registration did: the run, the version, which aliases moved, and why the gate decided so."""
+
+    tracking_uri: str
+    run_id: str
+    model_name: str
+    version: str
+    aliases: list[str]
+    gate_passed: bool
+    gate_reason: str
+    champion_before: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sqlite_tracking_uri(workdir: Path) -> str:
+    """Returns the embedded default's tracking URI: sqlite in the run folder."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Returns `a.b.0.c`-style keys for nested dicts and lists (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and any(isinstance(v, dict | list) for v in data):
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+    elif data is not None:
+        out[prefix.rstrip(".")] = str(data)[:6000]
+    return out
+
+
+def git_commit() -> str:
+    """Returns the git commit of the mergeflow source tree, or 'unknown' for an installed copy."""
+    root = Path(merging.__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_task_for(folder: Path, configured: str | None) -> str:
+    """Returns the transformers pipeline the model is logged as (configured, else from its architecture)."""
+    if configured:
+        return configured
+    try:
+        arch = " ".join(json.loads((folder / "config.json").read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        arch = ""
+    if "CausalLM" in arch:
+        return "text-generation"
+    return "feature-extraction"  # an encoder whose task heads are kept apart (heads/)
+
+
+def _champion_value(client: Any, name: str, metric: str) -> tuple[str | None, float | None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    raw = (mv.tags or {}).get(METRIC_TAG + metric)
+    if raw is None and mv.run_id:
+        raw = client.get_run(mv.run_id).data.metrics.get(metric)
+    return str(mv.version), float(raw) if raw is not None else None
+
+
+def gate_decision(
+    gate: GateConfig, value: float | None, champion: float | None, has_champion: bool
+) -> tuple[bool, str]:
+    """Returns (whether champion moves, why)."""
+    if not has_champion:
+        return True, "no champion yet"
+    if value is None or math.isnan(value):
+        return False, f"the run has no {gate.metric!r} metric (is evaluation configured?)"
+    if champion is None:
+        return True, f"the champion has no {gate.metric!r} metric to compare with"
+    margin = value - champion if gate.higher_is_better else champion - value
+    verdict = margin >= gate.min_margin
+    word = "passes" if verdict else "fails"
+    return verdict, (
+        f"{gate.metric} {value:.4f} vs champion {champion:.4f}: "
+        f"margin {margin:+.4f} {word} the gate (≥ {gate.min_margin})"
+    )
+
+
+def _save_mlflow_model(merged_dir: Path, out: Path, pipeline_task: str) -> None:
+    """Saves the merged model in MLflow's transformers flavor, plus its heads, model card and a manifest."""
+    import mlflow
+    import transformers
+
+    pipe = transformers.pipeline(pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir))
+    requirements = [f"torch=={_version('torch')}", f"transformers=={transformers.__version__}"]
+    mlflow.transformers.save_model(pipe, str(out), pip_requirements=requirements)
+    if (merged_dir / "heads").is_dir():
+        shutil.copytree(merged_dir / "heads", out / "heads")
+    for side in ("README.md", "mergeflow_config.yml"):
+        if (merged_dir / side).exists():
+            shutil.copy2(merged_dir / side, out / side)
+    (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def register_merge(
+    config: MergeConfig,
+    merged_dir: Path,
+    tracking_uri: str,
+    report: dict[str, Any] | None,
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    lineage: dict[str, Any],
+    workdir: Path,
+) -> Registration:
+    """Returns the registration of the merged model (run, version, aliases moved by the gate)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    registry = config.registry
+    assert registry is not None
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(registry.experiment)
+        if experiment is None:
+            location = (workdir / "mlartifacts").resolve().as_uri() if tracking_uri.startswith("sqlite") else None
+            experiment_id = client.create_experiment(registry.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+    except MlflowException as exc:
+        raise MergeflowError(f"registry: cannot reach MLflow at {tracking_uri} ({exc.error_code}: {exc})") from None
+    except Exception as exc:  # connection errors surface as requests' or sqlalchemy's
+        raise MergeflowError(f"registry: cannot reach MLflow at {tracking_uri} ({type(exc).__name__}: {exc})") from None
+    logger = run_logger()
+    version: str | None = None
+    run = client.create_run(experiment_id, run_name=lineage.get("flow_run_name") or config.name)
+    run_id = run.info.run_id
+    try:
+        params = flatten(config.model_dump(mode="json", exclude_none=True))
+        with mlflow.start_run(run_id=run_id):
+            for start in range(0, len(params), 100):
+                chunk = dict(list(params.items())[start : start + 100])
+                mlflow.log_params(chunk)
+            if metrics:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(v)})
+            mlflow.set_tags({f"mergeflow.{k}": str(v)[:5000] for k, v in lineage.items() if not isinstance(v, dict)})
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
+            mlflow.log_dict(lineage, "lineage.json")
+            with tempfile.TemporaryDirectory(dir=workdir, prefix=".mlflow-model-") as tmp:
+                saved = Path(tmp) / "model"
+                _save_mlflow_model(merged_dir, saved, pipeline_task_for(merged_dir, registry.pipeline_task))
+                mlflow.log_artifacts(str(saved), "model")
+        champion_before, champion_value = _champion_value(client, registry.model_name, registry.gate.metric)
+        try:
+            client.get_registered_model(registry.model_name)
+        except MlflowException:
+            client.create_registered_model(registry.model_name, description="Merged by mergeflow")
+        tags = {
+            "mergeflow.version": merging.__version__,
+            "mergeflow.git_commit": lineage.get("git_commit", "unknown"),
+            "mergeflow.flow_run_id": str(lineage.get("flow_run_id", "")),
+            "mergeflow.method": config.merge_method,
+            "mergeflow.merge_key": str(lineage.get("merge_key", "")),
+        }
+        for label, entry in lineage.get("inputs", {}).items():
+            tags[f"mergeflow.input.{label}"] = f"{entry['reference']} sha256:{entry['digest']}"[:5000]
+        for k, v in metrics.items():
+            if k in ("average", "average_normalized", "ood_retention") or k == registry.gate.metric:
+                tags[METRIC_TAG + k] = repr(float(v))
+        mv = client.create_model_version(registry.model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags)
+        version = str(mv.version)
+        value = metrics.get(registry.gate.metric)
+        passed, reason = gate_decision(registry.gate, value, champion_value, champion_before is not None)
+        client.set_registered_model_alias(registry.model_name, "candidate", version)
+        aliases = ["candidate"]
+        if passed:
+            client.set_registered_model_alias(registry.model_name, "champion", version)
+            aliases.append("champion")
+        client.set_model_version_tag(registry.model_name, version, "mergeflow.gate", reason[:5000])
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        if version is not None:
+            try:
+                client.delete_model_version(registry.model_name, version)
+            except Exception:  # the original error matters more
+                pass
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:
+            pass
+        raise
+    logger.info("registered %s version %s (aliases: %s); gate: %s", registry.model_name, version, aliases, reason)
+    return Registration(tracking_uri, run_id, registry.model_name, version, aliases, passed, reason, champion_before)
+
+
+register_task = task(register_merge, name="register", cache_policy=NO_CACHE)
