@@ -54,18 +54,60 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_pipeline(result: object) -> None:
+    """Prints a pipeline run: its results table, the published location and the registered version."""
+    from flows.merge_pipeline import PipelineResult
+    from tasks.evaluate import results_table
+
+    assert isinstance(result, PipelineResult)
+    print(f"merged model: {result.merged_dir}")
+    print(f"  layers merged {len(result.layers_merged)}, reused from the layer cache {len(result.layers_reused)}")
+    if result.search:
+        search = result.search
+        print(f"  chosen on validation: {search['best']} ({search['objective']} {search['best_score']:.4f})")
+    if result.report is not None:
+        print(f"\n{'task':24s} {'role':14s} {'base probe':>10s} {'fine-tuned':>10s} {'merged':>8s} {'normalized':>10s}")
+        for r in results_table(result.report):
+            cells = [r["base probe"], r["fine-tuned"], r["merged"], r["normalized"]]
+            text = [f"{c:.3f}" if isinstance(c, float) else "" for c in cells]
+            print(f"{r['task'][:24]:24s} {r['role']:14s} {text[0]:>10s} {text[1]:>10s} {text[2]:>8s} {text[3]:>10s}")
+    if result.published:
+        print(f"\npublished: {result.published}")
+    reg = result.registration
+    if reg is not None:
+        print(f"registered: {reg.model_name} version {reg.version}, aliases {', '.join(reg.aliases)}")
+        print(f"  gate: {reg.gate_reason}")
+
+
+def print_ui_commands(tracking_uri: str | None) -> None:
+    print("\nOpen the UIs on this data:")
+    if tracking_uri:
+        print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000      # then http://127.0.0.1:5000")
+    print("  prefect server start                                    # then http://127.0.0.1:4200 (flow runs)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.merge_pipeline import run_pipeline
+
+    result = run_pipeline(args.config, args.workdir, args.tracking_uri, args.storage, args.runner)
+    print()
+    print_pipeline(result)
+    print_ui_commands(result.tracking_uri)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
     workdir = Path(args.workdir).resolve() if args.workdir else None
-    print("building (or reusing) the offline ci zoo, merging it with every method, evaluating ...")
-    report, merges, root = run_demo(workdir)
-    print()
-    print_evaluation(report)
-    print(f"\n{'method':16s} {'merge s':>8s} {'peak anon':>12s}")
-    for method, merge in merges.items():
-        print(f"{method:16s} {merge.seconds:8.2f} {_mib(merge.peak_anon_bytes):>12s}")
-    print(f"\nmerged models, report.json and scores.png: {root}")
+    print("building (or reusing) the offline ci zoo, then running the pipeline once per method ...")
+    results, root = run_demo(workdir)
+    for method, result in results.items():
+        print(f"\n=== {method} ===")
+        print_pipeline(result)
+    last = list(results.values())[-1]
+    print(f"\nwork folder (configs, merged models, results, MLflow store): {root}")
+    print_ui_commands(last.tracking_uri)
     return 0
 
 
@@ -139,8 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     m.set_defaults(func=cmd_merge)
     sub.add_parser("methods", help="list the merge methods and their parameters").set_defaults(func=cmd_methods)
-    d = sub.add_parser("demo", help="build a small model family locally and merge it with every method")
-    d.add_argument("--workdir", default=None, help="where to build and merge (default: a temporary folder)")
+    r = sub.add_parser("run", help="run the pipeline (download, merge per layer, evaluate, register) on CONFIG")
+    r.add_argument("config", help="pipeline config (YAML: the merge plus evaluation, registry, storage sections)")
+    r.add_argument("--workdir", default=None, help="work folder (default: the config's pipeline.workdir)")
+    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides registry.tracking_uri)")
+    r.add_argument("--storage", default=None, help="local folder or s3://bucket/prefix (overrides storage.uri)")
+    r.add_argument("--runner", default=None, choices=["threads", "sequential", "dask"], help="task runner")
+    r.set_defaults(func=cmd_run)
+    d = sub.add_parser("demo", help="the pipeline on the offline ci zoo, embedded default (no servers)")
+    d.add_argument("--workdir", default=None, help="work folder (default: ./mergeflow-demo)")
     d.set_defaults(func=cmd_demo)
     z = sub.add_parser("zoo", help="the offline model zoo (real MiniLM encoder, real labelled tasks)")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

@@ -1,46 +1,63 @@
-"""Returns the embedded-default demo: merge the offline `ci` zoo with every method and evaluate each merge."""
+"""The README's main command on the embedded default: the pipeline on the offline `ci` zoo, no servers.
+
+It builds (or reuses) the zoo, writes one pipeline config per method into the work folder, and runs
+the Prefect flow for each: Prefect in ephemeral mode, MLflow on sqlite in the work folder, a local
+folder as storage. Every run registers a version of one model; `champion` moves only when the gate
+(average normalized accuracy, no worse than the champion's) passes.
+"""
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from merging.evaluation.harness import Evaluator
-from merging.evaluation.plot import plot_report
-from merging.merge import MergeOptions, MergeReport, run_merge
-from merging.zoo import zoo_merge_config, zoo_tasks
+import yaml
+
+from flows.merge_pipeline import PipelineResult, run_pipeline
+from merging.config import load_config
+from merging.zoo import zoo_merge_config
 from merging.zoo.build import build_zoo
 
-# Each method at its published default ("without validation").
-DEMO_METHODS: dict[str, dict[str, object]] = {
+DEFAULT_DEMO_DIR = "mergeflow-demo"
+MODEL_NAME = "zoo-ci-merged"
+# Each method at its published default ("without validation"), in the order they are run.
+DEMO_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"density": 0.2, "lambda": 1.0, "trim_scope": "model"},
-    "dare_ties": {"density": 0.2, "lambda": 1.0},
     "neuromerging": {},
 }
 
 
+def demo_config(zoo: Path, method: str, parameters: dict[str, Any], workdir: Path) -> Path:
+    """Returns the path of a pipeline config (YAML) merging the zoo with `method`."""
+    config = zoo_merge_config(zoo, method, parameters)
+    data = config.model_dump(mode="json", exclude_none=True, exclude={"pipeline"})
+    data["evaluation"] = {"zoo": str(zoo)}
+    data["registry"] = {"model_name": MODEL_NAME, "gate": {"metric": "average_normalized", "min_margin": 0.0}}
+    data["storage"] = {"uri": str(workdir / "store")}
+    data["pipeline"] = {"workdir": str(workdir)}
+    path = workdir / "configs" / f"{method}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def run_demo(
-    workdir: Path | None = None, progress: Callable[[str], None] | None = print
-) -> tuple[dict[str, Any], dict[str, MergeReport], Path]:
-    """Returns (evaluation report, merge report per method, output folder) of the demo."""
+    workdir: Path | None = None, progress: Callable[[str], None] | None = print, methods: list[str] | None = None
+) -> tuple[dict[str, PipelineResult], Path]:
+    """Returns (pipeline result per method, work folder)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    root = workdir or Path(tempfile.mkdtemp(prefix="mergeflow-demo-"))
-    zoo, manifest, _ = build_zoo(None, "ci", "joint", progress=progress)
-    merges: dict[str, MergeReport] = {}
-    for method, params in DEMO_METHODS.items():
-        config = zoo_merge_config(zoo, method, params, manifest)
-        merges[method] = run_merge(config, root / "merged" / method, MergeOptions(progress=False, overwrite=True))
+    root = (workdir or Path(DEFAULT_DEMO_DIR)).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    zoo, _, _ = build_zoo(None, "ci", "joint", progress=progress)
+    results: dict[str, PipelineResult] = {}
+    for method in methods or list(DEMO_METHODS):
+        path = demo_config(zoo, method, DEMO_METHODS[method], root)
         if progress:
-            progress(f"merged {method} in {merges[method].seconds:.2f} s")
-    evaluator = Evaluator(zoo_tasks(zoo, manifest), zoo / manifest.base.path)
-    report = evaluator.evaluate({m: r.out_dir for m, r in merges.items()}, "test").to_json()
-    (root / "report.json").write_text(json.dumps(report, indent=2))
-    plot_report(report, root / "scores.png", title=f"zoo {manifest.size}: test scores per task")
-    return report, merges, root
+            progress(f"running the pipeline: {path}")
+        results[method] = run_pipeline(load_config(path), workdir=root)
+    return results, root

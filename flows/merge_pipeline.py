@@ -23,7 +23,7 @@ from merging.errors import ConfigError
 from merging.merge import MergeReport, model_labels
 from merging.staged import LayerResult, StagedPlan
 from tasks.download import FetchedModel, download_model
-from tasks.evaluate import choose_parameters, evaluate_merge, metrics_of
+from tasks.evaluate import choose_parameters, evaluate_merge, evaluation_tasks, metrics_of
 from tasks.merge import assemble_task, merge_layer_task, plan_task
 from tasks.register import Registration, git_commit, register_task, sqlite_tracking_uri
 from tasks.storage import publish
@@ -95,6 +95,8 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
     refs = [config.base_model] + [e.model for e in config.fine_tunes()]
     fetched: list[FetchedModel] = download_model.map(refs, unmapped(config.storage), unmapped(tracking)).result()
     local = localize(config, fetched)
+    if local.evaluation is not None:
+        evaluation_tasks(local)  # bad evaluation input fails here, before any merging
 
     # 2. λ chosen on validation, when the config gives a grid
     search = None

@@ -1,0 +1,220 @@
+"""The pipeline flow in `prefect_test_harness` on tiny generated models: embedded MLflow (sqlite), local storage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main as cli_main
+from flows.merge_pipeline import run_pipeline
+from merging.config import load_config, parse_config
+from merging.errors import ConfigError, MergeflowError
+from merging.merge import MergeOptions, run_merge
+from merging.staged import layer_cache
+from tasks.download import fetch_model, reference_kind
+from tasks.storage import MANIFEST
+from tests.helpers import build_tiny_tasks
+from tests.test_staged import folder_bytes
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("pipeline-family")
+    base, fts, tasks = build_tiny_tasks(root)
+    return root, base, fts, tasks
+
+
+def pipeline_config(root: Path, base: Path, fts: list[Path], work: Path, **overrides: object) -> dict:
+    data: dict = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(fts[0]), "name": "two"}, {"model": str(fts[1]), "name": "three"}],
+        "parameters": {"lambda": 0.5},
+        "evaluation": {
+            "tasks": [
+                {"name": n, "dataset": str(root / "data" / n), "num_labels": k, "max_length": 8}
+                for n, k in [("two", 2), ("three", 3), ("ood", 2)]
+            ]
+        },
+        "registry": {"model_name": "tiny", "tracking_uri": f"sqlite:///{work / 'mlflow.db'}"},
+        "storage": {"uri": str(work / "store")},
+        "pipeline": {"workdir": str(work)},
+    }
+    data.update(overrides)
+    return data
+
+
+def aliases(tracking_uri: str, name: str) -> dict[str, str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def versions(tracking_uri: str, name: str) -> list[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, family, tmp_path: Path):
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    data = pipeline_config(root, base, fts, work)
+    result = run_pipeline(parse_config(data, "test"))
+    # The merged folder is the one `mergeflow merge` writes for the same config.
+    run_merge(load_config_from(data, tmp_path), tmp_path / "one", MergeOptions(progress=False))
+    assert folder_bytes(result.merged_dir) == folder_bytes(tmp_path / "one")
+    # Evaluation: JSON and plot written, metrics match the report.
+    results = work / "results" / result.merge_key[:16]
+    report = json.loads((results / "results.json").read_text())
+    assert (results / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.metrics["average_normalized"] == pytest.approx(report["models"]["merged"]["average_normalized"])
+    assert set(report["models"]["merged"]["ood"]) == {"ood"}
+    # Published with its manifest last, every file's hash recorded.
+    store = Path(result.published)
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert set(manifest["files"]) == set(folder_bytes(result.merged_dir))
+    # Registered: version 1 is candidate and champion; lineage tags are on the version.
+    reg = result.registration
+    assert reg is not None and reg.version == "1" and reg.aliases == ["candidate", "champion"]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=reg.tracking_uri)
+    mv = client.get_model_version("tiny", "1")
+    assert mv.tags["mergeflow.merge_key"] == result.merge_key
+    assert mv.tags["mergeflow.flow_run_id"]
+    assert mv.tags["mergeflow.input.base"].startswith(str(base))
+    run = client.get_run(reg.run_id)
+    assert run.data.params["merge_method"] == "task_arithmetic"
+    assert run.data.metrics["average_normalized"] == pytest.approx(result.metrics["average_normalized"])
+    # The registered model loads through pyfunc and predicts from raw text.
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/tiny@champion")
+    out = model.predict(pd.DataFrame({"text": ["merge model", "the neuron"]}))
+    assert len(out) > 0
+
+    # A second run whose gate demands a margin it cannot have: candidate moves, champion stays.
+    gated = dict(data, registry={**data["registry"], "gate": {"metric": "average_normalized", "min_margin": 0.05}})
+    second = run_pipeline(parse_config(gated, "test"))
+    assert second.layers_reused and not second.layers_merged  # same inputs, same parameters: all cached
+    assert second.registration is not None and second.registration.aliases == ["candidate"]
+    assert "fails the gate" in second.registration.gate_reason
+    assert aliases(reg.tracking_uri, "tiny") == {"candidate": "2", "champion": "1"}
+
+
+def load_config_from(data: dict, tmp: Path):
+    path = tmp / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+def test_killed_layer_moves_no_alias_and_rerun_merges_only_the_rest(
+    prefect_harness, family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    data = pipeline_config(root, base, fts, work, merge_method="ties", parameters={"density": 0.5, "lambda": 1.0})
+    data["pipeline"]["runner"] = "sequential"
+    monkeypatch.setenv("MERGEFLOW_FAULT_LAYER", "encoder.layer.1")
+    with pytest.raises(MergeflowError, match="injected fault"):
+        run_pipeline(parse_config(data, "test"))
+    tracking = data["registry"]["tracking_uri"]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    assert not client.search_registered_models()  # no version, no alias
+    assert not list((work / "store").glob("*/*")) if (work / "store").exists() else True
+    assert not (work / "merged").exists() or not list((work / "merged").iterdir())
+    finished_meta = [json.loads(p.read_text()) for p in layer_cache().glob("*.json")]
+    monkeypatch.delenv("MERGEFLOW_FAULT_LAYER")
+    result = run_pipeline(parse_config(data, "test"))
+    finished = {m["group"] for m in finished_meta if m.get("merge_key") == result.merge_key}
+    assert "encoder.layer.1" in result.layers_merged
+    assert set(result.layers_merged) == (set(result.layers_merged) | set(result.layers_reused)) - finished
+    assert set(result.layers_reused) <= finished and result.layers_reused
+    run_merge(load_config_from(data, tmp_path), tmp_path / "one", MergeOptions(progress=False))
+    assert folder_bytes(result.merged_dir) == folder_bytes(tmp_path / "one")
+    assert result.registration is not None and result.registration.version == "1"
+
+
+def test_validation_search_picks_lambda_and_reports_test_only(prefect_harness, family, tmp_path: Path):
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    data = pipeline_config(root, base, fts, work)
+    data["evaluation"]["search"] = {"lambda": [0.2, 1.0]}
+    del data["registry"]
+    result = run_pipeline(parse_config(data, "test"))
+    assert result.search is not None and result.search["best"]["lambda"] in (0.2, 1.0)
+    assert len(result.search["points"]) == 2
+    assert result.report is not None and result.report["split"] == "test"
+    saved = yaml.safe_load((result.merged_dir / "mergeflow_config.yml").read_text())
+    assert saved["parameters"]["lambda"] == result.search["best"]["lambda"]
+    assert result.registration is None
+
+
+def test_cli_run_overrides_and_prints(prefect_harness, family, tmp_path: Path, capsys: pytest.CaptureFixture):
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    data = pipeline_config(root, base, fts, work)
+    path = tmp_path / "pipeline.yml"
+    path.write_text(yaml.safe_dump(data))
+    other = tmp_path / "elsewhere"
+    code = cli_main(["run", str(path), "--storage", str(other), "--runner", "sequential"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "registered: tiny version 1, aliases candidate, champion" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out and "prefect server start" in out
+    assert list(other.glob(f"tiny/*/{MANIFEST}"))
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("storage", {"uri": "ftp://x/y"}, "storage.uri"),
+        ("registry", {"model_name": ""}, "registry.model_name"),
+        ("evaluation", {"split": "test"}, "evaluation"),
+        ("evaluation", {"zoo": "z", "search": {"lambda": [1]}, "validation_split": "test"}, "λ must not be chosen"),
+        ("pipeline", {"runner": "ray"}, "pipeline.runner"),
+    ],
+)
+def test_bad_pipeline_sections_are_named(section: str, value: dict, message: str):
+    data = {"merge_method": "ties", "base_model": "a", "models": [{"model": "b"}], section: value}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, "bad.yml")
+
+
+def test_references_and_offline_hub_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert reference_kind("s3://b/p") == "s3"
+    assert reference_kind("models:/m@champion") == "mlflow"
+    assert reference_kind("runs:/abc/model") == "mlflow"
+    assert reference_kind("org/some-model") == "hub"
+    assert reference_kind(str(tmp_path)) == "local"
+    with pytest.raises(ConfigError, match="unsupported scheme"):
+        reference_kind("http://example.com/model")
+    local = fetch_model(str(tmp_path))
+    assert local.kind == "local" and local.path == tmp_path.resolve()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MergeflowError, match="hub cannot be reached"):
+        fetch_model("someone/not-cached-model", cache=tmp_path / "cache")
+
+
+def test_evaluation_needs_a_task_named_like_a_fine_tune(prefect_harness, family, tmp_path: Path):
+    root, base, fts, _ = family
+    data = pipeline_config(root, base, fts, tmp_path / "work")
+    data["models"] = [{"model": str(fts[0]), "name": "alpha"}, {"model": str(fts[1]), "name": "beta"}]
+    with pytest.raises(ConfigError, match="no task is named like a fine-tune"):
+        run_pipeline(parse_config(data, "test"))
