@@ -216,8 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_defaults() -> None:
+    """Turns off what phones home or only warns about the hub (these machines have no network)."""
+    import logging
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_defaults()
     try:
         return int(args.func(args))
     except MergeflowError as exc:

@@ -1,0 +1,224 @@
+"""The pipeline against real servers on 127.0.0.1: SeaweedFS S3 and an `mlflow server` whose artifacts go to it.
+
+No mocks: boto3 talks HTTP to `weed mini`, MLflow talks HTTP to its server, Prefect runs in its test harness.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+
+from flows.merge_pipeline import run_pipeline
+from merging.config import StorageConfig, parse_config
+from merging.errors import MergeflowError
+from merging.merge import MergeOptions, run_merge
+from merging.zoo import zoo_merge_config
+from tasks.download import fetch_model
+from tasks.storage import (
+    MANIFEST,
+    CredentialsError,
+    IntegrityError,
+    S3Location,
+    StorageError,
+    publish,
+    read_manifest,
+)
+from tests.helpers import build_tiny_tasks
+from tests.servers import ACCESS_KEY, SECRET_KEY, start_mlflow, start_seaweedfs
+from tests.test_pipeline import pipeline_config
+from tests.test_staged import folder_bytes
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("stack")
+    s3 = start_seaweedfs(root / "s3")
+    try:
+        mlflow_server = start_mlflow(root / "mlflow", s3)
+    except BaseException:
+        s3.stop()
+        raise
+    yield s3, mlflow_server
+    mlflow_server.stop()
+    s3.stop()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def s3_env(stack, monkeypatch: pytest.MonkeyPatch):
+    s3, _ = stack
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("MERGEFLOW_S3_ENDPOINT_URL", s3.url)
+    return s3
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("stack-family")
+    base, fts, _ = build_tiny_tasks(root)
+    return root, base, fts
+
+
+def client(s3) -> object:
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name="us-east-1",
+    )
+
+
+def count_objects(s3, bucket: str, prefix: str) -> int:
+    c = client(s3)
+    try:
+        return int(c.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0))
+    except c.exceptions.NoSuchBucket:
+        return 0
+
+
+def test_publish_then_download_from_s3_verified_and_shared(s3_env, family, tmp_path: Path):
+    _, base, _ = family
+    manifest = publish(base, "s3://models/tiny/base")
+    # Every object carries its sha256; the manifest was written (and is listed) with every file.
+    c = client(s3_env)
+    head = c.head_object(Bucket="models", Key="tiny/base/model.safetensors")
+    assert head["Metadata"]["sha256"] == manifest["files"]["model.safetensors"]["sha256"]
+    # Two downloads of the same model at once: one fetch, both get the same verified folder.
+    results = []
+
+    def fetch() -> None:
+        results.append(fetch_model("s3://models/tiny/base", cache=tmp_path / "cache"))
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0].path == results[1].path
+    assert sorted(r.reused for r in results) == [False, True]
+    for name in manifest["files"]:
+        assert (results[0].path / name).read_bytes() == (base / name).read_bytes()
+
+
+def test_corrupted_object_is_detected_by_its_hash(s3_env, family, tmp_path: Path):
+    _, base, _ = family
+    publish(base, "s3://models/tiny/corrupt")
+    c = client(s3_env)
+    body = bytearray(c.get_object(Bucket="models", Key="tiny/corrupt/model.safetensors")["Body"].read())
+    body[-8] ^= 0x5A  # same size, different content
+    c.put_object(Bucket="models", Key="tiny/corrupt/model.safetensors", Body=bytes(body))
+    with pytest.raises(IntegrityError, match=r"model\.safetensors: sha256 .* does not match"):
+        fetch_model("s3://models/tiny/corrupt", cache=tmp_path / "cache")
+    snapshots = tmp_path / "cache" / "models" / "snapshots"
+    assert not [p for p in snapshots.iterdir() if not p.name.startswith(".")]
+
+
+def test_wrong_credentials_clear_error_and_nothing_uploaded(
+    s3_env, family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _, base, _ = family
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(CredentialsError, match="refused the credentials") as info:
+        publish(base, "s3://models/tiny/wrong-keys", StorageConfig(uri="s3://models/tiny/wrong-keys", max_attempts=1))
+    assert "not-the-secret" not in str(info.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    assert count_objects(s3_env, "models", "tiny/wrong-keys/") == 0
+    with pytest.raises(StorageError, match="not a published model"):
+        read_manifest(S3Location.parse("s3://models/tiny/wrong-keys"))
+
+
+def test_pipeline_on_the_servers(harness, stack, s3_env, ci_zoo, tmp_path: Path):
+    s3, mlflow_server = stack
+    zoo, manifest = ci_zoo
+    # Inputs from S3 and from a local folder: the zoo's base and first fine-tune are published to S3 first.
+    first_task = manifest.merge_tasks()[0]
+    publish(zoo / manifest.base.path, "s3://models/zoo/base")
+    publish(zoo / first_task.finetune.path, f"s3://models/zoo/{first_task.name}")
+    config = zoo_merge_config(zoo, "task_arithmetic", {"lambda": 0.3}, manifest)
+    data = config.model_dump(mode="json", exclude_none=True)
+    data["base_model"] = "s3://models/zoo/base"
+    data["models"][0] = {"model": f"s3://models/zoo/{first_task.name}", "name": first_task.name}
+    data["evaluation"] = {"zoo": str(zoo)}
+    data["registry"] = {"model_name": "zoo-stack", "tracking_uri": mlflow_server.url}
+    data["storage"] = {"uri": "s3://merged/zoo"}
+    data["pipeline"] = {"workdir": str(tmp_path / "work")}
+    first = run_pipeline(parse_config(data, "stack.yml"))
+    assert first.registration is not None and first.registration.aliases == ["candidate", "champion"]
+    assert first.inputs["base"]["kind"] == "s3" and first.inputs[first_task.name]["kind"] == "s3"
+    # The merged weights equal the ones merged from the local folders.
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False))
+    weights = "model.safetensors"
+    assert (tmp_path / "one" / weights).read_bytes() == (first.merged_dir / weights).read_bytes()
+    assert (tmp_path / "one" / "heads").is_dir() and folder_bytes(tmp_path / "one" / "heads") == folder_bytes(
+        first.merged_dir / "heads"
+    )
+    # Published to S3 with its manifest; readable back through the pipeline's own download.
+    loc = S3Location.parse(first.published or "")
+    assert client(s3).head_object(Bucket=loc.bucket, Key=loc.key(MANIFEST))
+    back = fetch_model(first.published or "", cache=tmp_path / "cache")
+    assert (back.path / weights).read_bytes() == (first.merged_dir / weights).read_bytes()
+
+    # models:/name@champion: loaded and predicting, and usable as a merge input.
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    model = mlflow.pyfunc.load_model("models:/zoo-stack@champion")
+    assert len(model.predict(pd.DataFrame({"text": ["a wonderful day", "terrible news"]}))) > 0
+    fetched = fetch_model("models:/zoo-stack@champion", tracking_uri=mlflow_server.url, cache=tmp_path / "cache")
+    assert fetched.kind == "mlflow" and fetched.detail["version"] == "1" and fetched.detail["manifest"] == "yes"
+    assert (fetched.path / "config.json").exists() and list(fetched.path.glob("*.safetensors"))
+
+    # A second, worse merge (λ far too large): registered as candidate; the gate keeps champion.
+    worse = dict(data, parameters={"lambda": 3.0})
+    second = run_pipeline(parse_config(worse, "stack.yml"))
+    reg = second.registration
+    assert second.metrics["average_normalized"] < first.metrics["average_normalized"]
+    assert reg is not None and reg.aliases == ["candidate"] and not reg.gate_passed
+    c = mlflow.MlflowClient(mlflow_server.url)
+    assert {a: str(v) for a, v in c.get_registered_model("zoo-stack").aliases.items()} == {
+        "candidate": "2",
+        "champion": "1",
+    }
+
+
+def test_killed_run_on_the_servers_then_rerun(harness, stack, s3_env, family, tmp_path: Path, monkeypatch):
+    s3, mlflow_server = stack
+    root, base, fts = family
+    work = tmp_path / "work"
+    data = pipeline_config(root, base, fts, work, merge_method="neuromerging", parameters={})
+    data["registry"] = {"model_name": "tiny-killed", "tracking_uri": mlflow_server.url}
+    data["storage"] = {"uri": "s3://merged/killed"}
+    monkeypatch.setenv("MERGEFLOW_FAULT_LAYER", "encoder.layer.0")
+    with pytest.raises(MergeflowError, match="injected fault"):
+        run_pipeline(parse_config(data, "stack.yml"))
+    import mlflow
+
+    c = mlflow.MlflowClient(mlflow_server.url)
+    assert not c.search_model_versions("name='tiny-killed'")
+    assert count_objects(s3, "merged", "killed/") == 0
+    monkeypatch.delenv("MERGEFLOW_FAULT_LAYER")
+    result = run_pipeline(parse_config(data, "stack.yml"))
+    assert "encoder.layer.0" in result.layers_merged and result.layers_reused
+    run_merge(parse_config(data, "stack.yml"), tmp_path / "one", MergeOptions(progress=False))
+    assert folder_bytes(result.merged_dir) == folder_bytes(tmp_path / "one")
+    assert result.registration is not None and result.registration.aliases == ["candidate", "champion"]
+    manifest = json.loads(
+        client(s3)
+        .get_object(Bucket="merged", Key=f"{S3Location.parse(result.published or '').prefix}/{MANIFEST}")["Body"]
+        .read()
+    )
+    assert set(manifest["files"]) == set(folder_bytes(result.merged_dir))
