@@ -12,7 +12,7 @@ MKSTAMP := $(MKVENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,zoo]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,zoo,dask]'
 	touch $(STAMP)
 
 $(MKSTAMP): constraints.txt

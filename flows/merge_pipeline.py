@@ -78,6 +78,7 @@ def publish_task(folder: Path, uri: str, storage: StorageConfig | None) -> str:
 
 
 def storage_uri(config: MergeConfig, workdir: Path, merge_key: str) -> str:
+    """Returns where a merged model is published: <storage uri>/<model name>/<merge key>."""
     base = config.storage.uri if config.storage else str(workdir / "store")
     name = (config.registry.model_name if config.registry else None) or config.name or "merged"
     return f"{base.rstrip('/')}/{name}/{merge_key[:16]}"
@@ -116,8 +117,10 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
         report = evaluate_merge(local, assembled.out_dir, work / "results" / staged.key[:16], search)
         metrics = metrics_of(report)
 
-    # 5. publish to storage (manifest last)
-    published = publish_task(assembled.out_dir, storage_uri(config, work, staged.key), config.storage)
+    # 5. publish to storage (manifest last), when the config names one
+    published = None
+    if config.storage is not None:
+        published = publish_task(assembled.out_dir, storage_uri(config, work, staged.key), config.storage)
 
     # 6. register and promote
     inputs = lineage_inputs(config, staged, fetched)

@@ -1,0 +1,149 @@
+"""Orchestration overhead: the same merge through `mergeflow merge` and through the Prefect flow (`mergeflow run`).
+
+On the ~220M-parameter Llama with 4 fine-tunes of the merge benchmark. Each case is its own process
+(wall time, peak RSS and peak anonymous memory measured as in merge_speed.py), inputs in a warm page
+cache, a fresh layer cache per cold run. Cases per method:
+- `mergeflow merge` (one process, streaming);
+- `mergeflow run`, cold: Prefect (ephemeral API started in the process), plan, one task per layer
+  group on 2 threads, assemble; no evaluation, registry or storage, so only orchestration is added;
+- `mergeflow run`, re-run with every layer cached (what a re-run after a crash or a repeated schedule costs);
+- a flow that does nothing: the fixed price of starting Prefect's ephemeral API in a process.
+
+    .venv/bin/python -m benchmarks.pipeline_overhead [--repeats 3] [--small]
+
+Prints a table and writes benchmarks/results/pipeline_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.merge_speed import ROOT, SHAPE, generate, measure
+
+EMPTY_FLOW = (
+    "from prefect import flow, task\n"
+    "@task\n"
+    "def one():\n    return 1\n"
+    "@flow\n"
+    "def empty():\n    return one()\n"
+    "empty()\n"
+)
+
+
+def write_pipeline_config(path: Path, method: str, base: Path, fts: list[Path], params: dict, workdir: Path) -> Path:
+    cfg = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": 1.0, "density": 0.2}} for f in fts],
+        "parameters": params,
+        "dtype": "float32",
+        "pipeline": {"workdir": str(workdir), "runner": "threads", "max_workers": 2},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work" / "llama220m")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="a 4-layer, hidden-256 model for a quick check")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_overhead.json")
+    args = parser.parse_args()
+    shape = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, vocab_size=8000) if args.small else SHAPE
+    workdir = args.workdir.with_name(args.workdir.name + "-small") if args.small else args.workdir
+    base, fts = generate(workdir, 4, shape)
+    for f in [base, *fts]:
+        (f / "model.safetensors").read_bytes()
+    mergeflow = str(Path(sys.executable).with_name("mergeflow"))
+    outs = workdir / "pipeline-outputs"
+    outs.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MERGEFLOW_CACHE_DIR": str(outs / "cache"),
+    }
+    methods = {"task_arithmetic": {"lambda": 0.3}, "neuromerging": {"lambda": "auto"}}
+    results: dict[str, dict[str, object]] = {}
+
+    def run_case(label: str, cmd: list[str], before=None) -> None:  # type: ignore[no-untyped-def]
+        runs = []
+        for _ in range(args.repeats):
+            if before is not None:
+                before()
+            runs.append(measure(cmd, env))
+        results[label] = {
+            "runs": runs,
+            "median_wall_s": median(runs, "wall_s"),
+            "median_peak_rss_mib": median(runs, "peak_rss_mib"),
+            "median_peak_anon_mib": median(runs, "peak_anon_mib"),
+        }
+        print(f"{label:44s} {results[label]['median_wall_s']:8.2f} s", flush=True)
+
+    # Warm the hash cache (both paths hash their inputs; the cache makes that free for both).
+    run_case("empty Prefect flow (ephemeral API start)", [sys.executable, "-c", EMPTY_FLOW])
+    for method, params in methods.items():
+        cfg = write_pipeline_config(outs / f"{method}.yml", method, base, fts, params, outs / f"work-{method}")
+        one = [mergeflow, "merge", str(cfg), str(outs / f"merge-{method}"), "--no-progress", "--overwrite"]
+        run_case(f"mergeflow merge {method}", one)
+
+        def clear_layers() -> None:
+            shutil.rmtree(outs / "cache" / "layers", ignore_errors=True)
+
+        flow_cmd = [mergeflow, "run", str(cfg)]
+        run_case(f"mergeflow run {method} (cold layer cache)", flow_cmd, clear_layers)
+        run_case(f"mergeflow run {method} (all layers cached)", flow_cmd)
+    rows = []
+    for method in methods:
+        direct = float(results[f"mergeflow merge {method}"]["median_wall_s"])  # type: ignore[arg-type]
+        cold = float(results[f"mergeflow run {method} (cold layer cache)"]["median_wall_s"])  # type: ignore[arg-type]
+        warm = float(results[f"mergeflow run {method} (all layers cached)"]["median_wall_s"])  # type: ignore[arg-type]
+        fixed = float(results["empty Prefect flow (ephemeral API start)"]["median_wall_s"])  # type: ignore[arg-type]
+        rows.append(
+            {
+                "method": method,
+                "merge_s": direct,
+                "flow_s": cold,
+                "overhead_pct": 100 * (cold - direct) / direct,
+                "overhead_without_prefect_start_pct": 100 * (cold - fixed - direct) / direct,
+                "rerun_cached_s": warm,
+            }
+        )
+    print(f"\n{'method':18s} {'merge s':>8s} {'flow s':>8s} {'overhead':>9s} {'w/o start':>10s} {'re-run s':>9s}")
+    for r in rows:
+        print(
+            f"{r['method']:18s} {r['merge_s']:8.2f} {r['flow_s']:8.2f} {r['overhead_pct']:8.1f}% "
+            f"{r['overhead_without_prefect_start_pct']:9.1f}% {r['rerun_cached_s']:9.2f}"
+        )
+    out = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "model": {**shape, "finetunes": 4},
+        "repeats": args.repeats,
+        "cases": results,
+        "summary": rows,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
