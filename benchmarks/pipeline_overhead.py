@@ -32,12 +32,7 @@ import yaml
 from benchmarks.merge_speed import ROOT, SHAPE, generate, measure
 
 EMPTY_FLOW = (
-    "from prefect import flow, task\n"
-    "@task\n"
-    "def one():\n    return 1\n"
-    "@flow\n"
-    "def empty():\n    return one()\n"
-    "empty()\n"
+    "from prefect import flow, task\n@task\ndef one():\n    return 1\n@flow\ndef empty():\n    return one()\nempty()\n"
 )
 
 

@@ -117,10 +117,8 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     root, manifest, built = build_zoo(args.out, args.size, args.head, args.seed, progress=print, force=args.force)
     print(f"\n{'task':22s} {'role':14s} {'classes':>7s} {'train':>6s} {'probe':>6s} {'tuned':>6s} {'margin':>7s}")
     for row in zoo_summary(manifest):
-        print(
-            f"{row['task']:22s} {row['role']:14s} {row['classes']:7d} {row['train']:6d} {row['probe']:6.3f} "
-            f"{row['finetune']:6.3f} {row['margin']:+7.1f}"
-        )
+        tuned = "     —      —" if row["role"] != "merge" else f"{row['finetune']:6.3f} {row['margin']:+6.1f}"
+        print(f"{row['task']:22s} {row['role']:14s} {row['classes']:7d} {row['train']:6d} {row['probe']:6.3f} {tuned}")
     state = "built" if built else "already up to date"
     print(f"\nzoo ({manifest.size}, {manifest.head} heads) {state}: {root} (build took {manifest.build_seconds:.0f} s)")
     return 0

@@ -136,8 +136,24 @@ def test_wrong_credentials_clear_error_and_nothing_uploaded(
     assert "not-the-secret" not in str(info.value)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     assert count_objects(s3_env, "models", "tiny/wrong-keys/") == 0
-    with pytest.raises(StorageError, match="not a published model"):
-        read_manifest(S3Location.parse("s3://models/tiny/wrong-keys"))
+    assert read_manifest(S3Location.parse("s3://models/tiny/wrong-keys"), missing_ok=True) is None
+
+
+def test_credentials_from_a_prefect_secret_block(harness, s3_env, family, monkeypatch: pytest.MonkeyPatch):
+    from prefect.blocks.system import Secret
+
+    _, base, _ = family
+    Secret(value={"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY}).save(
+        "mergeflow-s3", overwrite=True
+    )
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    config = StorageConfig(uri="s3://models/tiny/block", credentials_block="mergeflow-s3")
+    publish(base, config.uri, config)
+    assert read_manifest(S3Location.parse(config.uri), config) is not None
+    missing = StorageConfig(uri="s3://models/tiny/block", credentials_block="no-such-block")
+    with pytest.raises(StorageError, match="no Prefect Secret block 'no-such-block'"):
+        publish(base, missing.uri, missing)
 
 
 def test_pipeline_on_the_servers(harness, stack, s3_env, ci_zoo, tmp_path: Path):
@@ -178,6 +194,9 @@ def test_pipeline_on_the_servers(harness, stack, s3_env, ci_zoo, tmp_path: Path)
     mlflow.set_tracking_uri(mlflow_server.url)
     model = mlflow.pyfunc.load_model("models:/zoo-stack@champion")
     assert len(model.predict(pd.DataFrame({"text": ["a wonderful day", "terrible news"]}))) > 0
+    pipe = mlflow.transformers.load_model("models:/zoo-stack@champion")
+    features = pipe("a wonderful day")
+    assert len(features[0][0]) == 384  # MiniLM's hidden size: the merged encoder itself
     fetched = fetch_model("models:/zoo-stack@champion", tracking_uri=mlflow_server.url, cache=tmp_path / "cache")
     assert fetched.kind == "mlflow" and fetched.detail["version"] == "1" and fetched.detail["manifest"] == "yes"
     assert (fetched.path / "config.json").exists() and list(fetched.path.glob("*.safetensors"))
