@@ -83,6 +83,12 @@ def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, fa
     assert (results / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert result.metrics["average_normalized"] == pytest.approx(report["models"]["merged"]["average_normalized"])
     assert set(report["models"]["merged"]["ood"]) == {"ood"}
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("merge-results")
+    assert artifact is not None and artifact.type == "table"
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [row["task"] for row in table] == ["two", "three", "ood", "average"]
     # Published with its manifest last, every file's hash recorded.
     store = Path(result.published)
     manifest = json.loads((store / MANIFEST).read_text())
