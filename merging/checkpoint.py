@@ -78,6 +78,13 @@ class HashCache:
             self._dirty = True
         return digest
 
+    def remember(self, path: Path, digest: str) -> None:
+        """Records the sha256 of a file this process just wrote and hashed, so nobody re-reads it."""
+        key, stamp = self._key(path)
+        with self._lock:
+            self._entries[key] = {**stamp, "sha256": digest}
+            self._dirty = True
+
     def save(self) -> None:
         if not self._dirty:
             return

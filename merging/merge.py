@@ -64,6 +64,7 @@ class MergeReport:
     stats: ModelStats
     heads: dict[str, list[str]] = field(default_factory=dict)
     inputs: list[InputRecord] = field(default_factory=list)
+    reused: bool = False  # a staged merge found this exact output already assembled
 
 
 def resolve_device(device: str) -> torch.device:

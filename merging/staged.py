@@ -185,7 +185,13 @@ def cached_layer(staged: StagedPlan, group: str, cache: Path | None = None) -> L
         return None
     try:
         meta = json.loads(meta_file.read_text())
-        if meta["group"] != group or path.stat().st_size != meta["nbytes"] or file_sha256(path) != meta["sha256"]:
+        if meta["group"] != group or path.stat().st_size != meta["nbytes"]:
+            return None
+        # Hashed once per (path, size, mtime, inode), as inputs are: a changed file is re-read.
+        hashes = HashCache()
+        digest = hashes.sha256(path)
+        hashes.save()
+        if digest != meta["sha256"]:
             return None
     except (OSError, ValueError, KeyError):
         return None
@@ -225,9 +231,43 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str, cache: Path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    hashes = HashCache()
+    hashes.remember(path, digest)
+    hashes.save()
     meta = {"group": group, "sha256": digest, "nbytes": nbytes, "merge_key": staged.key}
     _atomic_write(path.with_suffix(".json"), json.dumps(meta).encode())
     return LayerResult(group, path, digest, False, time.perf_counter() - started, nbytes)
+
+
+def _folder_stamp(folder: Path) -> dict[str, Any]:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            files[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return {"out_dir": str(folder), "files": files}
+
+
+def _output_fingerprint(
+    config: MergeConfig, staged: StagedPlan, layers: list[LayerResult], options: MergeOptions
+) -> str:
+    """Returns a digest of everything an assembled folder depends on (the config's text included: it is in the card)."""
+    payload = [dump_config(config), staged.key, sorted((r.group, r.sha256) for r in layers), options.out_shard_size]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _still_assembled(record_file: Path, out_dir: Path, fingerprint: str) -> bool:
+    """Returns whether `out_dir` is exactly what an earlier assemble of the same inputs wrote (by stat, as git does)."""
+    try:
+        record = json.loads(record_file.read_text())
+        return bool(
+            out_dir.is_dir()
+            and record["fingerprint"] == fingerprint
+            and record["out_dir"] == str(out_dir)
+            and record["files"] == _folder_stamp(out_dir)["files"]
+        )
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def assemble(
@@ -236,8 +276,13 @@ def assemble(
     layers: list[LayerResult],
     out_dir: str | Path,
     options: MergeOptions | None = None,
+    cache: Path | None = None,
 ) -> MergeReport:
-    """Returns the report of packing merged layer files into a model folder (published atomically)."""
+    """Returns the report of packing merged layer files into a model folder (published atomically).
+
+    When the same inputs were assembled into `out_dir` before and nothing there changed since
+    (sizes, mtimes, inodes), the folder is kept as it is and the report says `reused`.
+    """
     options = options or MergeOptions(progress=False)
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not options.overwrite:
@@ -246,6 +291,23 @@ def assemble(
     missing = [g for g in staged.groups if g not in by_group]
     if missing:
         raise MergeflowError(f"cannot assemble: layer groups without a result: {', '.join(missing[:5])}")
+    record_file = layer_cache(cache) / f"{staged.key}.assembled.json"
+    fingerprint = _output_fingerprint(config, staged, layers, options)
+    if _still_assembled(record_file, out_dir, fingerprint):
+        return MergeReport(
+            out_dir=out_dir,
+            method=config.merge_method,
+            tensors=0,
+            seconds=0.0,
+            bytes_read=0,
+            bytes_written=0,
+            peak_rss_bytes=0,
+            peak_anon_bytes=0,
+            stats=staged.stats,
+            heads=staged.heads,
+            inputs=list(staged.inputs),
+            reused=True,
+        )
     started = time.perf_counter()
     base, models = _open(config)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -261,9 +323,10 @@ def assemble(
                 if t.tied_to is not None:
                     aliases.setdefault(t.tied_to, []).append(t.name)
             try:
+                hashes = HashCache()
                 for group, tensors in plan.groups().items():
                     result = by_group[group]
-                    if file_sha256(result.path) != result.sha256:
+                    if hashes.sha256(result.path) != result.sha256:
                         raise MergeflowError(f"layer result {result.path} ({group}) changed since it was merged")
                     with safe_open(str(result.path), framework="pt") as fh:
                         for t in tensors:
@@ -301,6 +364,7 @@ def assemble(
             raise
         finally:
             _close(base, models)
+    _atomic_write(record_file, json.dumps({"fingerprint": fingerprint, **_folder_stamp(out_dir)}).encode())
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = memory.peak_rss_bytes
     report.peak_anon_bytes = memory.peak_anon_bytes
@@ -311,4 +375,4 @@ def staged_merge(config: MergeConfig, out_dir: str | Path, cache: Path | None = 
     """Returns the report of a staged merge run in one process (what a pipeline does, without the pipeline)."""
     staged = plan_merge(config, cache)
     layers = [merge_layer(config, staged, g, cache) for g in staged.groups]
-    return assemble(config, staged, layers, out_dir, MergeOptions(progress=False, overwrite=True))
+    return assemble(config, staged, layers, out_dir, MergeOptions(progress=False, overwrite=True), cache)

@@ -49,4 +49,7 @@ def assemble_task(
     options = MergeOptions(progress=False, overwrite=True)
     if out_shard_size:
         options.out_shard_size = out_shard_size
-    return assemble(config, staged, layers, out_dir, options)
+    report = assemble(config, staged, layers, out_dir, options)
+    if report.reused:
+        run_logger().info("assemble: %s already holds exactly this merge; kept as it is", out_dir)
+    return report

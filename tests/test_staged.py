@@ -77,3 +77,21 @@ def test_assemble_refuses_missing_layers(tmp_path: Path) -> None:
     with pytest.raises(MergeflowError, match=staged.groups[0].replace(".", r"\.")):
         assemble(config, staged, results, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_assemble_keeps_an_identical_output_and_redoes_a_touched_one(tmp_path: Path) -> None:
+    base, fts = build_family(tmp_path / "fam", n_finetunes=2)
+    config = load_config(write_config(tmp_path / "c.yml", "task_arithmetic", base, fts))
+    cache = tmp_path / "cache"
+    first = staged_merge(config, tmp_path / "out", cache)
+    assert not first.reused
+    before = folder_bytes(tmp_path / "out")
+    again = staged_merge(config, tmp_path / "out", cache)
+    assert again.reused and folder_bytes(tmp_path / "out") == before
+    # Someone edits the output: the next assemble rewrites it.
+    (tmp_path / "out" / "README.md").write_text("edited")
+    third = staged_merge(config, tmp_path / "out", cache)
+    assert not third.reused and folder_bytes(tmp_path / "out") == before
+    # A different config text (it is in the model card) is a different output.
+    renamed = staged_merge(config.model_copy(update={"name": "renamed"}), tmp_path / "out", cache)
+    assert not renamed.reused and folder_bytes(tmp_path / "out") != before
