@@ -1,0 +1,130 @@
+"""Returns neuron importance for MIN-Merging: which rows of each task vector matter for its own task.
+
+Activation-aware score (DESIGN.md, MIN-Merging 1): for fine-tune t and a linear layer with task
+vector τₜ (out × in), Iₜᵏ = mean over task t's calibration tokens of |τₜᵏ · xᵏ|, x the layer's input
+in θₜ. Inputs are captured with forward pre-hooks and reduced batch by batch, so no activation is
+kept. The data-free score is ‖τₜᵏ‖₂. Each tensor keeps its top `neuron_ratio` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from merging.errors import ConfigError
+
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "pre_classifier", "lm_head")
+
+
+def neuron_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Returns `<module>.weight` → Linear for every linear layer of the encoder (task heads excluded)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(part in HEAD_NAMES for part in name.split(".")):
+            out[f"{name}.weight"] = module
+    return out
+
+
+def task_vectors(base: torch.nn.Module, finetuned: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Returns τ = θₜ − θ₀ (float32) of every linear weight the two models share."""
+    base_linears = neuron_linears(base)
+    out = {}
+    for name, layer in neuron_linears(finetuned).items():
+        if name in base_linears and base_linears[name].weight.shape == layer.weight.shape:
+            out[name] = (layer.weight.detach().float() - base_linears[name].weight.detach().float()).contiguous()
+    return out
+
+
+def norm_importance(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns ‖τᵏ‖₂ per row of every task vector (the data-free score)."""
+    return {name: tau.float().norm(dim=1) for name, tau in vectors.items()}
+
+
+@torch.inference_mode()
+def activation_importance(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Iterable[str],
+    vectors: Mapping[str, torch.Tensor],
+    batch_size: int = 32,
+    max_length: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Returns mean over calibration tokens of |τᵏ · x| per row, x each layer's input in `model` (θₜ)."""
+    texts = list(texts)
+    if not texts:
+        raise ConfigError("calibration: activation importance needs at least one calibration text")
+    linears = neuron_linears(model)
+    missing = sorted(set(vectors) - set(linears))
+    if missing:
+        raise ConfigError(f"calibration: task vectors name layers the model does not have: {missing[:3]}")
+    sums = {name: torch.zeros(vectors[name].shape[0], dtype=torch.float64) for name in vectors}
+    state: dict[str, torch.Tensor] = {}
+    tokens = 0
+    hooks = []
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        tau_t = vectors[name].float().t()
+
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].float()
+            mask = state["mask"]
+            if x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask]  # (valid tokens, in): padding never counts
+            else:
+                x = x.reshape(-1, x.shape[-1])
+            sums[name] += (x @ tau_t).abs().sum(dim=0, dtype=torch.float64)
+
+        return hook
+
+    for name in vectors:
+        hooks.append(linears[name].register_forward_pre_hook(make_hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            state["mask"] = batch["attention_mask"].bool()
+            tokens += int(state["mask"].sum())
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {name: (total / tokens).float() for name, total in sums.items()}
+
+
+def top_rows(scores: Mapping[str, torch.Tensor], neuron_ratio: float) -> dict[str, torch.Tensor]:
+    """Returns the sorted indices of the top `neuron_ratio` rows of each tensor (at least one row)."""
+    if not 0 < neuron_ratio <= 1:
+        raise ConfigError(f"neuron_ratio must be in (0, 1], got {neuron_ratio}")
+    out = {}
+    for name, s in scores.items():
+        k = max(1, math.ceil(neuron_ratio * s.numel()))
+        # Ties broken by the lower index, so the choice is deterministic.
+        order = torch.argsort(-s.double(), stable=True)[:k]
+        out[name] = torch.sort(order).values
+    return out
+
+
+def overlap_matrix(masks: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Returns O (T × T): O[a, b] = share of task a's important neurons that are important for task b too."""
+    t = len(masks)
+    out = torch.zeros(t, t, dtype=torch.float64)
+    names = sorted(set.intersection(*(set(m) for m in masks))) if masks else []
+    for a in range(t):
+        total = sum(masks[a][n].numel() for n in names)
+        for b in range(t):
+            shared = 0
+            for n in names:
+                shared += int(torch.isin(masks[a][n], masks[b][n]).sum())
+            out[a, b] = shared / total if total else 0.0
+    return out
