@@ -1,12 +1,14 @@
-"""MIN-Merging's neuron importance against slow, obvious computations."""
+"""MIN-Merging's neuron importance against slow, obvious computations, and its router."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
-from merging.errors import ConfigError
+from merging.errors import CheckpointError, ConfigError
 from merging.minmerging.importance import (
     activation_importance,
     neuron_linears,
@@ -15,6 +17,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
+from merging.minmerging.router import Router, RouterOptions, ood_threshold, train_router
 from merging.synthetic import build_family
 
 TEXTS = ["merge the model", "a neuron", "task vectors of the fine tune and the base", "the"]
@@ -79,3 +82,53 @@ def test_activation_importance_bad_inputs(pair):
         activation_importance(ft.bert, tok, [], {})
     with pytest.raises(ConfigError, match="layers the model does not have"):
         activation_importance(ft.bert, tok, TEXTS, {"nope.weight": torch.zeros(2, 2)})
+
+
+# --- router --------------------------------------------------------------------------------------
+
+
+def blobs(n: int, tasks: int, dim: int = 8, spread: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(tasks, dim, generator=gen) * 3
+    labels = torch.arange(n) % tasks
+    return centres[labels] + spread * torch.randn(n, dim, generator=gen), labels
+
+
+def test_router_separates_tasks_keeps_recall_and_flags_far_inputs(tmp_path: Path):
+    x, y = blobs(300, 3)
+    far = torch.randn(50, 8, generator=torch.Generator().manual_seed(9)) * 0.1  # between the clusters, near 0
+    router = train_router(x, y, ["a", "b", "c"], RouterOptions(seed=1), ood_features=far)
+    assert router.metrics["router_accuracy"] >= 0.99 and not router.warnings
+    assert router.metrics["in_domain_recall"] >= 0.99
+    experts, weights, ood = router.route(x[:10], top_k=2)
+    assert experts.shape == (10, 2) and torch.allclose(weights.sum(dim=1), torch.ones(10))
+    assert experts[:, 0].tolist() == y[:10].tolist() and not ood.any()
+    # Same seed, same router; saved and loaded, the same routes and threshold.
+    again = train_router(x, y, ["a", "b", "c"], RouterOptions(seed=1))
+    torch.testing.assert_close(again.net.net[0].weight, router.net.net[0].weight)
+    router.save(tmp_path / "r")
+    loaded = Router.load(tmp_path / "r")
+    assert loaded.tasks == ["a", "b", "c"] and loaded.threshold == router.threshold
+    torch.testing.assert_close(loaded.probabilities(x), router.probabilities(x))
+
+
+def test_ood_threshold_is_the_recall_quantile():
+    probs = torch.linspace(0.5, 1.0, 101)
+    assert ood_threshold(probs, 0.99) == pytest.approx(float(probs[1]))  # one of 101 may fall under it
+    assert ood_threshold(probs, 1.0) == pytest.approx(0.5)
+
+
+def test_router_bad_calibration_sets():
+    x, y = blobs(40, 2)
+    with pytest.raises(ConfigError, match="empty"):
+        train_router(x[:0], y[:0], ["a", "b"])
+    with pytest.raises(ConfigError, match="at least two tasks"):
+        train_router(x[y == 0], y[y == 0], ["a", "b"])
+    with pytest.raises(ConfigError, match="no calibration inputs for task"):
+        train_router(x, y, ["a", "b", "c"])
+    noise = torch.randn(200, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(4))
+    router = train_router(noise, labels, ["a", "b", "c", "d"])
+    assert router.warnings and "close to chance" in router.warnings[0]
+    with pytest.raises(CheckpointError, match="not a readable router"):
+        Router.load(Path("/nonexistent-router"))
