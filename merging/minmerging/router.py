@@ -33,6 +33,9 @@ class RouterOptions:
 class RouterNet(torch.nn.Module):
     """Standardize, then Linear → ReLU → Linear: task logits."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int, hidden: int, tasks: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
