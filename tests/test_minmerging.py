@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 from merging.errors import CheckpointError, ConfigError
+from merging.evaluation.heads import Head
 from merging.minmerging.importance import (
     activation_importance,
     neuron_linears,
@@ -17,6 +18,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
+from merging.minmerging.routed import RoutedModel, mean_pooled, neuron_patch
 from merging.minmerging.router import Router, RouterOptions, ood_threshold, train_router
 from merging.synthetic import build_family
 
@@ -132,3 +134,120 @@ def test_router_bad_calibration_sets():
     assert router.warnings and "close to chance" in router.warnings[0]
     with pytest.raises(CheckpointError, match="not a readable router"):
         Router.load(Path("/nonexistent-router"))
+
+
+# --- routed model --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routed_family(tmp_path_factory: pytest.TempPathFactory):
+    """θ₀, two fine-tunes, θ_shared (task arithmetic), each task's top-25% neurons by norm, a trained router."""
+    from transformers import AutoModel
+
+    from merging.config import MergeConfig
+    from merging.merge import MergeOptions, run_merge
+
+    root = tmp_path_factory.mktemp("routed")
+    base_dir, fts = build_family(root, "bert", 2, scale=0.5)
+    shared_dir = root / "shared"
+    config = MergeConfig(
+        merge_method="task_arithmetic", base_model=str(base_dir), models=[{"model": str(f)} for f in fts]
+    )
+    run_merge(config, shared_dir, MergeOptions(progress=False))
+    base = AutoModel.from_pretrained(base_dir).eval()
+    shared = AutoModel.from_pretrained(shared_dir).eval()
+    tuned = [AutoModel.from_pretrained(f).eval() for f in fts]
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    patches = {}
+    for name, model in zip(["a", "b"], tuned):
+        masks = top_rows(norm_importance(task_vectors(base, model)), 0.25)
+        patches[name] = neuron_patch(model, masks)
+    texts = [f"{w} {v}" for w in ["merge", "model", "neuron", "task"] for v in ["the", "a", "of", "base"]]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        feats = mean_pooled(base, dict(batch))
+    labels = torch.tensor([i % 2 for i in range(len(texts))])
+    router = train_router(feats, labels, ["a", "b"], RouterOptions(holdout=0.0, target_recall=1.0))
+    return root, base_dir, shared_dir, base, shared, tok, router, patches, texts
+
+
+def materialized(shared, patches, tasks, weights):
+    """Returns a real copy of θ_shared with each task's rows mixed in by its weight, one row at a time."""
+    import copy
+
+    patched = copy.deepcopy(shared)
+    state = patched.state_dict()
+    originals = {k: v.clone() for k, v in state.items()}
+    for task, w in zip(tasks, weights):
+        for name, (idx, rows) in patches[task].items():
+            for r, k in enumerate(idx.tolist()):
+                state[name][k] += w * (rows[r] - originals[name][k])
+    return patched
+
+
+def slow_features(base, shared, patches, router, tok, text, top_k, ood_model):
+    """Routes one text by itself; returns (task, pooled output of the materialized patched model)."""
+    batch = dict(tok([text], return_tensors="pt"))
+    with torch.no_grad():
+        probs = torch.softmax(router.net(mean_pooled(base, batch)), dim=-1)[0]
+    weights, experts = torch.topk(probs, top_k)
+    if weights[0] < router.threshold:
+        model = base if ood_model == "base" else shared
+        with torch.no_grad():
+            return None, model(**batch).pooler_output[0]
+    weights = weights / weights.sum()
+    patched = materialized(shared, patches, [router.tasks[j] for j in experts.tolist()], weights.tolist())
+    with torch.no_grad():
+        return router.tasks[int(experts[0])], patched(**batch).pooler_output[0]
+
+
+@pytest.mark.parametrize(("top_k", "ood_model"), [(1, "base"), (2, "shared")])
+def test_routed_model_matches_materialized_patched_models(routed_family, top_k, ood_model):
+    _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
+    routed = RoutedModel(shared, base, tok, router, patches, ood_model=ood_model, top_k=top_k, batch_size=7)
+    results = routed.run(texts)
+    assert len(results) == len(texts)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    for text, got in zip(texts, results):
+        if top_k == 1:
+            task, want = slow_features(base, shared, patches, router, tok, text, top_k, ood_model)
+            assert got.task == task
+        else:
+            # Top-k mixes rows by the group's mean renormalized weights: rebuild exactly that model.
+            patched = materialized(shared, patches, got.experts, got.weights)
+            with torch.no_grad():
+                want = patched(**dict(tok([text], return_tensors="pt"))).pooler_output[0]
+        torch.testing.assert_close(got.features, want, rtol=1e-4, atol=1e-5)
+    # The shared module itself was never modified.
+    for k, v in shared.state_dict().items():
+        assert torch.equal(v, before[k])
+    if top_k == 2:
+        assert all(len(r.experts) == 2 and abs(sum(r.weights) - 1) < 1e-6 for r in results if r.task)
+
+
+def test_routed_model_ood_inputs_run_on_the_configured_model(routed_family):
+    _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
+    strict = Router(router.net, router.tasks, threshold=1.01)  # nothing is in domain
+    for ood_model, model in (("base", base), ("shared", shared)):
+        routed = RoutedModel(shared, base, tok, strict, patches, ood_model=ood_model)
+        got = routed.run(texts[:3])
+        assert all(r.task is None for r in got)
+        with torch.no_grad():
+            want = model(**dict(tok(texts[:1], return_tensors="pt"))).pooler_output[0]
+        torch.testing.assert_close(got[0].features, want, rtol=1e-4, atol=1e-5)
+
+
+def test_routed_model_saves_and_loads(routed_family, tmp_path: Path):
+    _root, base_dir, shared_dir, base, shared, tok, router, patches, texts = routed_family
+    heads = {"a": Head(torch.randn(2, 32), torch.zeros(2)), "b": Head(torch.randn(3, 32), torch.zeros(3))}
+    routed = RoutedModel(shared, base, tok, router, patches, heads=heads)
+    sizes = routed.save(tmp_path / "routed", shared_dir, base_dir)
+    assert sizes["patch:a"] > 0 and sizes["router"] > 0
+    loaded = RoutedModel.load(tmp_path / "routed")
+    a, b = routed.run(texts), loaded.run(texts)
+    assert [r.task for r in a] == [r.task for r in b] and [r.label for r in a] == [r.label for r in b]
+    assert all(r.label is not None for r in b if r.task)
+    with pytest.raises(ConfigError, match="router does not know"):
+        RoutedModel(shared, base, tok, router, {"zzz": patches["a"]})
+    with pytest.raises(CheckpointError, match=r"routed\.json"):
+        RoutedModel.load(tmp_path / "nothing")
