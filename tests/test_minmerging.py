@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,56 @@ def test_routed_model_saves_and_loads(routed_family, tmp_path: Path):
         RoutedModel(shared, base, tok, router, {"zzz": patches["a"]})
     with pytest.raises(CheckpointError, match=r"routed\.json"):
         RoutedModel.load(tmp_path / "nothing")
+
+
+# --- building a MIN-Merging model ----------------------------------------------------------------
+
+
+def test_build_min_merging_shared_model_is_base_plus_masked_task_vectors(tmp_path: Path):
+    from transformers import AutoModel
+
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
+    calibration = {
+        "a": ["merge the model", "a neuron of the model", "the base"],
+        "b": ["task vectors", "of the fine tune", "a task"],
+    }
+    options = MinMergingOptions(
+        importance="norm",
+        neuron_ratio=0.25,
+        shared_method="task_arithmetic",
+        shared_parameters={"lambda": 1.0},
+        router=RouterOptions(holdout=0.34),
+    )
+    report = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / "min", options)
+    base = AutoModel.from_pretrained(base_dir)
+    shared = AutoModel.from_pretrained(report.shared_dir)
+    tuned = [AutoModel.from_pretrained(f) for f in fts]
+    name = "encoder.layer.0.intermediate.dense.weight"
+    expected = base.state_dict()[name].clone()
+    for model in tuned:
+        tau = task_vectors(base, model)[name]
+        idx = top_rows(norm_importance({name: tau}), 0.25)[name]
+        expected[idx] += tau[idx]
+    torch.testing.assert_close(shared.state_dict()[name], expected)
+    # Patches hold a quarter of each linear layer's rows; far smaller than the fine-tunes.
+    storage = report.storage
+    assert 0 < storage["patch_bytes"] < 0.5 * storage["finetunes_bytes"]
+    assert len(report.overlap) == 2 and report.overlap[0][0] == 1.0
+    routed = RoutedModel.load(tmp_path / "min")
+    assert len(routed.run(["merge the model", "a task"])) == 2
+    saved = json.loads((tmp_path / "min" / "min_merging_report.json").read_text())
+    assert saved["storage"] == storage
+
+
+def test_build_min_merging_bad_calibration(tmp_path: Path):
+    from merging.minmerging.build import build_min_merging
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, scale=0.5)
+    with pytest.raises(ConfigError, match="match no fine-tune"):
+        build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, {"a": ["x"], "b": ["y"], "c": ["z"]}, tmp_path / "o")
+    with pytest.raises(ConfigError, match="no calibration texts for task"):
+        build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, {"a": ["x"]}, tmp_path / "o")
+    with pytest.raises(ConfigError, match="at least two fine-tunes"):
+        build_min_merging(base_dir, {"a": fts[0]}, {"a": ["x"]}, tmp_path / "o")

@@ -1,0 +1,172 @@
+"""Returns a MIN-Merging model folder: enhancement, shared model, router calibration, routed model.
+
+1. Enhancement: per fine-tune, score every neuron of every linear layer (activation-aware on the
+   task's calibration texts, or the data-free row norm) and keep the top `neuron_ratio` rows; the
+   rest of that layer's task vector is dropped (other tensors keep their whole task vector).
+2. Shared model: θ_shared = θ₀ + a registered static merge of the enhanced fine-tunes.
+3. Router: trained on θ₀'s mean-pooled features of the calibration texts, labelled by task.
+4. Routed model: θ_shared + per-task patches (the important rows of θₜ) + router, saved as a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from merging.config import MergeConfig
+from merging.errors import ConfigError
+from merging.evaluation.heads import Head
+from merging.merge import MergeOptions, run_merge
+from merging.minmerging.importance import (
+    activation_importance,
+    norm_importance,
+    overlap_matrix,
+    task_vectors,
+    top_rows,
+)
+from merging.minmerging.routed import OodModel, RoutedModel, mean_pooled, neuron_patch
+from merging.minmerging.router import RouterOptions, train_router
+
+
+@dataclass(frozen=True)
+class MinMergingOptions:
+    importance: Literal["activation", "norm"] = "activation"
+    neuron_ratio: float = 0.1
+    shared_method: str = "neuromerging"
+    shared_parameters: dict[str, Any] = field(default_factory=dict)
+    top_k: int = 1
+    ood_model: OodModel = "base"
+    max_length: int = 64
+    batch_size: int = 32
+    router: RouterOptions = field(default_factory=RouterOptions)
+
+
+@dataclass
+class MinMergingReport:
+    """What was built: folders, router metrics, the tasks' neuron overlap, and storage against T full models."""
+
+    out_dir: Path
+    shared_dir: Path
+    router: dict[str, Any]
+    overlap: list[list[float]]
+    storage: dict[str, int]
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out_dir"], data["shared_dir"] = str(self.out_dir), str(self.shared_dir)
+        return data
+
+
+def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: MinMergingOptions) -> torch.Tensor:
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), options.batch_size):
+            batch = tokenizer(
+                texts[start : start + options.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=options.max_length,
+                return_tensors="pt",
+            )
+            chunks.append(mean_pooled(model, dict(batch)))
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def build_min_merging(
+    base_dir: Path,
+    finetunes: dict[str, Path],
+    calibration: dict[str, list[str]],
+    out_dir: Path,
+    options: MinMergingOptions | None = None,
+    heads: dict[str, Head] | None = None,
+    ood_texts: list[str] | None = None,
+) -> MinMergingReport:
+    """Returns the report of building the routed model for `finetunes` (task name → folder) into `out_dir`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    options = options or MinMergingOptions()
+    unknown = sorted(set(calibration) - set(finetunes))
+    if unknown:
+        raise ConfigError(f"calibration: tasks {unknown} match no fine-tune (fine-tunes: {sorted(finetunes)})")
+    empty = sorted(t for t in finetunes if not calibration.get(t))
+    if empty:
+        raise ConfigError(f"calibration: no calibration texts for task(s) {empty}")
+    if len(finetunes) < 2:
+        raise ConfigError("calibration: MIN-Merging routes between tasks and needs at least two fine-tunes")
+    tasks = list(finetunes)
+    base = AutoModel.from_pretrained(base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    patches = {}
+    masks = []
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".enhanced-") as tmp:
+        enhanced_dirs = []
+        for task in tasks:
+            tuned = AutoModel.from_pretrained(finetunes[task]).eval()
+            vectors = task_vectors(base, tuned)
+            if options.importance == "activation":
+                scores = activation_importance(
+                    tuned, tokenizer, calibration[task], vectors, options.batch_size, options.max_length
+                )
+            else:
+                scores = norm_importance(vectors)
+            mask = top_rows(scores, options.neuron_ratio)
+            masks.append(mask)
+            patches[task] = neuron_patch(tuned, mask)
+            # θ₀ + Mₜ ⊙ τₜ on linear weights; other tensors keep their whole fine-tuned value.
+            state = tuned.state_dict()
+            base_state = base.state_dict()
+            with torch.no_grad():
+                for name, idx in mask.items():
+                    kept = state[name][idx].clone()
+                    state[name].copy_(base_state[name])
+                    state[name][idx] = kept
+            folder = Path(tmp) / task
+            tuned.save_pretrained(folder)
+            enhanced_dirs.append(folder)
+            del tuned
+        config = MergeConfig(
+            merge_method=options.shared_method,
+            base_model=str(base_dir),
+            models=[{"model": str(d), "name": t} for d, t in zip(enhanced_dirs, tasks)],  # type: ignore[misc]
+            parameters=dict(options.shared_parameters),
+        )
+        shared_dir = out_dir / "shared"
+        run_merge(config, shared_dir, MergeOptions(progress=False, overwrite=True))
+    shared = AutoModel.from_pretrained(shared_dir).eval()
+    texts = [text for task in tasks for text in calibration[task]]
+    labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
+    ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None
+    router = train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood)
+    routed = RoutedModel(
+        shared, base, tokenizer, router, patches, heads, options.ood_model, options.top_k, options.max_length
+    )
+    sizes = routed.save(out_dir, shared_dir, Path(base_dir).resolve())
+    overlap = overlap_matrix(masks)
+    full = _folder_bytes(Path(finetunes[tasks[0]]))
+    storage = {
+        "shared_bytes": _folder_bytes(shared_dir),
+        "patch_bytes": sum(v for k, v in sizes.items() if k.startswith("patch:")),
+        "router_bytes": sizes["router"],
+        "finetunes_bytes": sum(_folder_bytes(Path(finetunes[t])) for t in tasks),
+        "one_full_model_bytes": full,
+        **{k.replace("patch:", "patch_bytes:"): v for k, v in sizes.items() if k.startswith("patch:")},
+    }
+    report = MinMergingReport(
+        out_dir, shared_dir, {**router.metrics, "tasks": tasks}, overlap.tolist(), storage, list(router.warnings)
+    )
+    (out_dir / "min_merging_report.json").write_text(json.dumps(report.to_json(), indent=1))
+    if (shared_dir / "heads").is_dir() and not heads:
+        shutil.copytree(shared_dir / "heads", out_dir / "heads", dirs_exist_ok=True)
+    return report
