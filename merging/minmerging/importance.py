@@ -9,7 +9,7 @@ kept. The data-free score is ‖τₜᵏ‖₂. Each tensor keeps its top `neuro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -115,7 +115,7 @@ def top_rows(scores: Mapping[str, torch.Tensor], neuron_ratio: float) -> dict[st
     return out
 
 
-def overlap_matrix(masks: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+def overlap_matrix(masks: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """Returns O (T × T): O[a, b] = share of task a's important neurons that are important for task b too."""
     t = len(masks)
     out = torch.zeros(t, t, dtype=torch.float64)
