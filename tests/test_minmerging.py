@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,29 @@ def test_build_min_merging_bad_calibration(tmp_path: Path):
         build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, {"a": ["x"]}, tmp_path / "o")
     with pytest.raises(ConfigError, match="at least two fine-tunes"):
         build_min_merging(base_dir, {"a": fts[0]}, {"a": ["x"]}, tmp_path / "o")
+
+
+def test_routed_model_as_mlflow_pyfunc_predicts_from_text(tmp_path: Path):
+    import mlflow
+    import pandas as pd
+
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+    from tasks.routed_model import log_routed_model
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
+    calibration = {"a": ["merge the model", "a neuron", "the base"], "b": ["task vectors", "of the fine tune", "a"]}
+    heads = {"a": Head(torch.randn(2, 32), torch.zeros(2)), "b": Head(torch.randn(3, 32), torch.zeros(3))}
+    options = MinMergingOptions(importance="norm", neuron_ratio=0.2, router=RouterOptions(holdout=0.34))
+    build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / "min", options, heads)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("routed", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_routed_model(tmp_path / "min", tmp_path)
+    shutil.rmtree(tmp_path / "fam")  # the logged model must not need the original folders
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    out = model.predict(pd.DataFrame({"text": ["merge the model", "task vectors", "a neuron"]}))
+    assert list(out.columns) == ["task", "label", "confidence", "experts"] and len(out) == 3
+    assert set(out["task"].dropna()) <= {"a", "b"}
+    for task, label in zip(out["task"], out["label"]):
+        if task is not None:
+            assert 0 <= label < heads[task].num_labels

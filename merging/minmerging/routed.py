@@ -29,6 +29,12 @@ Patch = dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor name -> (row indi
 OodModel = Literal["base", "shared"]
 
 
+def _relative(path: Path, folder: Path) -> str:
+    """Returns `path` relative to `folder` when it lies inside it (so the folder can move), else absolute."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
 def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor]) -> Patch:
     """Returns a task's patch: for each masked tensor, its important row indices and the fine-tune's rows."""
     state = finetuned.state_dict()
@@ -168,8 +174,8 @@ class RoutedModel:
         manifest = {
             "format": 1,
             "kind": "mergeflow-routed",
-            "shared": str(shared_dir),
-            "base": str(base_dir),
+            "shared": _relative(shared_dir, folder),
+            "base": _relative(base_dir, folder),
             "tasks": self.router.tasks,
             "ood_model": self.ood_model,
             "top_k": self.top_k,
@@ -199,9 +205,13 @@ class RoutedModel:
         for path in sorted((folder / "heads").glob("*.safetensors")) if (folder / "heads").is_dir() else []:
             raw = load_file(str(path))
             heads[path.stem] = Head(raw["weight"], raw["bias"])
-        shared = AutoModel.from_pretrained(manifest["shared"])
-        base = AutoModel.from_pretrained(manifest["base"])
-        tokenizer = AutoTokenizer.from_pretrained(manifest["base"])
+        shared_dir, base_dir = folder / manifest["shared"], folder / manifest["base"]  # absolute paths stay absolute
+        for role, path in (("shared", shared_dir), ("base", base_dir)):
+            if not (path / "config.json").exists():
+                raise CheckpointError(f"{folder}/routed.json: the {role} model {path} is missing")
+        shared = AutoModel.from_pretrained(shared_dir)
+        base = AutoModel.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
         return cls(
             shared,
             base,
