@@ -30,7 +30,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import OodModel, RoutedModel, mean_pooled, neuron_patch
+from merging.minmerging.routed import OodModel, RoutedModel, mean_pooled, neuron_patch, quiet_transformers
 from merging.minmerging.router import RouterOptions, train_router
 
 
@@ -105,15 +105,17 @@ def build_min_merging(
     if len(finetunes) < 2:
         raise ConfigError("calibration: MIN-Merging routes between tasks and needs at least two fine-tunes")
     tasks = list(finetunes)
-    base = AutoModel.from_pretrained(base_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    with quiet_transformers():
+        base = AutoModel.from_pretrained(base_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     patches = {}
     masks = []
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".enhanced-") as tmp:
         enhanced_dirs = []
         for task in tasks:
-            tuned = AutoModel.from_pretrained(finetunes[task]).eval()
+            with quiet_transformers():
+                tuned = AutoModel.from_pretrained(finetunes[task]).eval()
             vectors = task_vectors(base, tuned)
             if options.importance == "activation":
                 scores = activation_importance(
@@ -144,7 +146,8 @@ def build_min_merging(
         )
         shared_dir = out_dir / "shared"
         run_merge(config, shared_dir, MergeOptions(progress=False, overwrite=True))
-    shared = AutoModel.from_pretrained(shared_dir).eval()
+    with quiet_transformers():
+        shared = AutoModel.from_pretrained(shared_dir).eval()
     texts = [text for task in tasks for text in calibration[task]]
     labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
     ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,19 @@ from merging.minmerging.router import Router
 
 Patch = dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor name -> (row indices, θₜ's rows)
 OodModel = Literal["base", "shared"]
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silences transformers' load reports (a classification checkpoint loaded as its base model lists its head)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -209,9 +224,10 @@ class RoutedModel:
         for role, path in (("shared", shared_dir), ("base", base_dir)):
             if not (path / "config.json").exists():
                 raise CheckpointError(f"{folder}/routed.json: the {role} model {path} is missing")
-        shared = AutoModel.from_pretrained(shared_dir)
-        base = AutoModel.from_pretrained(base_dir)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        with quiet_transformers():
+            shared = AutoModel.from_pretrained(shared_dir)
+            base = AutoModel.from_pretrained(base_dir)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
         return cls(
             shared,
             base,

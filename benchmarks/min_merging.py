@@ -1,0 +1,130 @@
+"""MIN-Merging on the offline zoo: routed accuracy, OOD retention, router accuracy, storage, latency, ablations.
+
+For the `full` zoo (joint heads by default) it builds the routed model for each configuration
+(default: activation importance, neuron_ratio 0.1, top-1, out-of-domain inputs to θ₀, θ_shared by
+NeuroMerging) and each ablation row, and reports on test splits: per-task accuracy with the task's
+own head on the routed features, average normalized accuracy, the strict variant (the routed
+task's head; a misrouted input is wrong), router accuracy, OOD retention and the share of OOD
+inputs flagged, patch storage, and latency per sample against the static merged model.
+
+    .venv/bin/python benchmarks/min_merging.py [--size full] [--head joint] [--calibration 200]
+
+Writes benchmarks/results/min_merging.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from merging.evaluation.harness import Evaluator  # noqa: E402
+from merging.minmerging.build import MinMergingOptions, build_min_merging  # noqa: E402
+from merging.minmerging.evaluate import routed_report  # noqa: E402
+from merging.minmerging.routed import RoutedModel  # noqa: E402
+from merging.zoo import zoo_tasks  # noqa: E402
+from merging.zoo.build import build_zoo  # noqa: E402
+
+ROWS: list[tuple[str, dict[str, Any]]] = [
+    ("MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, shared NeuroMerging)", {}),
+    ("  importance: norm", {"importance": "norm"}),
+    ("  neuron_ratio 0.01", {"neuron_ratio": 0.01}),
+    ("  neuron_ratio 0.05", {"neuron_ratio": 0.05}),
+    ("  neuron_ratio 0.2", {"neuron_ratio": 0.2}),
+    ("  top-2", {"top_k": 2}),
+    ("  OOD → θ_shared", {"ood_model": "shared"}),
+    ("  shared by TA (λ 0.3)", {"shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}}),
+]
+
+
+def latency(routed: RoutedModel, texts: list[str], repeats: int = 3) -> tuple[float, float]:
+    """Returns (routed, static) median milliseconds per sample over the same texts (static = θ_shared alone)."""
+    batch_size = routed.batch_size
+
+    def static() -> None:
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch_size):
+                routed.shared(**dict(routed._batch(texts[s : s + batch_size])))
+
+    out = []
+    for fn in (lambda: routed.run(texts), static):
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            runs.append(1000 * (time.perf_counter() - started) / len(texts))
+        out.append(statistics.median(runs))
+    return out[0], out[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="full", choices=["ci", "full"])
+    parser.add_argument("--head", default="joint", choices=["joint", "frozen"])
+    parser.add_argument("--calibration", type=int, default=200, help="calibration texts per task (from train)")
+    parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_merging.json"))
+    args = parser.parse_args()
+    zoo, manifest, _ = build_zoo(None, args.size, args.head, progress=print)
+    evaluator = Evaluator(zoo_tasks(zoo, manifest), zoo / manifest.base.path)
+    finetuned = evaluator.finetuned_scores("test")
+    rng = random.Random(0)
+    in_domain = evaluator.in_domain()
+    calibration = {t: rng.sample(evaluator.split(t, "train").texts, args.calibration) for t in in_domain}
+    ood_texts = [x for t in evaluator.out_of_domain() for x in rng.sample(evaluator.split(t, "train").texts, 100)]
+    finetunes = {t: Path(evaluator.tasks[t].model or "") for t in in_domain}
+    heads = {t: evaluator.task_head(t) for t in in_domain}
+    results: dict[str, Any] = {"zoo": {"size": args.size, "head": args.head, "key": manifest.key}, "rows": {}}
+    results["finetuned"] = finetuned
+    sample = [x for t in in_domain for x in evaluator.split(t, "test").texts[:40]]
+    with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
+        for name, overrides in ROWS[: args.rows]:
+            options = MinMergingOptions(**overrides)
+            started = time.perf_counter()
+            report = build_min_merging(
+                zoo / manifest.base.path, finetunes, calibration, Path(tmp) / "m", options, heads, ood_texts
+            )
+            build_seconds = time.perf_counter() - started
+            routed = RoutedModel.load(Path(tmp) / "m")
+            row = routed_report(evaluator, routed, "test", finetuned)
+            routed_ms, static_ms = latency(routed, sample)
+            row.update(
+                {
+                    "options": {k: v for k, v in options.__dict__.items() if k != "router"},
+                    "build_seconds": build_seconds,
+                    "router": report.router,
+                    "overlap": report.overlap,
+                    "storage": report.storage,
+                    "latency_ms_per_sample": {"routed": routed_ms, "static_shared": static_ms},
+                }
+            )
+            results["rows"][name] = row
+            st = report.storage
+            print(
+                f"{name[:60]:60s} norm {100 * row['average_normalized']:5.1f} strict "
+                f"{100 * row['strict_average_normalized']:5.1f} route {100 * row['routing_accuracy_average']:5.1f} "
+                f"ood {100 * (row['ood_retention'] or 0):5.1f} patch/task/model "
+                f"{100 * st['patch_bytes'] / len(in_domain) / st['one_full_model_bytes']:5.1f}% "
+                f"lat {routed_ms:.2f}/{static_ms:.2f} ms",
+                flush=True,
+            )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

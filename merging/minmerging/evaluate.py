@@ -1,0 +1,85 @@
+"""Returns a routed model's scores with the evaluation harness's tasks, splits, heads and probes.
+
+Two in-domain views: `scores` give each input its true task's head on the features the routed
+path produced (as static merges are scored: the task is known), `strict` uses the head of the task
+the router chose (a misrouted or out-of-domain input counts as wrong). Out-of-domain retention is
+a probe on the routed model's features against the base probe, as for static merges.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+from merging.evaluation.harness import Evaluator
+from merging.evaluation.heads import fit_probe
+from merging.evaluation.metrics import score
+from merging.minmerging.routed import Routed, RoutedModel
+
+
+def routed_run(routed: RoutedModel, evaluator: Evaluator, task: str, split: str) -> list[Routed]:
+    """Returns the routed results of a task's split (at that task's max_length)."""
+    spec = evaluator.tasks[task]
+    previous = routed.max_length
+    routed.max_length = spec.max_length
+    try:
+        return routed.run(evaluator.split(task, split).texts)
+    finally:
+        routed.max_length = previous
+
+
+def routed_report(
+    evaluator: Evaluator, routed: RoutedModel, split: str = "test", finetuned: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Returns scores, normalized scores, strict scores, routing accuracy and OOD retention of a routed model."""
+    finetuned = finetuned if finetuned is not None else evaluator.finetuned_scores(split)
+    scores, strict, routing = {}, {}, {}
+    for task in evaluator.in_domain():
+        results = routed_run(routed, evaluator, task, split)
+        labels = evaluator.labels(task, split)
+        head = evaluator.task_head(task)
+        feats = torch.stack([r.features for r in results])
+        scores[task] = score(evaluator.tasks[task].metric, head.predict(feats), labels)
+        picked = torch.tensor([r.label if r.task == task and r.label is not None else -1 for r in results])
+        strict[task] = score(evaluator.tasks[task].metric, picked, labels)
+        routing[task] = sum(r.task == task for r in results) / len(results)
+    ood = {}
+    for task in evaluator.out_of_domain():
+        ood_feats = {
+            s: torch.stack([r.features for r in routed_run(routed, evaluator, task, s)])
+            for s in ("train", "validation", split)
+        }
+        spec = evaluator.tasks[task]
+        num_labels = spec.num_labels or int(evaluator.labels(task, "train").max()) + 1
+        probe = fit_probe(
+            ood_feats["train"],
+            evaluator.labels(task, "train"),
+            num_labels,
+            ood_feats["validation"],
+            evaluator.labels(task, "validation"),
+            seed=evaluator.seed,
+        )
+        merged_probe = score(spec.metric, probe.predict(ood_feats[split]), evaluator.labels(task, split))
+        base_probe = evaluator.score_head(evaluator.base, task, evaluator.probe(evaluator.base, task), split)
+        flagged = sum(r.task is None for r in routed_run(routed, evaluator, task, split))
+        ood[task] = {
+            "merged_probe": merged_probe,
+            "base_probe": base_probe,
+            "retention": merged_probe / base_probe if base_probe > 0 else float("nan"),
+            "flagged_out_of_domain": flagged / len(evaluator.split(task, split)),
+        }
+    normalized = {t: scores[t] / finetuned[t] for t in scores if finetuned[t] > 0}
+    return {
+        "scores": scores,
+        "normalized": normalized,
+        "average": statistics.mean(scores.values()),
+        "average_normalized": statistics.mean(normalized.values()),
+        "strict": strict,
+        "strict_average_normalized": statistics.mean(strict[t] / finetuned[t] for t in strict if finetuned[t] > 0),
+        "routing_accuracy": routing,
+        "routing_accuracy_average": statistics.mean(routing.values()),
+        "ood": ood,
+        "ood_retention": statistics.mean(v["retention"] for v in ood.values()) if ood else None,
+    }
