@@ -332,3 +332,29 @@ def test_routed_model_as_mlflow_pyfunc_predicts_from_text(tmp_path: Path):
     for task, label in zip(out["task"], out["label"]):
         if task is not None:
             assert 0 <= label < heads[task].num_labels
+
+
+def test_routed_report_on_tiny_tasks(tmp_path: Path):
+    from merging.evaluation import Evaluator
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+    from merging.minmerging.evaluate import routed_report
+    from tests.helpers import build_tiny_tasks
+
+    base_dir, fts, tasks = build_tiny_tasks(tmp_path / "tiny")
+    evaluator = Evaluator(tasks, base_dir)
+    calibration = {t: evaluator.split(t, "train").texts for t in ("two", "three")}
+    heads = {t: evaluator.task_head(t) for t in ("two", "three")}
+    options = MinMergingOptions(importance="activation", neuron_ratio=0.2, router=RouterOptions(holdout=0.25))
+    build_min_merging(base_dir, {"two": fts[0], "three": fts[1]}, calibration, tmp_path / "m", options, heads)
+    routed = RoutedModel.load(tmp_path / "m")
+    report = routed_report(evaluator, routed, "test")
+    assert set(report["scores"]) == {"two", "three"} and set(report["ood"]) == {"ood"}
+    # By hand for task "two": the routed features through its own head, against the gold labels.
+    results = routed.run(evaluator.split("two", "test").texts)
+    feats = torch.stack([r.features for r in results])
+    by_hand = float((heads["two"].predict(feats) == evaluator.labels("two", "test")).float().mean())
+    assert report["scores"]["two"] == pytest.approx(by_hand)
+    routed_share = sum(r.task == "two" for r in results) / len(results)
+    assert report["routing_accuracy"]["two"] == pytest.approx(routed_share)
+    assert 0 <= report["strict"]["two"] <= report["routing_accuracy"]["two"] + 1e-9
+    assert 0 <= report["ood"]["ood"]["flagged_out_of_domain"] <= 1
