@@ -329,10 +329,7 @@ def _write_model(
 ) -> int:
     entries = [(t.name, output_dtype(config, t), t.shape) for t in plan.tensors]
     writer = ShardedWriter(folder, entries, options.out_shard_size)
-    aliases: dict[str, list[str]] = {}
-    for t in plan.tensors:
-        if t.tied_to is not None:
-            aliases.setdefault(t.tied_to, []).append(t.name)
+    aliases = plan.aliases()
     try:
         total = sum(t.numel * t.dtype.itemsize for t in plan.merged)
         with tqdm(

@@ -77,6 +77,14 @@ class MergePlan:
     def merged(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.tied_to is None]
 
+    def aliases(self) -> dict[str, list[str]]:
+        """Returns merged tensor name -> the names of the tied tensors written with the same values."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for t in self.tensors:
+            if t.tied_to is not None:
+                out[t.tied_to].append(t.name)
+        return dict(out)
+
     def groups(self) -> dict[str, list[TensorPlan]]:
         out: dict[str, list[TensorPlan]] = defaultdict(list)
         for t in self.merged:

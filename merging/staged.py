@@ -318,10 +318,7 @@ def assemble(
             tmp.mkdir()
             entries = [(t.name, output_dtype(config, t), t.shape) for t in plan.tensors]
             writer = ShardedWriter(tmp, entries, options.out_shard_size)
-            aliases: dict[str, list[str]] = {}
-            for t in plan.tensors:
-                if t.tied_to is not None:
-                    aliases.setdefault(t.tied_to, []).append(t.name)
+            aliases = plan.aliases()
             try:
                 hashes = HashCache()
                 for group, tensors in plan.groups().items():
