@@ -252,25 +252,11 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             bytes_written = _write_model(
                 config, plan, source, method.merge, params, stats, weights, densities, seed, tmp, options
             )
-            bytes_written += write_heads(plan, models, tmp)
-            copy_side_files(base, config, tmp)
             inputs = input_records(base, models, entries, hashes)
             hash_cache.save()
-            (tmp / "mergeflow_config.yml").write_text(dump_config(config))
-            report = MergeReport(
-                out_dir=out_dir,
-                method=config.merge_method,
-                tensors=len(plan.tensors),
-                seconds=0.0,
-                bytes_read=source.bytes_read,
-                bytes_written=bytes_written,
-                peak_rss_bytes=0,
-                peak_anon_bytes=0,
-                stats=stats,
-                heads=plan.heads,
-                inputs=inputs,
+            report = finish_output(
+                config, plan, base, models, tmp, out_dir, stats, inputs, source.bytes_read, bytes_written
             )
-            (tmp / "README.md").write_text(render_model_card(config, method, params, report))
             publish_folder(tmp, out_dir)
         except BaseException:
             hasher.shutdown(wait=False, cancel_futures=True)  # a failed merge need not finish hashing
@@ -283,6 +269,40 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = memory.peak_rss_bytes
     report.peak_anon_bytes = memory.peak_anon_bytes
+    return report
+
+
+def finish_output(
+    config: MergeConfig,
+    plan: MergePlan,
+    base: Checkpoint,
+    models: list[Checkpoint],
+    folder: Path,
+    out_dir: Path,
+    stats: ModelStats,
+    inputs: list[InputRecord],
+    bytes_read: int,
+    bytes_written: int,
+) -> MergeReport:
+    """Returns the report after writing what follows the weights: heads, side files, config and model card."""
+    bytes_written += write_heads(plan, models, folder)
+    copy_side_files(base, config, folder)
+    (folder / "mergeflow_config.yml").write_text(dump_config(config))
+    report = MergeReport(
+        out_dir=out_dir,
+        method=config.merge_method,
+        tensors=len(plan.tensors),
+        seconds=0.0,
+        bytes_read=bytes_read,
+        bytes_written=bytes_written,
+        peak_rss_bytes=0,
+        peak_anon_bytes=0,
+        stats=stats,
+        heads=plan.heads,
+        inputs=inputs,
+    )
+    method = REGISTRY[config.merge_method]
+    (folder / "README.md").write_text(render_model_card(config, method, config.method_params(), report))
     return report
 
 

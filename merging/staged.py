@@ -34,16 +34,15 @@ from merging.merge import (
     MergeReport,
     TensorSource,
     compute_stats,
-    copy_side_files,
+    finish_output,
     merge_tensor,
     model_labels,
     output_dtype,
     resolve_device,
-    write_heads,
 )
 from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
-from merging.model_card import InputRecord, render_model_card
+from merging.model_card import InputRecord
 from merging.plan import MergePlan, build_plan
 from merging.writer import ShardedWriter, publish_folder
 
@@ -337,24 +336,18 @@ def assemble(
             except BaseException:
                 writer.abort()
                 raise
-            bytes_written = writer.total_size + write_heads(plan, models, tmp)
-            copy_side_files(base, config, tmp)
-            (tmp / "mergeflow_config.yml").write_text(dump_config(config))
-            report = MergeReport(
-                out_dir=out_dir,
-                method=config.merge_method,
-                tensors=len(plan.tensors),
-                seconds=0.0,
-                bytes_read=sum(r.nbytes for r in layers),
-                bytes_written=bytes_written,
-                peak_rss_bytes=0,
-                peak_anon_bytes=0,
-                stats=staged.stats,
-                heads=plan.heads,
-                inputs=list(staged.inputs),
+            report = finish_output(
+                config,
+                plan,
+                base,
+                models,
+                tmp,
+                out_dir,
+                staged.stats,
+                list(staged.inputs),
+                sum(r.nbytes for r in layers),
+                writer.total_size,
             )
-            method = REGISTRY[config.merge_method]
-            (tmp / "README.md").write_text(render_model_card(config, method, config.method_params(), report))
             publish_folder(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
