@@ -1,4 +1,8 @@
-"""The merge pipeline: download → plan → merge per layer → assemble → evaluate → publish → register.
+"""The merge pipeline: download → plan → merge per layer → assemble → [calibrate] → evaluate → publish → register.
+
+MIN-Merging (`merge_method: min_merging`) adds two steps: the fine-tunes are enhanced (important
+neurons kept) before the per-layer merge of θ_shared, and the router is calibrated after it; the
+routed folder is then what is evaluated, published and registered.
 
 Run it with `mergeflow run CONFIG`. With no servers configured it runs on the embedded default:
 Prefect in ephemeral mode, MLflow on sqlite in the work folder, a local folder as storage.
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +23,24 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import merging
+from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig, StorageConfig, load_config
 from merging.errors import ConfigError
 from merging.merge import MergeReport, model_labels
+from merging.model_card import InputRecord
 from merging.staged import LayerResult, StagedPlan
+from tasks.calibrate import (
+    calibrate_router,
+    enhance_task,
+    evaluate_routed,
+    load_calibration,
+    routed_metrics,
+    router_metrics,
+    shared_merge_config,
+)
 from tasks.download import FetchedModel, download_model
 from tasks.evaluate import choose_parameters, evaluate_merge, evaluation_tasks, metrics_of
+from tasks.logs import run_logger
 from tasks.merge import assemble_task, merge_layer_task, plan_task
 from tasks.register import Registration, git_commit, register_task, sqlite_tracking_uri
 from tasks.storage import publish
@@ -47,6 +64,8 @@ class PipelineResult:
     tracking_uri: str | None
     search: dict[str, Any] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    router: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def localize(config: MergeConfig, fetched: list[FetchedModel]) -> MergeConfig:
@@ -60,10 +79,34 @@ def localize(config: MergeConfig, fetched: list[FetchedModel]) -> MergeConfig:
     return config.model_copy(update={"base_model": str(base.path), "models": models})
 
 
-def lineage_inputs(config: MergeConfig, staged: StagedPlan, fetched: list[FetchedModel]) -> dict[str, Any]:
+def original_inputs(config: MergeConfig) -> list[InputRecord]:
+    """Returns the base's and each fine-tune's file sha256s (remembered by stat, so unchanged files are not re-read)."""
+    hashes = HashCache()
+    records = []
+    for label, ref in zip(
+        ["base", *model_labels(config)], [config.base_model] + [e.model for e in config.fine_tunes()]
+    ):
+        with Checkpoint(ref, label) as ck:
+            records.append(InputRecord(label, str(ck.path), {f.name: hashes.sha256(f) for f in ck.files}))
+    hashes.save()
+    return records
+
+
+def routed_key(config: MergeConfig, staged: StagedPlan) -> str:
+    """Returns the routed folder's key: θ_shared's merge key, the method's parameters and the calibration section."""
+    assert config.calibration is not None
+    data = {
+        "shared": staged.key,
+        "parameters": config.method_params().model_dump(mode="json"),
+        "calibration": config.calibration.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def lineage_inputs(records: list[InputRecord], fetched: list[FetchedModel]) -> dict[str, Any]:
     """Returns label → reference, kind and one digest over the sha256s of its files."""
     out = {}
-    for record, f in zip(staged.inputs, fetched):
+    for record, f in zip(records, fetched):
         digest = hashlib.sha256(json.dumps(sorted(record.sha256.items())).encode()).hexdigest()
         out[record.label] = {"reference": f.reference, "kind": f.kind, "digest": digest, "files": record.sha256}
         out[record.label].update({f"registry_{k}": v for k, v in f.detail.items()})
@@ -77,11 +120,16 @@ def publish_task(folder: Path, uri: str, storage: StorageConfig | None) -> str:
     return uri
 
 
-def storage_uri(config: MergeConfig, workdir: Path, merge_key: str) -> str:
-    """Returns where a merged model is published: <storage uri>/<model name>/<merge key>."""
+def storage_uri(config: MergeConfig, workdir: Path, merge_key: str, routed: bool = False) -> str:
+    """Returns where a merged model is published: <storage uri>/<model name>/<merge key>[-routed]."""
     base = config.storage.uri if config.storage else str(workdir / "store")
     name = (config.registry.model_name if config.registry else None) or config.name or "merged"
-    return f"{base.rstrip('/')}/{name}/{merge_key[:16]}"
+    return f"{base.rstrip('/')}/{name}/{merge_key[:16]}{'-routed' if routed else ''}"
+
+
+def _run_slug() -> str:
+    """Returns a folder name unique to this flow run (enhanced fine-tunes are per run; their merge is cached)."""
+    return (flow_run.get_id() or "local").replace("-", "")[:16]
 
 
 @flow(name="mergeflow-pipeline", log_prints=True, persist_result=False)
@@ -98,36 +146,63 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
     local = localize(config, fetched)
     if local.evaluation is not None:
         evaluation_tasks(local)  # bad evaluation input fails here, before any merging
+    if local.calibration is not None and not local.routed:
+        run_logger().warning("calibration: ignored, %s is a static merge (no router to calibrate)", local.merge_method)
+    calib = load_calibration(local) if local.routed else None  # bad calibration input fails here too
 
     # 2. λ chosen on validation, when the config gives a grid
     search = None
     if local.evaluation is not None and local.evaluation.search:
         local, search = choose_parameters(local, work)
 
-    # 3. plan, merge per layer, assemble
-    staged: StagedPlan = plan_task(local)
-    layers: list[LayerResult] = merge_layer_task.map(unmapped(local), unmapped(staged), staged.groups).result()
+    # 3. plan, merge per layer, assemble (MIN-Merging: θ_shared from the enhanced fine-tunes)
+    to_merge, enhancement = local, None
+    if calib is not None:
+        enhancement = enhance_task(local, calib, work / "enhanced" / _run_slug())
+        to_merge = shared_merge_config(local, enhancement)
+    staged: StagedPlan = plan_task(to_merge)
+    layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(staged), staged.groups).result()
     merged_dir = work / "merged" / staged.key[:16]
-    assembled: MergeReport = assemble_task(local, staged, layers, merged_dir)
+    assembled: MergeReport = assemble_task(to_merge, staged, layers, merged_dir)
+    model_dir, routed, warnings, key = assembled.out_dir, None, [], staged.key
+    if enhancement is not None:  # merged into θ_shared (its layers cached); the patches stay in memory
+        shutil.rmtree(enhancement.enhanced[enhancement.tasks[0]].parent, ignore_errors=True)
 
-    # 4. evaluate
+    # 4. calibrate the router (MIN-Merging only)
+    if calib is not None and enhancement is not None:
+        key = routed_key(local, staged)
+        routed = calibrate_router(local, enhancement, assembled.out_dir, calib, work / "routed" / key[:16])
+        model_dir, warnings = routed.out_dir, list(routed.warnings)
+
+    # 5. evaluate
     report = None
     metrics: dict[str, float] = {}
+    results = work / "results" / key[:16]
     if local.evaluation is not None:
-        report = evaluate_merge(local, assembled.out_dir, work / "results" / staged.key[:16], search)
-        metrics = metrics_of(report)
+        if routed is not None:
+            report = evaluate_routed(local, model_dir, results)
+            metrics = {**metrics_of(report), **routed_metrics(report)}
+        else:
+            report = evaluate_merge(local, model_dir, results, search)
+            metrics = metrics_of(report)
+    if routed is not None:
+        metrics.update(router_metrics(routed))
+        if report is not None:
+            report["warnings"] = warnings
+            (results / "results.json").write_text(json.dumps(report, indent=2))
 
-    # 5. publish to storage (manifest last), when the config names one
+    # 6. publish to storage (manifest last), when the config names one
     published = None
     if config.storage is not None:
-        published = publish_task(assembled.out_dir, storage_uri(config, work, staged.key), config.storage)
+        published = publish_task(model_dir, storage_uri(config, work, key, routed is not None), config.storage)
 
-    # 6. register and promote
-    inputs = lineage_inputs(config, staged, fetched)
+    # 7. register and promote
+    inputs = lineage_inputs(original_inputs(local) if routed is not None else staged.inputs, fetched)
     registration = None
     if registry is not None:
         lineage = {
-            "merge_key": staged.key,
+            "merge_key": key,
+            "shared_merge_key": staged.key if routed is not None else None,
             "mergeflow_version": merging.__version__,
             "git_commit": git_commit(),
             "flow_run_id": flow_run.get_id() or "",
@@ -135,16 +210,20 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
             "storage_uri": published,
             "inputs": inputs,
             "parameters": local.method_params().model_dump(mode="json", by_alias=True, exclude_none=True),
+            "warnings": warnings,
         }
-        results = work / "results" / staged.key[:16]
+        if routed is not None:
+            lineage["router"] = routed.router
         artifacts = [p for p in (results / "results.json", results / "scores.png") if p.exists()]
-        artifacts.append(assembled.out_dir / "README.md")
-        registration = register_task(local, assembled.out_dir, tracking, report, metrics, artifacts, lineage, work)
+        artifacts.append(model_dir / "README.md")
+        if routed is not None:
+            artifacts.append(model_dir / "min_merging_report.json")
+        registration = register_task(local, model_dir, tracking, report, metrics, artifacts, lineage, work)
 
     return PipelineResult(
         merged_dir=assembled.out_dir,
         workdir=work,
-        merge_key=staged.key,
+        merge_key=key,
         layers_merged=[r.group for r in layers if not r.reused],
         layers_reused=[r.group for r in layers if r.reused],
         report=report,
@@ -154,6 +233,8 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
         tracking_uri=tracking if registry else None,
         search=search,
         inputs=inputs,
+        router=routed.router if routed is not None else None,
+        warnings=warnings,
     )
 
 

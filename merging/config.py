@@ -12,10 +12,13 @@ from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams
+from merging.minmerging.params import MinMergingParams
 from merging.plan import DEFAULT_TASK_SPECIFIC
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 MERGEKIT_UNSUPPORTED = ("slices", "modules")
+# Methods that route per input (not a function on tensors): they need a `calibration` section and run in the pipeline.
+ROUTED_METHODS: dict[str, type[MethodParams]] = {"min_merging": MinMergingParams}
 
 
 class ModelParameters(BaseModel):
@@ -103,6 +106,54 @@ class StorageConfig(BaseModel):
         return v
 
 
+class CalibrationSource(BaseModel):
+    """Texts of one task (or of out-of-domain inputs): a dataset, its text column, its split, how many to sample."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, description="the fine-tune whose task these texts are (its name or folder name)")
+    dataset: str = Field(min_length=1, description="file, folder, saved dataset, or hub dataset name")
+    text_column: str = "text"
+    split: str = "train"
+    split_column: str = "split"
+    samples: int | None = Field(default=None, ge=1, description="default: calibration.samples")
+
+
+class RouterSettings(BaseModel):
+    """The router MLP and its out-of-domain threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden: int = Field(default=64, ge=1)
+    epochs: int = Field(default=300, ge=1)
+    learning_rate: float = Field(default=1e-2, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    target_recall: float = Field(default=0.99, gt=0, le=1)
+    seed: int = 0
+
+
+class CalibrationConfig(BaseModel):
+    """Router calibration data (MIN-Merging): per fine-tune, texts of its task; optionally out-of-domain texts."""
+
+    model_config = ConfigDict(extra="forbid")
+    zoo: str | None = None  # a zoo folder: each merge task's train split, its out-of-domain tasks as `ood`
+    tasks: list[CalibrationSource] = Field(default_factory=list)
+    ood: list[CalibrationSource] = Field(default_factory=list)
+    samples: int = Field(default=200, ge=1, description="texts per task when a source gives no count")
+    seed: int = 0
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    fail_on_chance: bool = False  # a router near chance accuracy fails the run instead of warning
+
+    @model_validator(mode="after")
+    def _some_tasks(self) -> CalibrationConfig:
+        if self.zoo is None and not self.tasks:
+            raise ValueError("give a zoo folder or a list of tasks (name, dataset, text_column, samples)")
+        names = [t.name for t in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"task names repeat: {repeated}")
+        return self
+
+
 class PipelineConfig(BaseModel):
     """How the pipeline runs: its working folder and the task runner of the per-layer fan-out."""
 
@@ -132,18 +183,54 @@ class MergeConfig(BaseModel):
     evaluation: EvaluationConfig | None = None
     registry: RegistryConfig | None = None
     storage: StorageConfig | None = None
+    calibration: CalibrationConfig | None = None
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in REGISTRY:
-            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(sorted(REGISTRY))}")
+        if v not in REGISTRY and v not in ROUTED_METHODS:
+            known = sorted([*REGISTRY, *ROUTED_METHODS])
+            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _routed_needs_calibration(self) -> MergeConfig:
+        if self.merge_method in ROUTED_METHODS and self.calibration is None:
+            raise ValueError(f"merge_method {self.merge_method} routes inputs and needs a `calibration` section")
+        if self.merge_method in ROUTED_METHODS and self.evaluation is not None and self.evaluation.search:
+            raise ValueError(
+                f"evaluation.search: the validation grid searches static merges; {self.merge_method} is routed "
+                "(set parameters.shared_parameters by hand, or search them with the shared method first)"
+            )
+        return self
+
+    @property
+    def routed(self) -> bool:
+        """Whether the method routes per input (MIN-Merging) rather than producing one static model."""
+        return self.merge_method in ROUTED_METHODS
 
     def method_params(self) -> MethodParams:
         """Returns the method's validated parameters (raises pydantic's ValidationError)."""
+        if self.merge_method in ROUTED_METHODS:
+            return ROUTED_METHODS[self.merge_method].model_validate(self.parameters)
         return REGISTRY[self.merge_method].params_model.model_validate(self.parameters)
+
+    def require_static(self) -> None:
+        """Raises ConfigError when the method routes per input and so is not one static merge of tensors."""
+        if self.routed:
+            raise ConfigError(
+                f"merge_method {self.merge_method} is not a static merge: it calibrates a router on data and "
+                "runs in the pipeline (`mergeflow run CONFIG`); its θ_shared is merged by parameters.shared_method"
+            )
+
+    def shared_config(self) -> MergeConfig:
+        """Returns the static merge of a routed method's θ_shared (its shared_method and shared_parameters)."""
+        params = self.method_params()
+        assert isinstance(params, MinMergingParams)
+        return self.model_copy(
+            update={"merge_method": params.shared_method, "parameters": dict(params.shared_parameters)}
+        )
 
     def fine_tunes(self) -> list[ModelEntry]:
         """Returns the models entries that are not the base model (mergekit lists the base there too)."""
@@ -183,9 +270,14 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
     try:
-        config.method_params()
+        params = config.method_params()
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc, "parameters.")) from None
+    if isinstance(params, MinMergingParams):
+        try:
+            config.shared_config().method_params()
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(source, exc, "parameters.shared_parameters.")) from None
     if not config.fine_tunes():
         raise ConfigError(f"{source}: models: every entry is the base model; nothing to merge")
     return config
@@ -220,6 +312,15 @@ def resolve_paths(config: MergeConfig, root: Path) -> MergeConfig:
     update: dict[str, Any] = {"base_model": resolve(config.base_model), "models": models}
     if config.evaluation is not None and config.evaluation.zoo:
         update["evaluation"] = config.evaluation.model_copy(update={"zoo": resolve(config.evaluation.zoo)})
+    if config.calibration is not None:
+        cal = config.calibration
+        update["calibration"] = cal.model_copy(
+            update={
+                "zoo": resolve(cal.zoo) if cal.zoo else None,
+                "tasks": [t.model_copy(update={"dataset": resolve(t.dataset)}) for t in cal.tasks],
+                "ood": [t.model_copy(update={"dataset": resolve(t.dataset)}) for t in cal.ood],
+            }
+        )
     return config.model_copy(update=update)
 
 

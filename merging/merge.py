@@ -217,6 +217,7 @@ def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
 def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | None = None) -> MergeReport:
     """Returns the report of merging `config` into `out_dir` (written atomically)."""
     options = options or MergeOptions()
+    config.require_static()
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not options.overwrite:
         raise ConfigError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")

@@ -126,6 +126,7 @@ def merge_key(config: MergeConfig, inputs: list[InputRecord]) -> str:
 
 def plan_merge(config: MergeConfig, cache: Path | None = None, progress: bool = False) -> StagedPlan:
     """Returns the staged plan: headers checked, inputs hashed, model-wide statistics computed or reused."""
+    config.require_static()
     cache = layer_cache(cache)
     base, models = _open(config)
     try:

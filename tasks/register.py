@@ -124,9 +124,22 @@ def gate_decision(
 
 
 def _save_mlflow_model(merged_dir: Path, out: Path, pipeline_task: str) -> None:
-    """Saves the merged model in MLflow's transformers flavor, plus its heads, model card and a manifest."""
+    """Saves the merged model in MLflow's transformers flavor, plus its heads, model card and a manifest.
+
+    A routed (MIN-Merging) folder is saved as a self-contained pyfunc model that predicts from text.
+    """
     import mlflow
     import transformers
+
+    if (merged_dir / "routed.json").exists():
+        from tasks.routed_model import save_routed_model
+
+        save_routed_model(merged_dir, out)
+        for side in ("README.md", "min_merging_report.json"):
+            if (merged_dir / side).exists():
+                shutil.copy2(merged_dir / side, out / side)
+        (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
+        return
 
     pipe = transformers.pipeline(pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir))
     requirements = [f"torch=={_version('torch')}", f"transformers=={transformers.__version__}"]
@@ -187,7 +200,15 @@ def register_merge(
                 mlflow.log_params(chunk)
             if metrics:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(v)})
-            mlflow.set_tags({f"mergeflow.{k}": str(v)[:5000] for k, v in lineage.items() if not isinstance(v, dict)})
+            mlflow.set_tags(
+                {
+                    f"mergeflow.{k}": str(v)[:5000]
+                    for k, v in lineage.items()
+                    if not isinstance(v, dict | list) and v is not None
+                }
+            )
+            if lineage.get("warnings"):
+                mlflow.set_tag("mergeflow.warnings", " | ".join(lineage["warnings"])[:5000])
             for path in artifacts:
                 mlflow.log_artifact(str(path))
             mlflow.log_dict(lineage, "lineage.json")
@@ -207,6 +228,8 @@ def register_merge(
             "mergeflow.method": config.merge_method,
             "mergeflow.merge_key": str(lineage.get("merge_key", "")),
         }
+        if lineage.get("warnings"):
+            tags["mergeflow.warnings"] = " | ".join(lineage["warnings"])[:5000]
         for label, entry in lineage.get("inputs", {}).items():
             tags[f"mergeflow.input.{label}"] = f"{entry['reference']} sha256:{entry['digest']}"[:5000]
         for k, v in metrics.items():

@@ -24,7 +24,7 @@ class RoutedPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         self.model = RoutedModel.load(Path(context.artifacts["routed"]))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints as a schema
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
                 raise ConfigError(f"routed model input: expected a `text` column, got {list(model_input.columns)}")
@@ -57,6 +57,44 @@ def self_contained(routed_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def signature() -> Any:
+    """Returns the pyfunc signature: a `text` column in; task, label, confidence and experts out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = Schema(
+        [
+            ColSpec("string", "task", required=False),
+            ColSpec("long", "label", required=False),
+            ColSpec("double", "confidence", required=False),
+            ColSpec("string", "experts"),
+        ]
+    )
+    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=outputs)
+
+
+def requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "pandas")] + ["mergeflow"]
+
+
+def save_routed_model(routed_dir: Path, out: Path) -> Path:
+    """Saves the routed folder as a self-contained pyfunc model at `out` (for registration by log_artifacts)."""
+    staged = self_contained(routed_dir, out.parent / f".{out.name}-routed")
+    try:
+        mlflow.pyfunc.save_model(
+            str(out),
+            python_model=RoutedPyfunc(),
+            artifacts={"routed": str(staged)},
+            pip_requirements=requirements(),
+            signature=signature(),
+        )
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return out
+
+
 def log_routed_model(routed_dir: Path, workdir: Path, name: str = "model") -> Any:
     """Returns MLflow's model info after logging the routed folder as a pyfunc model in the active run."""
     staged = self_contained(routed_dir, workdir / ".routed-artifact")
@@ -65,7 +103,8 @@ def log_routed_model(routed_dir: Path, workdir: Path, name: str = "model") -> An
             name=name,
             python_model=RoutedPyfunc(),
             artifacts={"routed": str(staged)},
-            pip_requirements=["torch", "transformers", "safetensors", "pandas", "mergeflow"],
+            pip_requirements=requirements(),
+            signature=signature(),
         )
     finally:
         shutil.rmtree(staged, ignore_errors=True)

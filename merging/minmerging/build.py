@@ -30,7 +30,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import OodModel, RoutedModel, mean_pooled, neuron_patch, quiet_transformers
+from merging.minmerging.routed import OodModel, Patch, RoutedModel, mean_pooled, neuron_patch, quiet_transformers
 from merging.minmerging.router import RouterOptions, train_router
 
 
@@ -83,6 +83,133 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+@dataclass
+class Enhancement:
+    """Enhanced fine-tunes (θ₀ + Mₜ ⊙ τₜ on linear layers), θ₀ saved the same way, the patches and the overlap."""
+
+    tasks: list[str]
+    base_dir: Path  # θ₀ saved as its encoder (the tensor names the enhanced folders use)
+    enhanced: dict[str, Path]
+    patches: dict[str, Patch]
+    overlap: list[list[float]]
+    kept_rows: dict[str, int]
+
+
+def check_calibration(finetunes: dict[str, Path], calibration: dict[str, list[str]]) -> None:
+    """Raises ConfigError for calibration tasks that match no fine-tune, fine-tunes without texts, or one task."""
+    unknown = sorted(set(calibration) - set(finetunes))
+    if unknown:
+        raise ConfigError(f"calibration: tasks {unknown} match no fine-tune (fine-tunes: {sorted(finetunes)})")
+    empty = sorted(t for t in finetunes if not calibration.get(t))
+    if empty:
+        raise ConfigError(f"calibration: no calibration texts for task(s) {empty}")
+    if len(finetunes) < 2:
+        raise ConfigError("calibration: MIN-Merging routes between tasks and needs at least two fine-tunes")
+
+
+def enhance(
+    base_dir: Path,
+    finetunes: dict[str, Path],
+    calibration: dict[str, list[str]],
+    out_dir: Path,
+    options: MinMergingOptions | None = None,
+) -> Enhancement:
+    """Returns the enhancement: per fine-tune, its important rows (scored, top `neuron_ratio`) kept, the rest of
+    each linear layer's task vector dropped; writes `out_dir/base` and `out_dir/<task>` encoder folders."""
+    from transformers import AutoModel, AutoTokenizer
+
+    options = options or MinMergingOptions()
+    check_calibration(finetunes, calibration)
+    tasks = list(finetunes)
+    with quiet_transformers():
+        base = AutoModel.from_pretrained(base_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(out_dir / "base")
+    tokenizer.save_pretrained(out_dir / "base")  # θ_shared takes the base's tokenizer
+    patches, masks, enhanced = {}, [], {}
+    base_state = base.state_dict()
+    for task in tasks:
+        with quiet_transformers():
+            tuned = AutoModel.from_pretrained(finetunes[task]).eval()
+        vectors = task_vectors(base, tuned)
+        if options.importance == "activation":
+            scores = activation_importance(
+                tuned, tokenizer, calibration[task], vectors, options.batch_size, options.max_length
+            )
+        else:
+            scores = norm_importance(vectors)
+        mask = top_rows(scores, options.neuron_ratio)
+        masks.append(mask)
+        patches[task] = neuron_patch(tuned, mask)
+        # θ₀ + Mₜ ⊙ τₜ on linear weights; other tensors keep their whole fine-tuned value.
+        state = tuned.state_dict()
+        with torch.no_grad():
+            for name, idx in mask.items():
+                kept = state[name][idx].clone()
+                state[name].copy_(base_state[name])
+                state[name][idx] = kept
+        enhanced[task] = out_dir / task
+        tuned.save_pretrained(enhanced[task])
+        del tuned
+    kept = {t: int(sum(idx.numel() for idx in m.values())) for t, m in zip(tasks, masks)}
+    return Enhancement(tasks, out_dir / "base", enhanced, patches, overlap_matrix(masks).tolist(), kept)
+
+
+def calibrate(
+    base_dir: Path,
+    shared_dir: Path,
+    enhancement: Enhancement,
+    calibration: dict[str, list[str]],
+    out_dir: Path,
+    finetunes: dict[str, Path],
+    options: MinMergingOptions | None = None,
+    heads: dict[str, Head] | None = None,
+    ood_texts: list[str] | None = None,
+) -> MinMergingReport:
+    """Returns the report of training the router on θ₀'s features and saving the routed model into `out_dir`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    options = options or MinMergingOptions()
+    tasks = enhancement.tasks
+    with quiet_transformers():
+        base = AutoModel.from_pretrained(base_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        shared = AutoModel.from_pretrained(shared_dir).eval()
+    texts = [text for task in tasks for text in calibration[task]]
+    labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
+    ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None
+    router = train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood)
+    routed = RoutedModel(
+        shared,
+        base,
+        tokenizer,
+        router,
+        enhancement.patches,
+        heads,
+        options.ood_model,
+        options.top_k,
+        options.max_length,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = routed.save(out_dir, shared_dir, Path(base_dir).resolve())
+    full = _folder_bytes(Path(finetunes[tasks[0]]))
+    storage = {
+        "shared_bytes": _folder_bytes(shared_dir),
+        "patch_bytes": sum(v for k, v in sizes.items() if k.startswith("patch:")),
+        "router_bytes": sizes["router"],
+        "finetunes_bytes": sum(_folder_bytes(Path(finetunes[t])) for t in tasks),
+        "one_full_model_bytes": full,
+        **{k.replace("patch:", "patch_bytes:"): v for k, v in sizes.items() if k.startswith("patch:")},
+    }
+    router_info = {**router.metrics, "tasks": tasks, "kept_rows": enhancement.kept_rows}
+    report = MinMergingReport(out_dir, shared_dir, router_info, enhancement.overlap, storage, list(router.warnings))
+    (out_dir / "min_merging_report.json").write_text(json.dumps(report.to_json(), indent=1))
+    if (shared_dir / "heads").is_dir() and not heads:
+        shutil.copytree(shared_dir / "heads", out_dir / "heads", dirs_exist_ok=True)
+    return report
+
+
 def build_min_merging(
     base_dir: Path,
     finetunes: dict[str, Path],
@@ -93,83 +220,17 @@ def build_min_merging(
     ood_texts: list[str] | None = None,
 ) -> MinMergingReport:
     """Returns the report of building the routed model for `finetunes` (task name → folder) into `out_dir`."""
-    from transformers import AutoModel, AutoTokenizer
-
     options = options or MinMergingOptions()
-    unknown = sorted(set(calibration) - set(finetunes))
-    if unknown:
-        raise ConfigError(f"calibration: tasks {unknown} match no fine-tune (fine-tunes: {sorted(finetunes)})")
-    empty = sorted(t for t in finetunes if not calibration.get(t))
-    if empty:
-        raise ConfigError(f"calibration: no calibration texts for task(s) {empty}")
-    if len(finetunes) < 2:
-        raise ConfigError("calibration: MIN-Merging routes between tasks and needs at least two fine-tunes")
-    tasks = list(finetunes)
-    with quiet_transformers():
-        base = AutoModel.from_pretrained(base_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    check_calibration(finetunes, calibration)
     out_dir.mkdir(parents=True, exist_ok=True)
-    patches = {}
-    masks = []
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".enhanced-") as tmp:
-        enhanced_dirs = []
-        for task in tasks:
-            with quiet_transformers():
-                tuned = AutoModel.from_pretrained(finetunes[task]).eval()
-            vectors = task_vectors(base, tuned)
-            if options.importance == "activation":
-                scores = activation_importance(
-                    tuned, tokenizer, calibration[task], vectors, options.batch_size, options.max_length
-                )
-            else:
-                scores = norm_importance(vectors)
-            mask = top_rows(scores, options.neuron_ratio)
-            masks.append(mask)
-            patches[task] = neuron_patch(tuned, mask)
-            # θ₀ + Mₜ ⊙ τₜ on linear weights; other tensors keep their whole fine-tuned value.
-            state = tuned.state_dict()
-            base_state = base.state_dict()
-            with torch.no_grad():
-                for name, idx in mask.items():
-                    kept = state[name][idx].clone()
-                    state[name].copy_(base_state[name])
-                    state[name][idx] = kept
-            folder = Path(tmp) / task
-            tuned.save_pretrained(folder)
-            enhanced_dirs.append(folder)
-            del tuned
+        enhancement = enhance(base_dir, finetunes, calibration, Path(tmp), options)
         config = MergeConfig(
             merge_method=options.shared_method,
-            base_model=str(base_dir),
-            models=[{"model": str(d), "name": t} for d, t in zip(enhanced_dirs, tasks)],  # type: ignore[misc]
+            base_model=str(enhancement.base_dir),
+            models=[{"model": str(enhancement.enhanced[t]), "name": t} for t in enhancement.tasks],  # type: ignore[misc]
             parameters=dict(options.shared_parameters),
         )
         shared_dir = out_dir / "shared"
         run_merge(config, shared_dir, MergeOptions(progress=False, overwrite=True))
-    with quiet_transformers():
-        shared = AutoModel.from_pretrained(shared_dir).eval()
-    texts = [text for task in tasks for text in calibration[task]]
-    labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
-    ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None
-    router = train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood)
-    routed = RoutedModel(
-        shared, base, tokenizer, router, patches, heads, options.ood_model, options.top_k, options.max_length
-    )
-    sizes = routed.save(out_dir, shared_dir, Path(base_dir).resolve())
-    overlap = overlap_matrix(masks)
-    full = _folder_bytes(Path(finetunes[tasks[0]]))
-    storage = {
-        "shared_bytes": _folder_bytes(shared_dir),
-        "patch_bytes": sum(v for k, v in sizes.items() if k.startswith("patch:")),
-        "router_bytes": sizes["router"],
-        "finetunes_bytes": sum(_folder_bytes(Path(finetunes[t])) for t in tasks),
-        "one_full_model_bytes": full,
-        **{k.replace("patch:", "patch_bytes:"): v for k, v in sizes.items() if k.startswith("patch:")},
-    }
-    report = MinMergingReport(
-        out_dir, shared_dir, {**router.metrics, "tasks": tasks}, overlap.tolist(), storage, list(router.warnings)
-    )
-    (out_dir / "min_merging_report.json").write_text(json.dumps(report.to_json(), indent=1))
-    if (shared_dir / "heads").is_dir() and not heads:
-        shutil.copytree(shared_dir / "heads", out_dir / "heads", dirs_exist_ok=True)
-    return report
+    return calibrate(base_dir, shared_dir, enhancement, calibration, out_dir, finetunes, options, heads, ood_texts)

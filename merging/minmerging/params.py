@@ -1,0 +1,33 @@
+"""Returns MIN-Merging's validated parameters (`merge_method: min_merging`, the config's `parameters`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from merging.methods.base import MethodParams
+
+
+class MinMergingParams(MethodParams):
+    """How important neurons are chosen, how θ_shared is merged, and how inputs are routed."""
+
+    importance: Literal["activation", "norm"] = Field(
+        default="activation", description="neuron score: mean |τₜᵏ·x| on task t's calibration texts, or ‖τₜᵏ‖₂"
+    )
+    neuron_ratio: float = Field(default=0.1, gt=0, le=1, description="share of each linear layer's rows kept per task")
+    shared_method: str = Field(default="neuromerging", description="the static method that merges θ_shared")
+    shared_parameters: dict[str, Any] = Field(default_factory=dict, description="that method's parameters")
+    top_k: int = Field(default=1, ge=1, description="experts mixed per input (renormalized router weights)")
+    ood_model: Literal["base", "shared"] = Field(default="base", description="what out-of-domain inputs run on")
+    max_length: int = Field(default=64, ge=2, description="tokens per calibration and routed input")
+    batch_size: int = Field(default=32, ge=1, description="calibration batch size")
+
+    @field_validator("shared_method")
+    @classmethod
+    def _static(cls, v: str) -> str:
+        from merging.methods import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown shared_method {v!r}; known: {', '.join(sorted(REGISTRY))}")
+        return v
