@@ -44,13 +44,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from merging.config import ROUTED_METHODS
     from merging.methods import REGISTRY
 
-    for name, method in sorted(REGISTRY.items()):
-        fields = ", ".join(
-            f"{f.alias or k}={f.default!r}" for k, f in method.params_model.model_fields.items() if k != "int8_mask"
+    def fields(model: type) -> str:
+        items = model.model_fields.items()  # type: ignore[attr-defined]
+        return ", ".join(
+            f"{f.alias or k}={f.get_default(call_default_factory=True)!r}" for k, f in items if k != "int8_mask"
         )
-        print(f"{name:16s} {method.pretty_name:18s} {method.reference_url}\n{'':16s} parameters: {fields}")
+
+    for name, method in sorted(REGISTRY.items()):
+        params = fields(method.params_model)
+        print(f"{name:16s} {method.pretty_name:18s} {method.reference_url}\n{'':16s} parameters: {params}")
+    for name, params in ROUTED_METHODS.items():
+        print(
+            f"{name:16s} {'MIN-Merging':18s} https://arxiv.org/abs/2510.17890 (routed; needs a calibration section; "
+            f"`mergeflow run` only)\n{'':16s} parameters: {fields(params)}"
+        )
     return 0
 
 
@@ -71,6 +81,21 @@ def print_pipeline(result: object) -> None:
             cells = [r["base probe"], r["fine-tuned"], r["merged"], r["normalized"]]
             text = [f"{c:.3f}" if isinstance(c, float) else "" for c in cells]
             print(f"{r['task'][:24]:24s} {r['role']:14s} {text[0]:>10s} {text[1]:>10s} {text[2]:>8s} {text[3]:>10s}")
+    if result.router is not None:
+        r = result.router
+        ood = f", OOD detection {r['ood_detection_rate']:.3f}" if "ood_detection_rate" in r else ""
+        print(
+            f"\nrouter: held-out accuracy {r['router_accuracy']:.3f} over {len(r['tasks'])} tasks "
+            f"(chance {1 / len(r['tasks']):.3f}), OOD threshold {r['threshold']:.3f}{ood}"
+        )
+        if "strict_average_normalized" in result.metrics:
+            m = result.metrics
+            print(
+                f"  routed to the right task {m['routing_accuracy']:.3f}; strict (routed task's head) normalized "
+                f"{m['strict_average_normalized']:.3f}; θ_shared alone {m['shared.average_normalized']:.3f}"
+            )
+    for warning in result.warnings:
+        print(f"\n!!! WARNING: {warning}")
     if result.published:
         print(f"\npublished: {result.published}")
     reg = result.registration

@@ -26,6 +26,8 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"density": 0.2, "lambda": 1.0, "trim_scope": "model"},
     "neuromerging": {},
+    # MIN-Merging: θ_shared by NeuroMerging, 10% of neurons per task patched, routed per input.
+    "min_merging": {"neuron_ratio": 0.1},
 }
 
 
@@ -37,6 +39,8 @@ def demo_config(zoo: Path, method: str, parameters: dict[str, Any], workdir: Pat
     data["registry"] = {"model_name": MODEL_NAME, "gate": {"metric": "average_normalized", "min_margin": 0.0}}
     data["storage"] = {"uri": str(workdir / "store")}
     data["pipeline"] = {"workdir": str(workdir)}
+    if method == "min_merging":
+        data["calibration"] = {"zoo": str(zoo), "samples": 100}
     path = workdir / "configs" / f"{method}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -252,3 +252,27 @@ def test_static_merge_cannot_take_a_routed_method(family, tmp_path):
     config = parse_config(min_config(root, base, fts, tmp_path), "test")
     with pytest.raises(ConfigError, match="not a static merge"):
         run_merge(config, tmp_path / "out", MergeOptions(progress=False))
+
+
+def test_zoo_calibration_takes_train_texts_and_treats_the_rest_as_out_of_domain(ci_zoo):
+    from merging.evaluation.data import load_split
+    from merging.zoo import zoo_merge_config
+
+    root, manifest = ci_zoo
+    merge_tasks = [t.name for t in manifest.merge_tasks()]
+    config = zoo_merge_config(root, "task_arithmetic")
+    # Merge only the first three fine-tunes: the other zoo tasks are out of domain for this merge.
+    data = config.model_dump(mode="json", exclude_none=True)
+    data["models"] = data["models"][:3]
+    data.update(merge_method="min_merging", calibration={"zoo": str(root), "samples": 10, "seed": 3})
+    calib = calibration_set(parse_config(data, "test"))
+    assert list(calib.texts) == merge_tasks[:3]
+    for task in merge_tasks[:3]:
+        spec = next(t for t in manifest.tasks if t.name == task).spec(root)
+        train = set(load_split(spec, "train").texts)
+        assert len(calib.texts[task]) == 10 and set(calib.texts[task]) <= train
+    others = [t.name for t in manifest.tasks if t.name not in merge_tasks[:3]]
+    assert sorted(k.removeprefix("ood:") for k in calib.sources if k.startswith("ood:")) == sorted(others)
+    assert len(calib.ood) == 10 * len(others)
+    # Seeded: the same section draws the same texts.
+    assert calibration_set(parse_config(data, "test")).texts == calib.texts

@@ -239,6 +239,23 @@ def test_routed_model_ood_inputs_run_on_the_configured_model(routed_family):
         torch.testing.assert_close(got[0].features, want, rtol=1e-4, atol=1e-5)
 
 
+def test_oracle_routing_uses_the_named_task_whatever_the_router_says(routed_family):
+    _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
+    strict = Router(router.net, router.tasks, threshold=1.01)  # the router would call everything out of domain
+    routed = RoutedModel(shared, base, tok, strict, patches, top_k=2, batch_size=5)
+    names = ["b" if i % 3 else "a" for i in range(len(texts))]
+    got = routed.run(texts, oracle=names)
+    for text, name, r in zip(texts, names, got):
+        assert r.task == name and r.experts == [name]
+        with torch.no_grad():
+            want = materialized(shared, patches, [name], [1.0])(**dict(tok([text], return_tensors="pt"))).pooler_output[
+                0
+            ]
+        torch.testing.assert_close(r.features, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="2 task names for 3 inputs"):
+        routed.run(texts[:3], oracle=["a", "b"])
+
+
 def test_routed_model_saves_and_loads(routed_family, tmp_path: Path):
     _root, base_dir, shared_dir, base, shared, tok, router, patches, texts = routed_family
     heads = {"a": Head(torch.randn(2, 32), torch.zeros(2)), "b": Head(torch.randn(3, 32), torch.zeros(3))}

@@ -19,25 +19,33 @@ from merging.evaluation.metrics import score
 from merging.minmerging.routed import Routed, RoutedModel
 
 
-def routed_run(routed: RoutedModel, evaluator: Evaluator, task: str, split: str) -> list[Routed]:
-    """Returns the routed results of a task's split (at that task's max_length)."""
+def routed_run(routed: RoutedModel, evaluator: Evaluator, task: str, split: str, oracle: bool = False) -> list[Routed]:
+    """Returns the routed results of a task's split (at that task's max_length); `oracle` routes to `task`."""
     spec = evaluator.tasks[task]
     previous = routed.max_length
     routed.max_length = spec.max_length
+    texts = evaluator.split(task, split).texts
     try:
-        return routed.run(evaluator.split(task, split).texts)
+        return routed.run(texts, [task] * len(texts) if oracle else None)
     finally:
         routed.max_length = previous
 
 
 def routed_report(
-    evaluator: Evaluator, routed: RoutedModel, split: str = "test", finetuned: dict[str, float] | None = None
+    evaluator: Evaluator,
+    routed: RoutedModel,
+    split: str = "test",
+    finetuned: dict[str, float] | None = None,
+    oracle: bool = False,
 ) -> dict[str, Any]:
-    """Returns scores, normalized scores, strict scores, routing accuracy and OOD retention of a routed model."""
+    """Returns scores, normalized scores, strict scores, routing accuracy and OOD retention of a routed model.
+
+    With `oracle`, in-domain inputs go to their true task's experts (the router is bypassed).
+    """
     finetuned = finetuned if finetuned is not None else evaluator.finetuned_scores(split)
     scores, strict, routing = {}, {}, {}
     for task in evaluator.in_domain():
-        results = routed_run(routed, evaluator, task, split)
+        results = routed_run(routed, evaluator, task, split, oracle)
         labels = evaluator.labels(task, split)
         head = evaluator.task_head(task)
         feats = torch.stack([r.features for r in results])

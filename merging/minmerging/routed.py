@@ -124,13 +124,23 @@ class RoutedModel:
         )
 
     @torch.inference_mode()
-    def run(self, texts: list[str]) -> list[Routed]:
-        """Returns each input's route and head features (and label, when its task has a head)."""
+    def run(self, texts: list[str], oracle: list[str] | None = None) -> list[Routed]:
+        """Returns each input's route and head features (and label, when its task has a head).
+
+        `oracle` names each input's task: the router is bypassed (the ceiling a perfect router gives).
+        """
+        if oracle is not None and len(oracle) != len(texts):
+            raise ConfigError(f"oracle routing: {len(oracle)} task names for {len(texts)} inputs")
         results: list[Routed | None] = [None] * len(texts)
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
             batch = self._batch(chunk)
-            experts, weights, ood = self.router.route(mean_pooled(self.base, batch), self.top_k)
+            if oracle is None:
+                experts, weights, ood = self.router.route(mean_pooled(self.base, batch), self.top_k)
+            else:
+                names = oracle[start : start + self.batch_size]
+                experts = torch.tensor([[self.router.tasks.index(n)] for n in names])
+                weights, ood = torch.ones(len(names), 1), torch.zeros(len(names), dtype=torch.bool)
             groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
             for i in range(len(chunk)):
                 groups[() if bool(ood[i]) else tuple(experts[i].tolist())].append(i)
