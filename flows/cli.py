@@ -191,6 +191,50 @@ def print_evaluation(report: dict) -> None:
         row(name, s["scores"], s["average"], s["average_normalized"], s["ood_retention"])
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from infra.stack import Stack, StackConfig, StackError
+
+    config = StackConfig.for_folder(
+        args.data,
+        s3_port=args.s3_port,
+        mlflow_port=args.mlflow_port,
+        prefect_port=args.prefect_port,
+        postgres_url=args.postgres_url,
+    )
+    stack = Stack(config)
+    try:
+        if args.stack_command == "up":
+            services = stack.up()
+            for name, s in services.items():
+                print(f"{name:8s} {s.url:28s} pid {s.pid:<8d} log {s.log}")
+            backend = "PostgreSQL" if config.postgres_url else "sqlite"
+            print(f"\nMLflow and Prefect store their state in {backend}; data folder {config.data}")
+            print("\nexport these to use the stack (or: eval $(mergeflow stack env)):")
+            print_env(stack.env())
+        elif args.stack_command == "env":
+            print_env(stack.env())
+        elif args.stack_command == "status":
+            status = stack.status()
+            for name, st in status.items():
+                word = "healthy" if st["healthy"] else ("running, not answering" if st["running"] else "stopped")
+                print(f"{name:8s} {word:24s} {st['url'] or '':28s} pid {st['pid'] or '-'}")
+            return 0 if all(st["healthy"] for st in status.values()) else 1
+        else:
+            stopped = stack.down()
+            print(f"stopped: {', '.join(stopped)}" if stopped else "nothing this stack started is running")
+    except StackError as exc:
+        print(f"mergeflow: stack: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def print_env(env: dict[str, str]) -> None:
+    import shlex
+
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description="Merge fine-tuned models into one.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", default=None, help="write the per-task bar chart (PNG) here")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+    st = sub.add_parser("stack", help="the local full stack: SeaweedFS S3, mlflow server, Prefect server")
+    st.add_argument("stack_command", choices=["up", "down", "status", "env"])
+    st.add_argument("--data", default="mergeflow-stack", help="data folder (state, logs, sqlite, S3 volumes)")
+    st.add_argument("--s3-port", type=int, default=None, help="S3 API port (default 8333)")
+    st.add_argument("--mlflow-port", type=int, default=None, help="MLflow port (default 5000)")
+    st.add_argument("--prefect-port", type=int, default=None, help="Prefect API and UI port (default 4200)")
+    st.add_argument(
+        "--postgres-url",
+        default=None,
+        help="PostgreSQL server for MLflow's and Prefect's databases (default $MERGEFLOW_POSTGRES_URL; none: sqlite)",
+    )
+    st.set_defaults(func=cmd_stack)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,12 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
     work = Path(workdir or config.pipeline.workdir or DEFAULT_WORKDIR).resolve()
     work.mkdir(parents=True, exist_ok=True)
     registry = config.registry
-    tracking = tracking_uri or (registry.tracking_uri if registry else None) or sqlite_tracking_uri(work)
+    tracking = (
+        tracking_uri
+        or (registry.tracking_uri if registry else None)
+        or os.environ.get("MLFLOW_TRACKING_URI")  # the local full stack exports it (`mergeflow stack env`)
+        or sqlite_tracking_uri(work)
+    )
 
     # 1. download (a local folder is used in place)
     refs = [config.base_model] + [e.model for e in config.fine_tunes()]
@@ -281,6 +287,8 @@ def run_pipeline(
 ) -> PipelineResult:
     """Returns the result of running the pipeline on a config file (or config) with its task runner."""
     config = config_path if isinstance(config_path, MergeConfig) else load_config(config_path)
+    if storage is None and config.storage is None:
+        storage = os.environ.get("MERGEFLOW_STORAGE_URI") or None  # exported by `mergeflow stack env`
     config = apply_overrides(config, tracking_uri, storage, runner)
     pipeline = merge_pipeline.with_options(task_runner=task_runner(config))
     return pipeline(config, str(workdir) if workdir else None)

@@ -154,6 +154,24 @@ class CalibrationConfig(BaseModel):
         return self
 
 
+class WatchConfig(BaseModel):
+    """Where new fine-tunes appear (the watcher flow emits `mergeflow.finetune.available` for each new one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mlflow_model: str | None = None  # every new version of this registered model is a new fine-tune
+    s3_prefix: str | None = None  # every new folder with a published manifest under this prefix is one
+    task_tag: str = "task"  # a model version tag naming the fine-tune's task (its label in the merge)
+    variable: str | None = None  # the Prefect variable holding what was seen (default: from the model name)
+
+    @model_validator(mode="after")
+    def _something(self) -> WatchConfig:
+        if not self.mlflow_model and not self.s3_prefix:
+            raise ValueError("give mlflow_model (a registered model) or s3_prefix (s3://bucket/prefix) to watch")
+        if self.s3_prefix and not self.s3_prefix.startswith("s3://"):
+            raise ValueError(f"s3_prefix {self.s3_prefix!r}: expected s3://bucket/prefix")
+        return self
+
+
 class PipelineConfig(BaseModel):
     """How the pipeline runs: its working folder and the task runner of the per-layer fan-out."""
 
@@ -184,6 +202,7 @@ class MergeConfig(BaseModel):
     registry: RegistryConfig | None = None
     storage: StorageConfig | None = None
     calibration: CalibrationConfig | None = None
+    watch: WatchConfig | None = None
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("merge_method")

@@ -23,6 +23,16 @@ def ci_zoo(tmp_path_factory: pytest.TempPathFactory):
     return root, manifest
 
 
+@pytest.fixture(scope="session")
+def full_stack(tmp_path_factory: pytest.TempPathFactory):
+    """The local full stack (S3, MLflow, Prefect server) on PostgreSQL, started once per test session."""
+    from tests.servers import start_stack, stop_stack
+
+    stack = start_stack(tmp_path_factory.mktemp("full-stack"))
+    yield stack
+    stop_stack(stack)
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -25,23 +25,25 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
 
 
-def build_tiny_tasks(root: Path, scale: float = 0.3) -> tuple[Path, list[Path], list]:
+def build_tiny_tasks(root: Path, scale: float = 0.3, finetunes: int = 2) -> tuple[Path, list[Path], list]:
     """Returns (base, two classification fine-tunes, three tiny tasks "two", "three", "ood") written under `root`.
 
     Task "two" belongs to fine-tune 0 (2 labels), "three" to fine-tune 1 (3 labels); "ood" has no fine-tune.
+    With `finetunes=3` a fourth task "four" (4 labels) belongs to fine-tune 2.
     """
     from merging.evaluation import TaskSpec
     from merging.synthetic import WORDS, build_family
     from merging.zoo.build import write_parquet
 
-    base, fts = build_family(root, "bert", 2, classification=True, scale=scale)
+    base, fts = build_family(root, "bert", finetunes, classification=True, scale=scale)
     tasks = []
-    for number, (name, labels) in enumerate([("two", 2), ("three", 3), ("ood", 2)]):
+    specs = [("two", 2), ("three", 3), ("ood", 2)] + ([("four", 4)] if finetunes > 2 else [])
+    for number, (name, labels) in enumerate(specs):
         for split, n in (("train", 40), ("validation", 16), ("test", 24)):
             texts = [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]}" for i in range(n + number)]
             ys = [i % labels for i in range(n + number)]
             write_parquet(root / "data" / name / f"{split}.parquet", texts[number:], ys[number:])
-        model = str(fts[number]) if number < 2 else None
+        model = str(fts[number]) if number < 2 else (str(fts[2]) if name == "four" else None)
         tasks.append(
             TaskSpec(name=name, dataset=str(root / "data" / name), num_labels=labels, model=model, max_length=8)
         )

@@ -28,23 +28,15 @@ from tasks.storage import (
     read_manifest,
 )
 from tests.helpers import build_tiny_tasks
-from tests.servers import ACCESS_KEY, SECRET_KEY, start_mlflow, start_seaweedfs
+from tests.servers import ACCESS_KEY, SECRET_KEY
 from tests.test_pipeline import pipeline_config
 from tests.test_staged import folder_bytes
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("stack")
-    s3 = start_seaweedfs(root / "s3")
-    try:
-        mlflow_server = start_mlflow(root / "mlflow", s3)
-    except BaseException:
-        s3.stop()
-        raise
-    yield s3, mlflow_server
-    mlflow_server.stop()
-    s3.stop()
+def stack(full_stack):
+    services = full_stack.up()  # running (a fault test may have restarted one)
+    return services["s3"], services["mlflow"]
 
 
 @pytest.fixture(scope="module")

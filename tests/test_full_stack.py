@@ -1,0 +1,424 @@
+"""Operations on the local full stack (SeaweedFS S3, mlflow server, Prefect server, all on PostgreSQL).
+
+- the stack command: up (health, a second up is a no-op), status, env, down only what up started;
+- deployments: `prefect deploy --all` registers the scheduled merge, the event-triggered re-merge
+  and the watcher; a process worker runs them; a new fine-tune version makes the watcher emit
+  `mergeflow.finetune.available` once, which triggers a re-merge through the gate;
+- faults: the S3 server killed during an upload and restarted; MLflow down at registration;
+- load: 20 pipeline runs at once against the same stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.stack import Stack, StackConfig, alive, free_port
+from tests.helpers import build_tiny_tasks
+from tests.servers import POSTGRES_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def stack_env(full_stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Points this process (MLflow, boto3, Prefect) at the full stack."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    full_stack.up()
+    env = full_stack.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        yield env
+
+
+@pytest.fixture(scope="module")
+def family3(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("ops-family")
+    base, fts, _ = build_tiny_tasks(root, finetunes=3)
+    return root, base, fts
+
+
+def tasks_section(root: Path) -> dict:
+    return {
+        "tasks": [
+            {"name": n, "dataset": str(root / "data" / n), "num_labels": k, "max_length": 8}
+            for n, k in [("two", 2), ("three", 3), ("four", 4), ("ood", 2)]
+        ]
+    }
+
+
+def register_finetune(tracking_uri: str, name: str, folder: Path, task: str) -> str:
+    """Returns the version of `folder` registered under `name` (artifacts logged raw, tagged with its task)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = client.get_experiment_by_name("finetunes") or client.get_experiment(
+        client.create_experiment("finetunes")
+    )
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.log_artifacts(str(folder), "model")
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    mv = client.create_model_version(
+        name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags={"task": task}
+    )
+    return str(mv.version)
+
+
+# -- the stack command -------------------------------------------------------------------------------
+
+
+def test_stack_up_is_idempotent_status_env_and_down_stops_only_its_own(tmp_path: Path):
+    from flows.cli import main as cli_main
+
+    ports = {"s3_port": free_port(), "mlflow_port": free_port(), "prefect_port": free_port()}
+    args = ["--data", str(tmp_path / "stack"), "--s3-port", str(ports["s3_port"]), "--mlflow-port"]
+    args += [str(ports["mlflow_port"]), "--prefect-port", str(ports["prefect_port"])]
+    assert cli_main(["stack", "up", *args]) == 0  # sqlite backend: no PostgreSQL URL given
+    try:
+        stack = Stack(StackConfig.for_folder(tmp_path / "stack"))
+        state = json.loads((tmp_path / "stack" / "stack.json").read_text())
+        pids = {n: s["pid"] for n, s in state["services"].items()}
+        assert set(pids) == {"s3", "mlflow", "prefect"} and all(alive(p) for p in pids.values())
+        assert (tmp_path / "stack" / "mlflow" / "mlflow.db").exists()
+        assert oct((tmp_path / "stack" / "credentials.json").stat().st_mode & 0o777) == "0o600"
+        # A second up is a no-op: same processes, nothing started.
+        started = time.monotonic()
+        assert cli_main(["stack", "up", "--data", str(tmp_path / "stack")]) == 0
+        assert time.monotonic() - started < 10
+        again = json.loads((tmp_path / "stack" / "stack.json").read_text())
+        assert {n: s["pid"] for n, s in again["services"].items()} == pids
+        assert cli_main(["stack", "status", "--data", str(tmp_path / "stack")]) == 0
+        # A port taken by someone else is named, and nothing is started on it.
+        other = Stack(StackConfig(data=tmp_path / "other", **{**ports, "s3_port": ports["s3_port"]}))
+        with pytest.raises(Exception, match=f"port {ports['s3_port']}.*did not start"):
+            other.up()
+        assert other.down() == []
+        # A foreign process is never stopped by down: only the PIDs up recorded.
+        foreign = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        assert sorted(stack.down()) == ["mlflow", "prefect", "s3"]
+        assert foreign.poll() is None and not any(alive(p) for p in pids.values())
+        foreign.kill()
+        assert cli_main(["stack", "status", "--data", str(tmp_path / "stack")]) == 1
+    finally:
+        Stack(StackConfig.for_folder(tmp_path / "stack")).down()
+
+
+def test_full_stack_runs_on_postgresql(full_stack: Stack):
+    import psycopg2
+
+    from infra.stack import database_url
+
+    services = full_stack.up()
+    assert POSTGRES_URL.startswith("postgresql")
+    conn = psycopg2.connect(database_url(POSTGRES_URL, f"{full_stack.config.db_prefix}_mlflow"))
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'registered_models'")
+        assert cur.fetchone()[0] == 1
+    conn.close()
+    conn = psycopg2.connect(database_url(POSTGRES_URL, f"{full_stack.config.db_prefix}_prefect"))
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'flow_run'")
+        assert cur.fetchone()[0] == 1
+    conn.close()
+    assert "--backend-store-uri" in services["mlflow"].command
+
+
+# -- deployments, worker, watcher ------------------------------------------------------------------
+
+
+def wait_for_runs(deployment: str, count: int, timeout: float = 300) -> list:
+    """Returns the finished flow runs of `deployment` once `count` of them are final (fails on a failed one)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async def fetch() -> list:
+        async with get_client() as client:
+            dep_name = deployment.split("/")[1]
+            deps = await client.read_deployments(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[dep_name]))
+            )
+            dep = next(d for d in deps if d.name == dep_name)
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]}))
+
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = asyncio.run(fetch())
+        final = [r for r in runs if r.state is not None and r.state.is_final()]
+        for r in final:
+            assert r.state.is_completed(), f"{deployment} run {r.name} ended {r.state.type}: {r.state.message}"
+        if len(final) >= count:
+            return final
+        time.sleep(2)
+    raise TimeoutError(f"{deployment}: {count} finished runs not seen in {timeout} s")
+
+
+def run_result(flow_run) -> object:
+    return flow_run.state.result()
+
+
+def test_deployments_schedule_watch_and_remerge_through_the_gate(stack_env, full_stack, family3, tmp_path: Path):
+    import mlflow
+    from prefect.deployments import run_deployment
+
+    root, base, fts = family3
+    tracking = stack_env["MLFLOW_TRACKING_URI"]
+    v1 = register_finetune(tracking, "ops-finetunes", fts[0], "two")
+    v2 = register_finetune(tracking, "ops-finetunes", fts[1], "three")
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": f"models:/ops-finetunes/{v1}", "name": "two"},
+            {"model": f"models:/ops-finetunes/{v2}", "name": "three"},
+        ],
+        "parameters": {"lambda": 0.5},
+        "evaluation": tasks_section(root),
+        "registry": {"model_name": "ops-merged"},
+        "watch": {"mlflow_model": "ops-finetunes"},
+        "pipeline": {"workdir": str(tmp_path / "work")},
+    }
+    config_path = tmp_path / "pipeline.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, **stack_env, "MERGEFLOW_HOME": str(ROOT), "MERGEFLOW_CONFIG": str(config_path)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    subprocess.run(
+        [prefect, "work-pool", "create", "mergeflow", "--type", "process", "--overwrite"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    deploy = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    for name in ("scheduled-merge", "remerge-on-finetune", "watch-finetunes"):
+        assert f"'{name}'" in deploy.stdout or name in deploy.stdout
+    worker_log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", "mergeflow", "--limit", "2"],
+        env=env,
+        cwd=ROOT,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # The scheduled deployment, run once now: version 1 becomes champion.
+        first = run_deployment("mergeflow-scheduled-merge/scheduled-merge", timeout=600)
+        assert first.state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
+        client = mlflow.MlflowClient(tracking_uri=tracking)
+        assert client.get_registered_model("ops-merged").aliases == {"champion": "1", "candidate": "1"}
+        # The watcher sees only the champion's own inputs: no event.
+        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300)
+        assert watched.state.is_completed() and run_result(watched) == []
+        # A third fine-tune lands: the watcher announces it once, the trigger starts a re-merge.
+        v3 = register_finetune(tracking, "ops-finetunes", fts[2], "four")
+        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300)
+        assert run_result(watched) == [{"reference": f"models:/ops-finetunes/{v3}", "name": "four"}]
+        remerged = wait_for_runs("mergeflow-remerge/remerge-on-finetune", 1, timeout=600)
+        summary = run_result(remerged[0])
+        assert summary["skipped"] is False and summary["version"] == "2"
+        assert summary["inputs"]["four"] == f"models:/ops-finetunes/{v3}"
+        assert set(summary["inputs"]) == {"base", "two", "three", "four"}
+        mv = client.get_model_version("ops-merged", "2")
+        assert mv.tags["mergeflow.input.four"].startswith(f"models:/ops-finetunes/{v3} sha256:")
+        aliases = client.get_registered_model("ops-merged").aliases
+        passed = "champion" in summary["aliases"]
+        assert aliases["champion"] == ("2" if passed else "1") and aliases["candidate"] == "2"
+        assert ("passes" if passed else "fails") in summary["gate"]
+        # Watching again announces nothing: the same fine-tune never triggers twice.
+        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300)
+        assert run_result(watched) == []
+        time.sleep(5)
+        assert len(wait_for_runs("mergeflow-remerge/remerge-on-finetune", 1, timeout=30)) == 1
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(30)
+        worker_log.close()
+
+
+# -- faults -------------------------------------------------------------------------------------------
+
+
+def test_s3_killed_during_upload_then_restarted(stack_env, full_stack, tmp_path: Path):
+    """The publish task retries until the restarted server takes the upload; readers never see a partial model."""
+    from prefect import flow
+
+    from flows.merge_pipeline import publish_task
+    from merging.config import StorageConfig
+    from tasks.download import fetch_model
+    from tasks.storage import MANIFEST, S3Location, StorageError, list_objects, read_manifest
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(24):  # 24 × 4 MiB: long enough to kill the server in the middle
+        (folder / f"part-{i:02d}.bin").write_bytes(os.urandom(4 * 2**20))
+    uri = "s3://mergeflow/fault/big"
+    storage = StorageConfig(uri=uri, max_attempts=2)
+    loc = S3Location.parse(uri)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:  # a reader polling all along: a manifest means every file is there and verified
+        while not stop.is_set():
+            try:
+                fetched = fetch_model(uri, storage, cache=tmp_path / f"cache-{len(seen)}")
+                seen.append(f"complete:{len(list(fetched.path.iterdir()))}")
+            except StorageError as exc:
+                seen.append("absent" if MANIFEST in str(exc) or "not found" in str(exc) else f"error:{exc}")
+            time.sleep(0.3)
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if len(list_objects(loc)) >= 2:
+                    break
+            except StorageError:
+                pass
+            time.sleep(0.05)
+        full_stack.stop_service("s3")
+        seen.append("killed")
+        time.sleep(3)
+        full_stack.up()
+        seen.append("restarted")
+
+    @flow(name="publish-under-fault")
+    def publish_flow() -> str:
+        return publish_task(folder, uri, storage)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=killer)]
+    for t in threads:
+        t.start()
+    published = publish_flow()
+    threads[1].join()
+    time.sleep(1)
+    stop.set()
+    threads[0].join()
+    assert published == uri and "killed" in seen and "restarted" in seen
+    complete = [s for s in seen if s.startswith("complete")]
+    assert all(s == "complete:24" for s in complete)  # never a partial model
+    assert not [s for s in seen if s.startswith("error:") and "reach" not in s and "Connect" not in s]
+    manifest = read_manifest(loc)
+    assert manifest is not None and len(manifest["files"]) == 24
+    final = fetch_model(uri, storage, cache=tmp_path / "cache-final")  # every file's sha256 checked
+    for name in manifest["files"]:
+        assert (final.path / name).read_bytes() == (folder / name).read_bytes()
+
+
+def test_mlflow_down_at_registration_then_rerun_registers_without_remerging(
+    stack_env, full_stack, family3, tmp_path: Path
+):
+    import mlflow
+
+    from flows.merge_pipeline import run_pipeline
+    from merging.config import parse_config
+    from merging.errors import MergeflowError
+
+    root, base, fts = family3
+    tracking = stack_env["MLFLOW_TRACKING_URI"]
+    data = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(fts[0]), "name": "two"}, {"model": str(fts[1]), "name": "three"}],
+        "parameters": {"density": 0.5},
+        "evaluation": tasks_section(root),
+        "registry": {"model_name": "ops-mlflow-down", "tracking_uri": tracking},
+        "storage": {"uri": "s3://mergeflow/ops-mlflow-down"},
+        "pipeline": {"workdir": str(tmp_path / "work")},
+    }
+    full_stack.stop_service("mlflow")
+    try:
+        with pytest.raises(MergeflowError, match="cannot reach MLflow"):
+            run_pipeline(parse_config(data, "ops.yml"))
+    finally:
+        full_stack.up()
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_registered_model("ops-mlflow-down")  # nothing registered, no alias anywhere
+    again = run_pipeline(parse_config(data, "ops.yml"))
+    assert again.layers_merged == [] and again.layers_reused  # the merge was not redone
+    assert again.registration is not None and again.registration.version == "1"
+    assert client.get_registered_model("ops-mlflow-down").aliases == {"champion": "1", "candidate": "1"}
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+
+def test_twenty_concurrent_runs_all_register_intact_models(stack_env, full_stack, family3, tmp_path: Path):
+    import hashlib
+
+    import mlflow
+
+    from flows.merge_pipeline import run_pipeline
+    from merging.config import parse_config
+
+    _, base, fts = family3
+    tracking = stack_env["MLFLOW_TRACKING_URI"]
+    runs = 20
+    results: dict[int, object] = {}
+    errors: dict[int, BaseException] = {}
+
+    def one(i: int) -> None:
+        data = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [{"model": str(fts[0]), "name": "two"}, {"model": str(fts[1]), "name": "three"}],
+            "parameters": {"lambda": round(0.05 * (i + 1), 2)},  # 20 different merges
+            "registry": {"model_name": "ops-load", "tracking_uri": tracking},
+            "storage": {"uri": "s3://mergeflow/ops-load"},
+            "pipeline": {"workdir": str(tmp_path / f"work-{i}"), "max_workers": 1},
+        }
+        try:
+            results[i] = run_pipeline(parse_config(data, f"load-{i}.yml"))
+        except BaseException as exc:  # collected and reported below
+            errors[i] = exc
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    assert not errors, {i: repr(e) for i, e in errors.items()}
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    versions = client.search_model_versions("name='ops-load'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, runs + 1))
+    keys = {v.tags["mergeflow.merge_key"] for v in versions}
+    assert keys == {r.merge_key for r in results.values()}  # one version per run, none lost or mixed
+    for v in versions:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/ops-load/{v.version}", dst_path=str(tmp_path / f"dl-{v.version}")
+            )
+        )
+        manifest = json.loads((local / "mergeflow-manifest.json").read_text())
+        for name, entry in manifest["files"].items():
+            assert hashlib.sha256((local / name).read_bytes()).hexdigest() == entry["sha256"], (v.version, name)
+        run = next(r for r in results.values() if r.merge_key == v.tags["mergeflow.merge_key"])
+        assert run.registration.version == str(v.version)
+    (tmp_path / "load.json").write_text(json.dumps({"runs": runs, "seconds": elapsed}))
+    print(f"\n{runs} concurrent runs finished in {elapsed:.1f} s")
