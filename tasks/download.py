@@ -28,6 +28,7 @@ from merging.config import StorageConfig
 from merging.errors import CheckpointError, ConfigError, MergeflowError
 from tasks.storage import (
     MANIFEST,
+    PUBLISHED_MARK,
     IntegrityError,
     S3Location,
     StorageError,
@@ -179,6 +180,11 @@ def _fetch_s3(ref: str, store: Snapshots, storage: StorageConfig | None) -> Fetc
         expected = {}
         for name, size in listing.items():
             meta = client.head_object(Bucket=loc.bucket, Key=loc.key(name)).get("Metadata", {})
+            if meta.get("mergeflow") == PUBLISHED_MARK:
+                # Published by mergeflow, yet no manifest: an upload still running (or one that failed).
+                raise StorageError(
+                    f"{ref}: a mergeflow upload without its {MANIFEST} (not finished, or failed); not read"
+                )
             expected[name] = (size, meta.get("sha256", ""))
     identity = "s3\0" + ref + "\0" + json.dumps(sorted(expected.items()))
     key = store.key(identity)

@@ -32,6 +32,9 @@ MANIFEST = "mergeflow-manifest.json"
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 
 
+PUBLISHED_MARK = "read-through-manifest"
+
+
 class StorageError(MergeflowError):
     """A storage operation failed; the message names the location, never the credentials."""
 
@@ -199,7 +202,8 @@ def _publish_s3(folder: Path, loc: S3Location, manifest: dict[str, Any], config:
                 str(folder / name),
                 loc.bucket,
                 key,
-                ExtraArgs={"Metadata": {"sha256": entry["sha256"]}},
+                # `mergeflow` marks an object whose model is read only through its manifest (written last).
+                ExtraArgs={"Metadata": {"sha256": entry["sha256"], "mergeflow": PUBLISHED_MARK}},
                 Config=transfer,
             )
             uploaded.append(key)

@@ -105,6 +105,20 @@ def test_publish_then_download_from_s3_verified_and_shared(s3_env, family, tmp_p
         assert (results[0].path / name).read_bytes() == (base / name).read_bytes()
 
 
+def test_a_mergeflow_upload_without_its_manifest_is_never_read(s3_env, family, tmp_path: Path):
+    _, base, _ = family
+    publish(base, "s3://models/tiny/unfinished")
+    c = client(s3_env)
+    c.delete_object(Bucket="models", Key=f"tiny/unfinished/{MANIFEST}")  # as if the upload had not finished
+    with pytest.raises(StorageError, match="mergeflow upload without its mergeflow-manifest.json"):
+        fetch_model("s3://models/tiny/unfinished", cache=tmp_path / "cache")
+    # A folder uploaded by other tools (no manifest, no mergeflow mark) is still read, hashed on arrival.
+    for path in base.iterdir():
+        c.upload_file(str(path), "models", f"tiny/foreign/{path.name}")
+    fetched = fetch_model("s3://models/tiny/foreign", cache=tmp_path / "cache")
+    assert (fetched.path / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
+
+
 def test_corrupted_object_is_detected_by_its_hash(s3_env, family, tmp_path: Path):
     _, base, _ = family
     publish(base, "s3://models/tiny/corrupt")
