@@ -181,7 +181,12 @@ def register_merge(
         experiment = client.get_experiment_by_name(registry.experiment)
         if experiment is None:
             location = (workdir / "mlartifacts").resolve().as_uri() if tracking_uri.startswith("sqlite") else None
-            experiment_id = client.create_experiment(registry.experiment, artifact_location=location)
+            try:
+                experiment_id = client.create_experiment(registry.experiment, artifact_location=location)
+            except MlflowException as exc:  # a concurrent run created it first: use it
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = client.get_experiment_by_name(registry.experiment).experiment_id
         else:
             experiment_id = experiment.experiment_id
     except MlflowException as exc:
@@ -220,7 +225,11 @@ def register_merge(
         try:
             client.get_registered_model(registry.model_name)
         except MlflowException:
-            client.create_registered_model(registry.model_name, description="Merged by mergeflow")
+            try:
+                client.create_registered_model(registry.model_name, description="Merged by mergeflow")
+            except MlflowException as exc:  # a concurrent run created it first: use it
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
         tags = {
             "mergeflow.version": merging.__version__,
             "mergeflow.git_commit": lineage.get("git_commit", "unknown"),

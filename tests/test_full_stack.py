@@ -373,6 +373,7 @@ def test_twenty_concurrent_runs_all_register_intact_models(stack_env, full_stack
     import hashlib
 
     import mlflow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.merge_pipeline import run_pipeline
     from merging.config import parse_config
@@ -394,7 +395,9 @@ def test_twenty_concurrent_runs_all_register_intact_models(stack_env, full_stack
             "pipeline": {"workdir": str(tmp_path / f"work-{i}"), "max_workers": 1},
         }
         try:
-            results[i] = run_pipeline(parse_config(data, f"load-{i}.yml"))
+            # Prefect's settings context is per thread: point each thread at the stack's server.
+            with temporary_settings({PREFECT_API_URL: stack_env["PREFECT_API_URL"]}):
+                results[i] = run_pipeline(parse_config(data, f"load-{i}.yml"))
         except BaseException as exc:  # collected and reported below
             errors[i] = exc
 

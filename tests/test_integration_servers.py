@@ -110,7 +110,7 @@ def test_a_mergeflow_upload_without_its_manifest_is_never_read(s3_env, family, t
     publish(base, "s3://models/tiny/unfinished")
     c = client(s3_env)
     c.delete_object(Bucket="models", Key=f"tiny/unfinished/{MANIFEST}")  # as if the upload had not finished
-    with pytest.raises(StorageError, match="mergeflow upload without its mergeflow-manifest.json"):
+    with pytest.raises(StorageError, match=r"mergeflow upload without its mergeflow-manifest\.json"):
         fetch_model("s3://models/tiny/unfinished", cache=tmp_path / "cache")
     # A folder uploaded by other tools (no manifest, no mergeflow mark) is still read, hashed on arrival.
     for path in base.iterdir():
