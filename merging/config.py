@@ -344,6 +344,10 @@ def resolve_paths(config: MergeConfig, root: Path) -> MergeConfig:
 
 
 def dump_config(config: MergeConfig) -> str:
-    """Returns the resolved config as YAML, re-loadable by load_config."""
-    data = config.model_dump(mode="json", exclude_none=True)
+    """Returns the resolved config as YAML, re-loadable by load_config.
+
+    The `pipeline` section (work folder, task runner) is how a run executed, not what it merged:
+    it is left out, so the same merge writes the same bytes whichever runner produced it.
+    """
+    data = config.model_dump(mode="json", exclude_none=True, exclude={"pipeline"})
     return yaml.safe_dump(data, sort_keys=False)

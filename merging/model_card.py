@@ -70,8 +70,14 @@ def render_model_card(config: MergeConfig, method: MergeMethod, params: MethodPa
         "Re-run this merge with `mergeflow merge mergeflow_config.yml OUT_DIR`:",
         "",
         "```yaml",
-        yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False).strip(),
+        _config_yaml(config),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _config_yaml(config: MergeConfig) -> str:
+    from merging.config import dump_config  # merging.config imports the method registry, which imports this module
+
+    return dump_config(config).strip()

@@ -427,3 +427,48 @@ def test_twenty_concurrent_runs_all_register_intact_models(stack_env, full_stack
         assert run.registration.version == str(v.version)
     (tmp_path / "load.json").write_text(json.dumps({"runs": runs, "seconds": elapsed}))
     print(f"\n{runs} concurrent runs finished in {elapsed:.1f} s")
+
+
+# -- past one machine ---------------------------------------------------------------------------------
+
+
+def test_dask_runner_on_two_worker_processes_matches_threads(stack_env, full_stack, family3, tmp_path: Path):
+    """Inputs and output through S3; the mapped per-layer merge on a local Dask cluster of 2 processes."""
+    from flows.merge_pipeline import run_pipeline
+    from merging.config import parse_config
+    from tasks.download import fetch_model
+    from tasks.storage import publish
+    from tests.test_staged import folder_bytes
+
+    _, base, fts = family3
+    for name, folder in (("base", base), ("two", fts[0]), ("three", fts[1])):
+        publish(folder, f"s3://mergeflow/dask-inputs/{name}")
+
+    def config(runner: str) -> object:
+        data = {
+            "merge_method": "neuromerging",
+            "base_model": "s3://mergeflow/dask-inputs/base",
+            "models": [
+                {"model": "s3://mergeflow/dask-inputs/two", "name": "two"},
+                {"model": "s3://mergeflow/dask-inputs/three", "name": "three"},
+            ],
+            "storage": {"uri": "s3://mergeflow/dask-out"},
+            "pipeline": {"workdir": str(tmp_path / runner), "runner": runner, "max_workers": 2},
+        }
+        return parse_config(data, f"{runner}.yml")
+
+    threads = run_pipeline(config("threads"))
+    # Same downloads, but no cached layers: the dask run really merges every layer on its workers.
+    import shutil
+
+    from merging.staged import layer_cache
+
+    shutil.rmtree(layer_cache())
+    dask = run_pipeline(config("dask"))
+    assert dask.layers_merged and not dask.layers_reused
+    assert dask.merge_key == threads.merge_key
+    assert folder_bytes(dask.merged_dir) == folder_bytes(threads.merged_dir)
+    pulled = fetch_model(dask.published, cache=tmp_path / "pull")
+    assert {n: b for n, b in folder_bytes(pulled.path).items() if not n.startswith(".")} == folder_bytes(
+        dask.merged_dir
+    )
