@@ -472,3 +472,35 @@ def test_dask_runner_on_two_worker_processes_matches_threads(stack_env, full_sta
     assert {n: b for n, b in folder_bytes(pulled.path).items() if not n.startswith(".")} == folder_bytes(
         dask.merged_dir
     )
+
+
+def test_prefect_server_accepts_the_kubernetes_work_pool_template(stack_env):
+    """The Prefect server validates the base job template (placeholders declared, variables a JSON schema)."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads((ROOT / "infra" / "k8s" / "work-pool-job-template.json").read_text())
+
+    async def create() -> object:
+        async with get_client() as client:
+            await client.create_work_pool(
+                WorkPoolCreate(name="mergeflow-k8s", type="kubernetes", base_job_template=template), overwrite=True
+            )
+            return await client.read_work_pool("mergeflow-k8s")
+
+    pool = asyncio.run(create())
+    assert pool.base_job_template["variables"]["properties"]["image"]["default"] == "mergeflow:0.1.0"
+    broken = json.loads(json.dumps(template))
+    broken["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["image"] = "{{ nope }}"
+    del broken["variables"]["properties"]["image"]
+
+    async def create_broken() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(
+                WorkPoolCreate(name="mergeflow-k8s-broken", type="kubernetes", base_job_template=broken)
+            )
+
+    with pytest.raises(Exception, match="nope|image|placeholder|variable"):
+        asyncio.run(create_broken())
