@@ -502,5 +502,5 @@ def test_prefect_server_accepts_the_kubernetes_work_pool_template(stack_env):
                 WorkPoolCreate(name="mergeflow-k8s-broken", type="kubernetes", base_job_template=broken)
             )
 
-    with pytest.raises(Exception, match="nope|image|placeholder|variable"):
+    with pytest.raises(Exception, match=r"nope|image|placeholder|variable"):
         asyncio.run(create_broken())
