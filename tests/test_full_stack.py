@@ -504,3 +504,31 @@ def test_prefect_server_accepts_the_kubernetes_work_pool_template(stack_env):
 
     with pytest.raises(Exception, match=r"nope|image|placeholder|variable"):
         asyncio.run(create_broken())
+
+
+def test_watcher_on_an_s3_prefix_sees_only_published_folders_once(stack_env, family3, tmp_path: Path):
+    from prefect.variables import Variable
+
+    from flows.watch import digest, watch_finetunes
+    from tasks.storage import MANIFEST, S3Location, publish, s3_client
+
+    _, base, fts = family3
+    publish(fts[0], "s3://mergeflow/landing/ft-two")
+    publish(fts[1], "s3://mergeflow/landing/ft-three")
+    loc = S3Location.parse("s3://mergeflow/landing/ft-three")
+    s3_client().delete_object(Bucket=loc.bucket, Key=loc.key(MANIFEST))  # still uploading, as far as readers know
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(fts[2]), "name": "four"}],
+        "registry": {"model_name": "ops-s3-watch", "tracking_uri": stack_env["MLFLOW_TRACKING_URI"]},
+        "watch": {"s3_prefix": "s3://mergeflow/landing"},
+    }
+    path = tmp_path / "watch.yml"
+    path.write_text(yaml.safe_dump(config))
+    assert watch_finetunes(str(path)) == [{"reference": "s3://mergeflow/landing/ft-two", "name": "ft-two"}]
+    assert watch_finetunes(str(path)) == []  # seen: never announced twice
+    publish(fts[1], "s3://mergeflow/landing/ft-three")  # the upload finishes
+    assert watch_finetunes(str(path)) == [{"reference": "s3://mergeflow/landing/ft-three", "name": "ft-three"}]
+    seen = Variable.get("mergeflow-watch-ops-s3-watch")
+    assert seen == [digest("s3://mergeflow/landing/ft-two"), digest("s3://mergeflow/landing/ft-three")]
