@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from flows.merge_pipeline import PipelineResult, run_pipeline
-from merging.config import load_config
+from merging.config import ROUTED_METHODS, load_config
 from merging.zoo import zoo_merge_config
 from merging.zoo.build import build_zoo
 
@@ -33,8 +33,11 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
 
 def demo_config(zoo: Path, method: str, parameters: dict[str, Any], workdir: Path) -> Path:
     """Returns the path of a pipeline config (YAML) merging the zoo with `method`."""
-    config = zoo_merge_config(zoo, method, parameters)
+    routed = method in ROUTED_METHODS  # validated with its calibration section below
+    config = zoo_merge_config(zoo, "task_arithmetic" if routed else method, {} if routed else parameters)
     data = config.model_dump(mode="json", exclude_none=True, exclude={"pipeline"})
+    if routed:
+        data.update(merge_method=method, parameters=dict(parameters), name=f"{config.name}-{method}")
     data["evaluation"] = {"zoo": str(zoo)}
     data["registry"] = {"model_name": MODEL_NAME, "gate": {"metric": "average_normalized", "min_margin": 0.0}}
     data["storage"] = {"uri": str(workdir / "store")}

@@ -276,3 +276,16 @@ def test_zoo_calibration_takes_train_texts_and_treats_the_rest_as_out_of_domain(
     assert len(calib.ood) == 10 * len(others)
     # Seeded: the same section draws the same texts.
     assert calibration_set(parse_config(data, "test")).texts == calib.texts
+
+
+def test_demo_configs_load_for_every_method(ci_zoo, tmp_path):
+    from flows.demo import DEMO_METHODS, demo_config
+    from merging.config import load_config
+
+    root, _ = ci_zoo
+    for method, parameters in DEMO_METHODS.items():
+        config = load_config(demo_config(root, method, parameters, tmp_path))
+        assert config.merge_method == method and config.registry is not None
+        if method == "min_merging":
+            assert config.calibration is not None and config.calibration.zoo == str(root)
+            assert len(calibration_set(config).texts) == len(config.fine_tunes())
