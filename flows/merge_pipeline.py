@@ -227,7 +227,7 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
         registration = register_task(local, model_dir, tracking, report, metrics, artifacts, lineage, work)
 
     return PipelineResult(
-        merged_dir=assembled.out_dir,
+        merged_dir=model_dir,  # the routed folder for MIN-Merging
         workdir=work,
         merge_key=key,
         layers_merged=[r.group for r in layers if not r.reused],
