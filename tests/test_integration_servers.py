@@ -227,6 +227,8 @@ def test_killed_run_on_the_servers_then_rerun(harness, stack, s3_env, family, tm
     data = pipeline_config(root, base, fts, work, merge_method="neuromerging", parameters={})
     data["registry"] = {"model_name": "tiny-killed", "tracking_uri": mlflow_server.url}
     data["storage"] = {"uri": "s3://merged/killed"}
+    # A layer cache of its own: another test may already have merged these same inputs.
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MERGEFLOW_FAULT_LAYER", "encoder.layer.0")
     with pytest.raises(MergeflowError, match="injected fault"):
         run_pipeline(parse_config(data, "stack.yml"))

@@ -135,6 +135,7 @@ def test_killed_layer_moves_no_alias_and_rerun_merges_only_the_rest(
     work = tmp_path / "work"
     data = pipeline_config(root, base, fts, work, merge_method="ties", parameters={"density": 0.5, "lambda": 1.0})
     data["pipeline"]["runner"] = "sequential"
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))  # its own layer cache
     monkeypatch.setenv("MERGEFLOW_FAULT_LAYER", "encoder.layer.1")
     with pytest.raises(MergeflowError, match="injected fault"):
         run_pipeline(parse_config(data, "test"))
