@@ -79,17 +79,20 @@ def requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "pandas")] + ["mergeflow"]
 
 
+def _pyfunc_kwargs(staged: Path) -> dict[str, Any]:
+    return {
+        "python_model": RoutedPyfunc(),
+        "artifacts": {"routed": str(staged)},
+        "pip_requirements": requirements(),
+        "signature": signature(),
+    }
+
+
 def save_routed_model(routed_dir: Path, out: Path) -> Path:
     """Saves the routed folder as a self-contained pyfunc model at `out` (for registration by log_artifacts)."""
     staged = self_contained(routed_dir, out.parent / f".{out.name}-routed")
     try:
-        mlflow.pyfunc.save_model(
-            str(out),
-            python_model=RoutedPyfunc(),
-            artifacts={"routed": str(staged)},
-            pip_requirements=requirements(),
-            signature=signature(),
-        )
+        mlflow.pyfunc.save_model(str(out), **_pyfunc_kwargs(staged))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return out
@@ -99,12 +102,6 @@ def log_routed_model(routed_dir: Path, workdir: Path, name: str = "model") -> An
     """Returns MLflow's model info after logging the routed folder as a pyfunc model in the active run."""
     staged = self_contained(routed_dir, workdir / ".routed-artifact")
     try:
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=RoutedPyfunc(),
-            artifacts={"routed": str(staged)},
-            pip_requirements=requirements(),
-            signature=signature(),
-        )
+        return mlflow.pyfunc.log_model(name=name, **_pyfunc_kwargs(staged))
     finally:
         shutil.rmtree(staged, ignore_errors=True)

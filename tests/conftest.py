@@ -23,6 +23,15 @@ def ci_zoo(tmp_path_factory: pytest.TempPathFactory):
     return root, manifest
 
 
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """Prefect's test harness (a temporary API server) for the tests of one module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
 @pytest.fixture(scope="session")
 def full_stack(tmp_path_factory: pytest.TempPathFactory):
     """The local full stack (S3, MLflow, Prefect server) on PostgreSQL, started once per test session."""

@@ -39,14 +39,6 @@ def stack(full_stack):
     return services["s3"], services["mlflow"]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
 @pytest.fixture
 def s3_env(stack, monkeypatch: pytest.MonkeyPatch):
     s3, _ = stack
@@ -145,7 +137,7 @@ def test_wrong_credentials_clear_error_and_nothing_uploaded(
     assert read_manifest(S3Location.parse("s3://models/tiny/wrong-keys"), missing_ok=True) is None
 
 
-def test_credentials_from_a_prefect_secret_block(harness, s3_env, family, monkeypatch: pytest.MonkeyPatch):
+def test_credentials_from_a_prefect_secret_block(prefect_harness, s3_env, family, monkeypatch: pytest.MonkeyPatch):
     from prefect.blocks.system import Secret
 
     _, base, _ = family
@@ -162,7 +154,7 @@ def test_credentials_from_a_prefect_secret_block(harness, s3_env, family, monkey
         publish(base, missing.uri, missing)
 
 
-def test_pipeline_on_the_servers(harness, stack, s3_env, ci_zoo, tmp_path: Path):
+def test_pipeline_on_the_servers(prefect_harness, stack, s3_env, ci_zoo, tmp_path: Path):
     s3, mlflow_server = stack
     zoo, manifest = ci_zoo
     # Inputs from S3 and from a local folder: the zoo's base and first fine-tune are published to S3 first.
@@ -220,7 +212,7 @@ def test_pipeline_on_the_servers(harness, stack, s3_env, ci_zoo, tmp_path: Path)
     }
 
 
-def test_killed_run_on_the_servers_then_rerun(harness, stack, s3_env, family, tmp_path: Path, monkeypatch):
+def test_killed_run_on_the_servers_then_rerun(prefect_harness, stack, s3_env, family, tmp_path: Path, monkeypatch):
     s3, mlflow_server = stack
     root, base, fts = family
     work = tmp_path / "work"

@@ -30,14 +30,6 @@ def write_texts(folder: Path, words: list[str], n: int = 30, split: str = "train
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-@pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory):
     from tests.helpers import build_tiny_tasks
 

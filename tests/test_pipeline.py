@@ -21,14 +21,6 @@ from tests.test_staged import folder_bytes
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-@pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("pipeline-family")
     base, fts, tasks = build_tiny_tasks(root)
