@@ -163,16 +163,18 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
 
     # 3. plan, merge per layer, assemble (MIN-Merging: θ_shared from the enhanced fine-tunes)
     to_merge, enhancement = local, None
-    if calib is not None:
-        enhancement = enhance_task(local, calib, work / "enhanced" / _run_slug())
-        to_merge = shared_merge_config(local, enhancement)
-    staged: StagedPlan = plan_task(to_merge)
-    layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(staged), staged.groups).result()
-    merged_dir = work / "merged" / staged.key[:16]
-    assembled: MergeReport = assemble_task(to_merge, staged, layers, merged_dir)
+    enhanced_dir = work / "enhanced" / _run_slug()
+    try:
+        if calib is not None:
+            enhancement = enhance_task(local, calib, enhanced_dir)
+            to_merge = shared_merge_config(local, enhancement)
+        staged: StagedPlan = plan_task(to_merge)
+        layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(staged), staged.groups).result()
+        merged_dir = work / "merged" / staged.key[:16]
+        assembled: MergeReport = assemble_task(to_merge, staged, layers, merged_dir)
+    finally:  # enhanced fine-tunes are merged into θ_shared (layers cached) or the run failed: either way, gone
+        shutil.rmtree(enhanced_dir, ignore_errors=True)
     model_dir, routed, warnings, key = assembled.out_dir, None, [], staged.key
-    if enhancement is not None:  # merged into θ_shared (its layers cached); the patches stay in memory
-        shutil.rmtree(enhancement.enhanced[enhancement.tasks[0]].parent, ignore_errors=True)
 
     # 4. calibrate the router (MIN-Merging only)
     if calib is not None and enhancement is not None:

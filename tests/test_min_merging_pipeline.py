@@ -281,3 +281,15 @@ def test_demo_configs_load_for_every_method(ci_zoo, tmp_path):
         if method == "min_merging":
             assert config.calibration is not None and config.calibration.zoo == str(root)
             assert len(calibration_set(config).texts) == len(config.fine_tunes())
+
+
+def test_a_failed_min_merging_run_leaves_no_enhanced_fine_tunes(prefect_harness, family, tmp_path, monkeypatch):
+    from merging.errors import MergeflowError
+
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MERGEFLOW_FAULT_LAYER", "encoder.layer.0")
+    with pytest.raises(MergeflowError, match="injected fault"):
+        run_pipeline(parse_config(min_config(root, base, fts, work), "test"))
+    assert (work / "enhanced").is_dir() and not list((work / "enhanced").iterdir())

@@ -1,8 +1,9 @@
 """MIN-Merging (Liang, 2025): important neurons per task, a router, routed inference.
 
-Built so far (issue #4, library part): neuron importance (activation-aware, data-free), top-row
-masks and their overlap across tasks (`importance.py`); the router with its out-of-domain
-threshold (`router.py`); the routed model with per-task neuron patches, grouped batched forwards
-through `functional_call`, save and load (`routed.py`). Not yet: the MLflow pyfunc wrapper, the
-`calibrate_router` pipeline task and the benchmark.
+`params.py` (the method's parameters), `calibration.py` (the router's calibration texts from a
+config), `importance.py` (activation-aware and data-free neuron scores, top-row masks, overlap),
+`router.py` (the router and its out-of-domain threshold), `routed.py` (θ_shared + per-task neuron
+patches, grouped batched forwards through `functional_call`, save and load), `build.py`
+(enhancement, θ_shared, router calibration), `evaluate.py` (routed scores through the harness).
+The pipeline steps live in `tasks/calibrate.py`; the MLflow pyfunc in `tasks/routed_model.py`.
 """
