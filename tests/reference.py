@@ -89,26 +89,43 @@ def neuromerging_rows(
     lam_par: float,
     lam_orth: float,
     energy_threshold: float = 1.0,
+    eps: float = float(np.finfo(np.float32).eps),
 ) -> np.ndarray:
-    """NeuroMerging of one (rows, d) weight, one neuron at a time, with a full SVD per neuron."""
+    """NeuroMerging of one (rows, d) weight, one neuron at a time, with a full SVD per neuron.
+
+    Coordinates are C = O V, as in the authors' kernel, so a zero orthogonal row gives exact
+    zeros. Rounding noise (c = max(T, d) * eps) never votes: a scalar with
+    |<tau, w0>| <= c ||tau|| ||w0||, an orthogonal row with ||O_t||^2 <= c ||tau_t||^2, a direction
+    with s_j^2 <= c max(s_max^2, max_t ||tau_t||^2) and a coordinate with |C_tj| <= c s_j.
+    """
     rows, d = base.shape
     T = len(taus)
+    c = max(T, d) * eps
     scalars = np.zeros((T, rows))
     for k in range(rows):
         w0 = base[k]
         n2 = float(w0 @ w0)
         for t in range(T):
-            scalars[t, k] = float(taus[t][k] @ w0) / n2 if n2 > 1e-30 else 0.0
+            dot = float(taus[t][k] @ w0)
+            if n2 > 1e-30 and abs(dot) > c * np.linalg.norm(taus[t][k]) * np.sqrt(n2):
+                scalars[t, k] = dot / n2
     tie = 1.0 if scalars.sum() >= 0 else -1.0
     out = np.zeros((rows, d))
     for k in range(rows):
         w0 = base[k]
         n2 = float(w0 @ w0)
         s_bar = _ties_mean(list(scalars[:, k]), tie)
-        orth = np.stack([taus[t][k] - scalars[t, k] * w0 for t in range(T)])  # (T, d)
+        orth = np.zeros((T, d))
+        for t in range(T):
+            tau = taus[t][k]
+            s_t = float(tau @ w0) / n2 if n2 > 1e-30 else 0.0
+            o = tau - s_t * w0
+            if float(o @ o) > c * float(tau @ tau):
+                orth[t] = o
         _, sing, vh = np.linalg.svd(orth, full_matrices=False)
         coords = orth @ vh.T  # (T, r)
-        tol = (sing.max() if sing.size else 0.0) * max(T, d) * np.finfo(np.float64).eps
+        tau_energy = max(float(taus[t][k] @ taus[t][k]) for t in range(T))
+        noise = c * max(float(sing.max()) ** 2 if sing.size else 0.0, tau_energy)
         energy = sing**2
         total_energy = energy.sum()
         psi = np.zeros(d)
@@ -116,9 +133,9 @@ def neuromerging_rows(
         for j in range(len(sing)):
             share_before = before / total_energy if total_energy > 0 else 0.0
             before += energy[j]
-            if sing[j] <= tol or (energy_threshold < 1 and share_before >= energy_threshold):
+            if energy[j] <= noise or (energy_threshold < 1 and share_before >= energy_threshold):
                 continue
-            col = coords[:, j]
+            col = np.where(np.abs(coords[:, j]) > c * sing[j], coords[:, j], 0.0)
             tie_j = np.sign(col[np.argmax(np.abs(col))]) or 1.0
             psi += _ties_mean(list(col), tie_j) * vh[j]
         if n2 > 1e-30:

@@ -8,6 +8,23 @@ direction, and psi_perp = sum_j cbar_j v_j.
 
 The singular basis comes from the T x T Gram matrix G = O O^T = U S^2 U^T (batched eigh), so no
 d-dimensional SVD is computed: v_j = O^T u_j / s_j, hence psi_perp = O^T (U (cbar / s)).
+
+Zeros never vote. The authors' kernel (ZzzitaoFang/NeuroMerging, `neuro_kernel`) computes C = O V,
+so a task whose orthogonal row is zero (trimmed away, or parallel to w0) has exact zero
+coordinates. U diag(s) from eigh gives them rounding-size values instead, which would count in the
+disjoint mean whenever their sign agreed; such rows are therefore masked out of G_O, and a
+coordinate (or parallel scalar) that is float32 rounding noise relative to its scale is zero.
+
+Deliberate differences from the authors' kernel:
+- A direction whose coordinates sum to exactly 0 takes the sign of its largest coordinate (the
+  kernel: the majority of the neuron's elected signs, which flips with singular-vector signs); a
+  parallel-scalar tie takes the sign of the matrix's sum of scalars (the kernel: majority of signs).
+- 1-D tensors: TIES scaled by lambda_2 (the kernel's TIES is unscaled).
+- ||w0|| = 0 makes the row wholly orthogonal (the kernel divides by zero); directions below the
+  noise floor are dropped (the kernel keeps arbitrary null-space vectors).
+- Accuracy: the noise floor is float32's in either compute dtype, so float64 compute is a more
+  accurate float32 merge; float32 compute keeps ~1e-5 relative error where the kernel's float32
+  SVD reached 6e-2 on the same weights.
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ from merging.trim import trim_
 
 ZERO_NORM2 = 1e-30
 CHUNK_BYTES = 8 * 1024 * 1024
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 class NeuroMergingParams(TrimParams):
@@ -68,6 +86,16 @@ def _column_tie_sign(coords: torch.Tensor) -> torch.Tensor:
     return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
+def noise_factor(t: int, d: int) -> float:
+    """Returns c = max(T, d) * eps32: the relative size of float32 rounding noise in a d-long product.
+
+    float32's eps in every compute dtype: a value this small relative to its scale is noise in
+    float32 arithmetic (the precision checkpoints are trained in), so float64 compute gives the
+    same merge more accurately instead of letting noise-sized values vote where float32 would not.
+    """
+    return max(t, d) * FLOAT32_EPS
+
+
 def singular_basis(orth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (U, s) per row of `orth` (T, rows, d): O = U diag(s) V^T, from the T x T Gram matrix."""
     rows_first = orth.permute(1, 0, 2)  # (rows, T, d)
@@ -79,7 +107,9 @@ def singular_basis(orth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def orthogonal_mix(
     u: torch.Tensor,
     sing: torch.Tensor,
+    live: torch.Tensor,
     noise_energy: torch.Tensor | float,
+    c: float,
     energy_threshold: float = 1.0,
 ) -> torch.Tensor:
     """Returns a (rows, T) such that psi_perp = sum_t a_t O_t: TIES over C = U diag(s) per direction.
@@ -87,6 +117,8 @@ def orthogonal_mix(
     psi_perp = sum_j cbar_j v_j with v_j = O^T u_j / s_j, so a = U (cbar / s). Directions whose
     energy s_j^2 is at or below `noise_energy` (rounding noise of the Gram matrix) are dropped;
     with energy_threshold < 1 only the leading directions holding that share of sum s_j^2 are kept.
+    A task that is not `live` (its orthogonal row is zero) has coordinates exactly 0, and a
+    coordinate at or below c * s_j is rounding noise of direction j: neither counts in the mean.
     """
     energy = sing * sing
     keep = energy > noise_energy
@@ -96,10 +128,13 @@ def orthogonal_mix(
         before = (sorted_energy.cumsum(1) - sorted_energy) / energy.sum(1, keepdim=True).clamp_min(1e-300)
         keep &= torch.zeros_like(keep).scatter(1, order, before < energy_threshold)
     coords = u * sing.unsqueeze(1)  # C[k, t, j] = u_j[t] * s_j
+    counted = live.unsqueeze(2) & (coords.abs() > c * sing.unsqueeze(1))
+    coords = torch.where(counted, coords, torch.zeros_like(coords))
     elected = elect_sign(coords.transpose(0, 1), _column_tie_sign(coords))  # (rows, r)
     cbar = disjoint_mean(coords.transpose(0, 1), elected)
     cbar = torch.where(keep, cbar / torch.where(keep, sing, torch.ones_like(sing)), torch.zeros_like(cbar))
-    return torch.bmm(u, cbar.unsqueeze(2)).squeeze(2)
+    mix = torch.bmm(u, cbar.unsqueeze(2)).squeeze(2)
+    return torch.where(live, mix, torch.zeros_like(mix))
 
 
 def merge_in_basis(
@@ -107,8 +142,10 @@ def merge_in_basis(
 ) -> torch.Tensor:
     """Returns psi_perp (rows, d) for orthogonal rows `orth` (T, rows, d) given their singular basis."""
     t, d = orth.shape[0], orth.shape[2]
-    noise = (sing * sing).max(dim=1, keepdim=True).values * max(t, d) * torch.finfo(orth.dtype).eps
-    mix = orthogonal_mix(u, sing, noise, energy_threshold)
+    c = noise_factor(t, d)
+    noise = (sing * sing).max(dim=1, keepdim=True).values * c
+    live = (orth * orth).sum(dim=2).t() > 0
+    mix = orthogonal_mix(u, sing, live, noise, c, energy_threshold)
     return torch.bmm(mix.to(orth.dtype).unsqueeze(1), orth.permute(1, 0, 2)).squeeze(1)
 
 
@@ -127,10 +164,14 @@ def neuron_merge(
     G_O = G_tau - ||w0||^2 s s^T, so the orthogonal rows are never formed. The result
     sum_t a_t O_t + lambda_1 sbar w0 = sum_t a_t tau_t + (lambda_1 sbar - sum_t a_t s_t) w0 is one
     batched product coef @ X. Three passes over the task vectors, small temporaries.
+
+    Rounding noise never counts as a task's vote (c = max(T, d) * eps32, see noise_factor): a
+    scalar with |<tau_t, w0>| <= c ||tau_t|| ||w0||, and an orthogonal row with ||O_t||^2 <= c ||tau_t||^2
+    (a zero row, or one parallel to w0), are zero, as they are in the authors' kernel (C = O V).
     """
     t, m, d = deltas.shape
     out = torch.empty((m, d), dtype=deltas.dtype, device=base.device)
-    eps = torch.finfo(compute_dtype).eps
+    c = noise_factor(t, d)
     scalars = torch.empty((m, t), dtype=torch.float64, device=base.device)
     s_bars = torch.empty(m, dtype=torch.float64, device=base.device)
     chunk = max(1, CHUNK_BYTES // max(1, (t + 1) * d * torch.finfo(compute_dtype).bits // 8))
@@ -144,16 +185,20 @@ def neuron_merge(
         norm2 = gram[:, t, t]
         inv_norm2 = torch.where(norm2 > ZERO_NORM2, 1.0 / norm2.clamp_min(ZERO_NORM2), torch.zeros_like(norm2))
         s = gram[:, :t, t] * inv_norm2.unsqueeze(1)  # (r, T)
+        tau_energy = torch.diagonal(gram[:, :t, :t], dim1=1, dim2=2)  # (r, T)
         g_orth = gram[:, :t, :t] - norm2[:, None, None] * s.unsqueeze(2) * s.unsqueeze(1)
+        live = torch.diagonal(g_orth, dim1=1, dim2=2) > c * tau_energy
+        g_orth = g_orth * (live.unsqueeze(2) & live.unsqueeze(1))
         evals, u = torch.linalg.eigh(g_orth)
         sing = evals.clamp_min(0).sqrt()
         # G_O carries rounding noise of about eps * ||tau||^2: directions below it are not real.
-        tau_energy = torch.diagonal(gram[:, :t, :t], dim1=1, dim2=2).amax(dim=1, keepdim=True)
-        noise = torch.maximum(evals.amax(dim=1, keepdim=True), tau_energy) * max(t, d) * eps
-        mix = orthogonal_mix(u, sing, noise, energy_threshold)  # (r, T)
+        noise = torch.maximum(evals.amax(dim=1, keepdim=True), tau_energy.amax(dim=1, keepdim=True)) * c
+        mix = orthogonal_mix(u, sing, live, noise, c, energy_threshold)  # (r, T)
         # Parallel part: TIES over the scalars, ties provisionally +1 (fixed below if needed).
-        s_bar = disjoint_mean(s.t(), elect_sign(s.t(), 1.0))
-        scalars[lo:hi], s_bars[lo:hi] = s, s_bar
+        votes = gram[:, :t, t].abs() > c * (tau_energy * norm2.unsqueeze(1)).sqrt()
+        s_votes = torch.where(votes, s, torch.zeros_like(s))
+        s_bar = disjoint_mean(s_votes.t(), elect_sign(s_votes.t(), 1.0))
+        scalars[lo:hi], s_bars[lo:hi] = s_votes, s_bar
         coef = torch.empty((hi - lo, 1, t + 1), dtype=torch.float64, device=base.device)
         coef[:, 0, :t] = lambda_orth * mix
         coef[:, 0, t] = lambda_parallel * s_bar - lambda_orth * (mix * s).sum(dim=1)
