@@ -12,6 +12,9 @@ retention (probe on the merged encoder / probe on the base, tasks no fine-tune s
 
     .venv/bin/python benchmarks/merge_accuracy.py                 # full zoo, both protocols (~40 min, 2 cores)
     .venv/bin/python benchmarks/merge_accuracy.py --size ci       # a quick run on the ci zoo
+    .venv/bin/python benchmarks/merge_accuracy.py --heads joint --only neuromerging
+        # reruns one method's rows (and the ablation, for neuromerging) into the existing JSON,
+        # after checking that the zoo is the one the other rows were measured on
 
 Writes benchmarks/results/merge_accuracy.json and prints one table per protocol.
 """
@@ -95,7 +98,7 @@ def spread(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_protocol(size: str, head: str, work: Path, quick: bool) -> dict[str, Any]:
+def run_protocol(size: str, head: str, work: Path, quick: bool, only: str | None = None) -> dict[str, Any]:
     root, manifest, _ = build_zoo(None, size, head, progress=lambda m: print("  " + m, flush=True))  # type: ignore[arg-type]
     evaluator = Evaluator(zoo_tasks(root, manifest), root / manifest.base.path)
     finetuned = evaluator.finetuned_scores("test")
@@ -119,6 +122,8 @@ def run_protocol(size: str, head: str, work: Path, quick: bool) -> dict[str, Any
     base_probe["average_normalized"] = statistics.mean(base_probe["normalized"].values())
     base_probe["average"] = statistics.mean(base_probe["scores"][t] for t in finetuned)
     for name, method, defaults, grid in METHODS:
+        if only and method != only:
+            continue
         config = zoo_merge_config(root, method, defaults, manifest)
         if method == "dare_ties":
             rows = [
@@ -138,10 +143,32 @@ def run_protocol(size: str, head: str, work: Path, quick: bool) -> dict[str, Any
         row["search_seconds"] = search_seconds
         result["with_validation"][name] = row
         print(f"  {name} (validation {search.best}): {row['average_normalized']:.3f}", flush=True)
-    for name, params in ABLATION:
+    for name, params in ABLATION if only in (None, "neuromerging") else []:
         config = zoo_merge_config(root, "neuromerging", params, manifest)
         result["ablation"][name] = merged_row(evaluator, config, work / "m", finetuned)
     return result
+
+
+def merge_rerun(old: dict[str, Any] | None, fresh: dict[str, Any], method: str) -> dict[str, Any]:
+    """Returns `old` with `method`'s rows (and the ablation) replaced by those of `fresh`.
+
+    Refuses when the zoo differs (another build key): rows from two zoos must not share a table.
+    The base-probe and fine-tune scores of the rerun are kept beside the old ones for comparison.
+    """
+    if old is None:
+        raise SystemExit(f"no earlier {fresh['zoo']['head']} results to update: run without --only first")
+    if old["zoo"]["key"] != fresh["zoo"]["key"]:
+        raise SystemExit(f"zoo {fresh['zoo']['key']} is not the zoo {old['zoo']['key']} the other rows used")
+    names = {name for name, m, _, _ in METHODS if m == method}
+    for kind in ("without_validation", "with_validation"):
+        for name in names:
+            old[kind][name] = fresh[kind][name]
+    if fresh["ablation"]:
+        old["ablation"] = fresh["ablation"]
+    old.setdefault("reruns", []).append(
+        {"method": method, "finetuned": fresh["finetuned"], "base_probe": fresh["base_probe"]["scores"]}
+    )
+    return old
 
 
 def fmt(x: float) -> str:
@@ -191,16 +218,24 @@ def main() -> int:
     parser.add_argument("--heads", default="joint,frozen", help="comma-separated head protocols")
     parser.add_argument("--quick", action="store_true", help="two grid points per parameter (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--only", choices=sorted({m for _, m, _, _ in METHODS}), help="rerun one method's rows")
     args = parser.parse_args()
+    out = Path(args.out)
     results: dict[str, Any] = {"size": args.size, "protocols": {}}
+    if args.only:
+        results = json.loads(out.read_text())
+        if results.get("size") != args.size:
+            parser.error(f"{out} holds the {results.get('size')} zoo, not {args.size}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mergeflow-accuracy-") as tmp:
         for head in args.heads.split(","):
             print(f"protocol: {head} heads", flush=True)
-            results["protocols"][head] = run_protocol(args.size, head, Path(tmp) / head, args.quick)
+            fresh = run_protocol(args.size, head, Path(tmp) / head, args.quick, args.only)
+            if args.only:
+                fresh = merge_rerun(results["protocols"].get(head), fresh, args.only)
+            results["protocols"][head] = fresh
             print_table(results["protocols"][head])
-    results["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
+    results["seconds" if not args.only else f"seconds_rerun_{args.only}"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out} ({results['seconds'] / 60:.1f} min)")

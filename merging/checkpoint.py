@@ -20,11 +20,14 @@ import torch
 
 from merging.errors import CheckpointError
 from merging.safetensors_format import MappedFile, TensorInfo, read_header
+from merging.untrusted import UnsafeInputError, inside, relative_name
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+# Files that would make transformers import and run code shipped with a model: never read or copied.
+CODE_SUFFIXES = (".py", ".pyc", ".so", ".pyd")
 
 
 def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
@@ -45,7 +48,7 @@ def cache_dir() -> Path:
 
 
 class HashCache:
-    """Returns file sha256s, remembering them by (path, size, mtime_ns, inode) as git's index does.
+    """Returns file sha256s, remembering them by (path, size, mtime_ns, ctime_ns, inode) as git's index does.
 
     Re-merging the same inputs then costs no re-hashing; a file that changed in any of those
     respects is hashed again. Entries are saved with an atomic replace, so concurrent runs can
@@ -64,7 +67,10 @@ class HashCache:
     @staticmethod
     def _key(path: Path) -> tuple[str, dict[str, int]]:
         st = path.stat()
-        return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+        # ctime cannot be set back by a writer (unlike mtime): a file rewritten in place with its
+        # mtime restored still changes its ctime, so it is hashed again.
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+        return str(path.resolve()), stamp
 
     def sha256(self, path: Path) -> str:
         key, stamp = self._key(path)
@@ -76,6 +82,16 @@ class HashCache:
         with self._lock:
             self._entries[key] = {**stamp, "sha256": digest}
             self._dirty = True
+        return digest
+
+    def verify(self, path: Path) -> str:
+        """Returns the sha256 of `path` read afresh, and corrects the remembered one if it was stale."""
+        key, stamp = self._key(path)
+        digest = file_sha256(path)
+        with self._lock:
+            if self._entries.get(key, {}).get("sha256") != digest:
+                self._entries[key] = {**stamp, "sha256": digest}
+                self._dirty = True
         return digest
 
     def remember(self, path: Path, digest: str) -> None:
@@ -95,6 +111,25 @@ class HashCache:
             os.replace(tmp, self.path)
         except OSError:
             pass  # a read-only cache folder only costs re-hashing next time
+
+
+def read_model_config(config_file: Path) -> dict[str, Any]:
+    """Returns a model folder's config.json, refusing one that asks transformers to run the model's own code."""
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{config_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{config_file}: invalid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    if "auto_map" in data:
+        raise CheckpointError(
+            f"{config_file}: auto_map asks transformers to run code shipped with the model "
+            f"({', '.join(sorted(map(str, data['auto_map'])))}); mergeflow never runs model code "
+            "(trust_remote_code stays off): use a model whose architecture transformers ships"
+        )
+    return data
 
 
 def _load_weights_only(path: Path) -> Any:
@@ -135,12 +170,10 @@ class Checkpoint:
             else:
                 raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors or .bin)")
             return
+        self._refuse_outside_links(p)
         config_file = p / "config.json"
         if config_file.exists():
-            try:
-                self.config = json.loads(config_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{config_file}: invalid JSON ({exc})") from exc
+            self.config = read_model_config(config_file)
         if (p / SAFE_INDEX).exists():
             self._add_safetensors(self._index_files(p / SAFE_INDEX), index=p / SAFE_INDEX)
         elif (p / SAFE_SINGLE).exists():
@@ -160,18 +193,36 @@ class Checkpoint:
                 f"{p}: no model weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, or {BIN_SINGLE})"
             )
 
+    def _refuse_outside_links(self, folder: Path) -> None:
+        """Raises when a file of the model folder is a symlink that leaves the folder."""
+        for f in folder.iterdir():
+            if f.is_symlink():
+                try:
+                    inside(folder, f, f"model {self.label!r}")
+                except UnsafeInputError as exc:
+                    raise CheckpointError(f"{f}: symlink leaves the model folder ({exc})") from None
+
     def _index_files(self, index: Path) -> list[Path]:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: invalid index file ({exc})") from exc
-        self._index_map = {str(k): str(v) for k, v in weight_map.items()}
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{index}: invalid index file ({type(exc).__name__}: {exc})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index}: invalid index file (weight_map must map tensor names to shard files)")
+        self._index_map = dict(weight_map)
         files = []
         for name in sorted(set(self._index_map.values())):
-            shard = index.parent / name
-            if not shard.exists():
+            try:
+                relative_name(name, f"{index}: weight_map shard")
+                shard = inside(index.parent, index.parent / name, f"{index}: weight_map shard")
+            except UnsafeInputError as exc:
+                raise CheckpointError(str(exc)) from None
+            if not shard.is_file():
                 raise CheckpointError(f"{index}: lists shard {name} which does not exist")
-            files.append(shard)
+            files.append(index.parent / name)
         return files
 
     def _add_safetensors(self, files: list[Path], index: Path | None = None) -> None:
@@ -235,7 +286,11 @@ class Checkpoint:
         if not self.path.is_dir():
             return []
         weight_files = set(self.files) | {self.path / SAFE_INDEX, self.path / BIN_INDEX}
-        return sorted(f for f in self.path.iterdir() if f.is_file() and f not in weight_files)
+        return sorted(
+            f
+            for f in self.path.iterdir()
+            if f.is_file() and f not in weight_files and not f.is_symlink() and not f.name.endswith(CODE_SUFFIXES)
+        )
 
     def close(self) -> None:
         for m in self._mapped.values():

@@ -66,6 +66,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     Raises CheckpointError naming the file (and the tensor) when the header is corrupt or the
     file is shorter than the header says (a truncated download).
     """
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a safetensors file")
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, header missing)")
@@ -80,31 +82,47 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {exc})") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + header_len
     data_len = size - data_start
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         infos[name] = _tensor_info(path, name, entry, data_start, data_len)
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+    _check_no_overlap(path, infos)
+    return infos, dict(metadata)
+
+
+def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """Raises when two tensors' byte ranges overlap (one would silently read the other's bytes)."""
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos.values() if i.nbytes)
+    reach, holder = -1, ""
+    for begin, end, name in spans:
+        if begin < reach:
+            raise CheckpointError(f"{path}: tensors {holder!r} and {name!r} have overlapping data_offsets")
+        if end > reach:
+            reach, holder = end, name
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}")
     code = entry.get("dtype")
-    if code not in DTYPE_FROM_CODE:
+    if not isinstance(code, str) or code not in DTYPE_FROM_CODE:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if (
         not isinstance(shape, list)
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         or not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
         raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry}")
     dtype = DTYPE_FROM_CODE[code]

@@ -26,6 +26,7 @@ from prefect import task
 from merging.checkpoint import cache_dir, file_sha256
 from merging.config import StorageConfig
 from merging.errors import CheckpointError, ConfigError, MergeflowError
+from merging.untrusted import UnsafeInputError, file_entries, inside, relative_name, sha256_hex
 from tasks.storage import (
     MANIFEST,
     PUBLISHED_MARK,
@@ -94,16 +95,16 @@ class Snapshots:
         folder = self.snapshots / key
         try:
             record = json.loads((folder / SNAPSHOT_RECORD).read_text())
-            for name, entry in record["files"].items():
-                if (folder / name).stat().st_size != entry["size"]:
+            for name, (size, _) in file_entries(record["files"], str(folder / SNAPSHOT_RECORD)).items():
+                if (folder / name).is_symlink() or (folder / name).stat().st_size != size:
                     return None
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, UnsafeInputError):
             return None
         return folder, record
 
     def add_blob(self, path: Path, sha256: str | None = None) -> str:
         """Returns the sha256 of `path` after moving it into the blob store (a blob already there is kept)."""
-        digest = sha256 or file_sha256(path)
+        digest = sha256_hex(sha256, f"blob for {path.name}") if sha256 else file_sha256(path)
         blob = self.blobs / digest
         if blob.exists() and blob.stat().st_size == path.stat().st_size:
             path.unlink()
@@ -113,7 +114,7 @@ class Snapshots:
         return digest
 
     def has_blob(self, sha256: str, size: int) -> bool:
-        blob = self.blobs / sha256
+        blob = self.blobs / sha256_hex(sha256, "blob name")
         return blob.exists() and blob.stat().st_size == size
 
     def publish(self, key: str, files: dict[str, str], record: dict[str, Any]) -> Path:
@@ -124,12 +125,13 @@ class Snapshots:
         try:
             entries = {}
             for name, digest in files.items():
-                target = tmp / name
+                target = tmp / relative_name(name, f"snapshot {key}")
+                blob = self.blobs / sha256_hex(digest, f"snapshot {key}: {name}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    os.link(self.blobs / digest, target)
+                    os.link(blob, target)
                 except OSError:
-                    shutil.copy2(self.blobs / digest, target)
+                    shutil.copy2(blob, target)
                 entries[name] = {"sha256": digest, "size": target.stat().st_size}
             (tmp / SNAPSHOT_RECORD).write_text(json.dumps({**record, "files": entries}, indent=1))
             if folder.exists():
@@ -172,20 +174,22 @@ def _fetch_s3(ref: str, store: Snapshots, storage: StorageConfig | None) -> Fetc
     client = s3_client(storage)
     manifest = read_manifest(loc, storage, client=client, missing_ok=True)
     if manifest is not None:
-        expected = {n: (int(e["size"]), str(e["sha256"])) for n, e in manifest["files"].items()}
+        expected = file_entries(manifest["files"], f"{ref}/{MANIFEST}")
     else:
         listing = list_objects(loc, storage, client=client)
         if not listing:
             raise StorageError(f"{ref}: no objects under this prefix")
         expected = {}
         for name, size in listing.items():
+            relative_name(name, f"{ref}: object key")
             meta = client.head_object(Bucket=loc.bucket, Key=loc.key(name)).get("Metadata", {})
             if meta.get("mergeflow") == PUBLISHED_MARK:
                 # Published by mergeflow, yet no manifest: an upload still running (or one that failed).
                 raise StorageError(
                     f"{ref}: a mergeflow upload without its {MANIFEST} (not finished, or failed); not read"
                 )
-            expected[name] = (size, meta.get("sha256", ""))
+            recorded = meta.get("sha256", "")
+            expected[name] = (size, sha256_hex(recorded, f"{ref}/{name}: sha256 metadata") if recorded else "")
     identity = "s3\0" + ref + "\0" + json.dumps(sorted(expected.items()))
     key = store.key(identity)
     with store.lock(key):
@@ -194,8 +198,6 @@ def _fetch_s3(ref: str, store: Snapshots, storage: StorageConfig | None) -> Fetc
             return _from_snapshot(ref, "s3", *found, reused=True)
         files = {}
         for name, (size, sha) in expected.items():
-            if name.startswith("..") or name.startswith("/"):
-                raise IntegrityError(f"{ref}: object name {name!r} escapes the prefix")
             if sha and store.has_blob(sha, size):
                 files[name] = sha
                 continue
@@ -242,6 +244,19 @@ def _hf_folder(root: Path) -> Path:
     return min(candidates, key=lambda p: len(p.parts))
 
 
+def _recorded_files(manifest_file: Path | None, ref: str) -> dict[str, tuple[int, str]]:
+    """Returns the validated {name: (size, sha256)} of a logged model's manifest ({} when it has none)."""
+    if manifest_file is None:
+        return {}
+    try:
+        data = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{ref}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{ref}: {MANIFEST} is not a JSON object")
+    return file_entries(data.get("files"), f"{ref}/{MANIFEST}")
+
+
 def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> FetchedModel:
     import mlflow
 
@@ -257,8 +272,10 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
             weights = _hf_folder(local)
             manifest_file = next(iter(local.rglob(MANIFEST)), None)
-            recorded = json.loads(manifest_file.read_text())["files"] if manifest_file else {}
+            recorded = _recorded_files(manifest_file, ref)
             chosen = {p.relative_to(weights).as_posix(): p for p in weights.rglob("*") if p.is_file()}
+            for name, path in chosen.items():
+                inside(local, path, f"{ref}: artifact {name}")
             tok = next((p for p in local.rglob("components/tokenizer") if p.is_dir()), None)
             if tok is not None:  # the transformers flavor keeps the tokenizer apart from the weights
                 for p in tok.iterdir():
@@ -268,7 +285,7 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
             for name, path in chosen.items():
                 digest = file_sha256(path)
                 want = recorded.get(name)
-                if want and (want["sha256"] != digest or want["size"] != path.stat().st_size):
+                if want and (want[1] != digest or want[0] != path.stat().st_size):
                     raise IntegrityError(f"{ref}: file {name} does not match the sha256 recorded when it was logged")
                 files[name] = store.add_blob(path, digest)
             detail["manifest"] = "yes" if recorded else "no"

@@ -141,7 +141,9 @@ def _save_mlflow_model(merged_dir: Path, out: Path, pipeline_task: str) -> None:
         (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
         return
 
-    pipe = transformers.pipeline(pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir))
+    pipe = transformers.pipeline(
+        pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir), trust_remote_code=False
+    )
     requirements = [f"torch=={_version('torch')}", f"transformers=={transformers.__version__}"]
     mlflow.transformers.save_model(pipe, str(out), pip_requirements=requirements)
     if (merged_dir / "heads").is_dir():

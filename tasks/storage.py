@@ -26,6 +26,7 @@ import merging
 from merging.checkpoint import file_sha256
 from merging.config import StorageConfig
 from merging.errors import MergeflowError
+from merging.untrusted import file_entries
 from merging.writer import publish_folder
 
 MANIFEST = "mergeflow-manifest.json"
@@ -144,13 +145,6 @@ def folder_manifest(folder: Path) -> dict[str, Any]:
     return {"format": 1, "mergeflow": merging.__version__, "files": files}
 
 
-def _check_relpath(name: str, where: str) -> str:
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts:
-        raise StorageError(f"{where}: manifest names an unsafe path {name!r}")
-    return name
-
-
 # -- publishing ---------------------------------------------------------------------------------
 
 
@@ -241,10 +235,11 @@ def read_manifest(
         raise _explain(exc, str(loc)) from None
     try:
         manifest = json.loads(body)
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (ValueError, KeyError, AssertionError):
-        raise StorageError(f"{loc}/{MANIFEST}: not a valid manifest") from None
+    except ValueError:
+        raise StorageError(f"{loc}/{MANIFEST}: not a valid manifest (not JSON)") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise StorageError(f"{loc}/{MANIFEST}: not a valid manifest (no 'files' object)")
+    file_entries(manifest["files"], f"{loc}/{MANIFEST}")  # every name, size and sha256 checked here
     return dict(manifest)
 
 

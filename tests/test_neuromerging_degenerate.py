@@ -44,7 +44,7 @@ def test_sparse_task_rows_match_reference_where_the_old_gram_path_did_not():
     g = torch.Generator().manual_seed(7)
     base = torch.randn(512, 48, generator=g, dtype=torch.float64)
     deltas = trim_rows(0.05 * torch.randn(8, 512, 48, generator=g, dtype=torch.float64), 0.05)
-    zero_rows = (deltas.abs().sum(-1) == 0)  # (T, rows)
+    zero_rows = deltas.abs().sum(-1) == 0  # (T, rows)
     mixed = zero_rows.any(0) & ~zero_rows.all(0)
     assert int(mixed.sum()) > 200  # the degenerate case is the common one here
     got = neuron_merge(base, deltas.clone(), 0.0, 1.0)

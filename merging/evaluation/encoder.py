@@ -50,14 +50,14 @@ def load_encoder(path: str | Path, tokenizer_path: str | Path | None = None) -> 
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json; an encoder folder needs one to be evaluated")
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     # The head is replaced per task; its size here only has to be valid.
     config.num_labels = max(int(getattr(config, "num_labels", 2) or 2), 2)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected: heads come later
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, config=config, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or folder, trust_remote_code=False)
     except OSError as exc:
         raise CheckpointError(f"{folder}: cannot load the encoder or its tokenizer: {exc}") from exc
     finally:

@@ -122,8 +122,8 @@ def enhance(
     check_calibration(finetunes, calibration)
     tasks = list(finetunes)
     with quiet_transformers():
-        base = AutoModel.from_pretrained(base_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        base = AutoModel.from_pretrained(base_dir, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(out_dir / "base")
     tokenizer.save_pretrained(out_dir / "base")  # θ_shared takes the base's tokenizer
@@ -131,7 +131,7 @@ def enhance(
     base_state = base.state_dict()
     for task in tasks:
         with quiet_transformers():
-            tuned = AutoModel.from_pretrained(finetunes[task]).eval()
+            tuned = AutoModel.from_pretrained(finetunes[task], trust_remote_code=False).eval()
         vectors = task_vectors(base, tuned)
         if options.importance == "activation":
             scores = activation_importance(
@@ -173,9 +173,9 @@ def calibrate(
     options = options or MinMergingOptions()
     tasks = enhancement.tasks
     with quiet_transformers():
-        base = AutoModel.from_pretrained(base_dir).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        shared = AutoModel.from_pretrained(shared_dir).eval()
+        base = AutoModel.from_pretrained(base_dir, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+        shared = AutoModel.from_pretrained(shared_dir, trust_remote_code=False).eval()
     texts = [text for task in tasks for text in calibration[task]]
     labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
     ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None

@@ -235,9 +235,9 @@ class RoutedModel:
             if not (path / "config.json").exists():
                 raise CheckpointError(f"{folder}/routed.json: the {role} model {path} is missing")
         with quiet_transformers():
-            shared = AutoModel.from_pretrained(shared_dir)
-            base = AutoModel.from_pretrained(base_dir)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            shared = AutoModel.from_pretrained(shared_dir, trust_remote_code=False)
+            base = AutoModel.from_pretrained(base_dir, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
         return cls(
             shared,
             base,

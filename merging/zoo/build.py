@@ -136,10 +136,11 @@ def finetune(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            trust_remote_code=False,
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     with torch.no_grad():
         model.classifier.weight.copy_(probe.weight)
         model.classifier.bias.copy_(probe.bias)
@@ -219,9 +220,9 @@ def build_zoo(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         base_dir = tmp / "base"
-        AutoModel.from_pretrained(source_dir).save_pretrained(base_dir)
-        AutoTokenizer.from_pretrained(source_dir).save_pretrained(base_dir)
-        n_params = sum(p.numel() for p in AutoModel.from_pretrained(base_dir).parameters())
+        AutoModel.from_pretrained(source_dir, trust_remote_code=False).save_pretrained(base_dir)
+        AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False).save_pretrained(base_dir)
+        n_params = sum(p.numel() for p in AutoModel.from_pretrained(base_dir, trust_remote_code=False).parameters())
         base_encoder = load_encoder(base_dir)
         entries = []
         for number, source in enumerate(sources):
@@ -282,7 +283,7 @@ def build_zoo(
                 seconds = time.perf_counter() - t0
                 folder = tmp / "finetunes" / source.name
                 model.save_pretrained(folder)  # type: ignore[operator]
-                AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+                AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(folder)
                 tuned = load_encoder(folder)
                 own = Head(tuned.head_module.weight.detach().float(), tuned.head_module.bias.detach().float())
                 tuned_scores = Scores(
