@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
 from merging.errors import MergeflowError
+from merging.untrusted import redact_text
 
 
 def _mib(n: int) -> str:
@@ -312,8 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MergeflowError as exc:
-        print(f"mergeflow: error: {exc}", file=sys.stderr)
+        print(f"mergeflow: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are written under temporary names and published by one last rename or manifest:
+        # an interrupted run has published nothing, and its leftovers are removed by the next run.
+        print("mergeflow: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(
+                f"mergeflow: error: no space left on the device writing {exc.filename or 'the output'}", file=sys.stderr
+            )
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from merging.errors import ConfigError
 from merging.merge import MergeReport, model_labels
 from merging.model_card import InputRecord
 from merging.staged import LayerResult, StagedPlan
+from merging.untrusted import split_credentials
 from tasks.calibrate import (
     calibrate_router,
     enhance_task,
@@ -277,7 +278,43 @@ def apply_overrides(
         data["pipeline"] = {**data.get("pipeline", {}), "runner": runner}
     from merging.config import parse_config
 
-    return parse_config(data, "<command line>")
+    return parse_config(move_credentials_to_environment(data), "<command line>")
+
+
+def move_credentials_to_environment(data: dict[str, Any]) -> dict[str, Any]:
+    """Returns the config data with user info taken out of its URIs and put where the clients read it.
+
+    `http://user:password@host` as a tracking URI becomes MLFLOW_TRACKING_USERNAME/PASSWORD (MLflow's
+    basic auth), as an S3 endpoint AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY. The flow's parameters
+    (stored by Prefect), MLflow params, the model card and every artifact then hold no secret.
+    """
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        clean, user, password = split_credentials(env_uri)
+        if user is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = clean
+            _set_secret_env("MLFLOW_TRACKING_USERNAME", user, "MLFLOW_TRACKING_PASSWORD", password)
+    registry = data.get("registry") or {}
+    if registry.get("tracking_uri"):
+        clean, user, password = split_credentials(registry["tracking_uri"])
+        if user is not None:
+            registry["tracking_uri"] = clean
+            _set_secret_env("MLFLOW_TRACKING_USERNAME", user, "MLFLOW_TRACKING_PASSWORD", password)
+    storage = data.get("storage") or {}
+    if storage.get("endpoint_url"):
+        clean, user, password = split_credentials(storage["endpoint_url"])
+        if user is not None:
+            storage["endpoint_url"] = clean
+            _set_secret_env("AWS_ACCESS_KEY_ID", user, "AWS_SECRET_ACCESS_KEY", password)
+    return data
+
+
+def _set_secret_env(user_key: str, user: str, password_key: str, password: str | None) -> None:
+    from urllib.parse import unquote
+
+    os.environ[user_key] = unquote(user)
+    if password is not None:
+        os.environ[password_key] = unquote(password)
 
 
 def run_pipeline(

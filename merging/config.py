@@ -14,6 +14,7 @@ from merging.methods import REGISTRY
 from merging.methods.base import MethodParams
 from merging.minmerging.params import MinMergingParams
 from merging.plan import DEFAULT_TASK_SPECIFIC
+from merging.untrusted import redact
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 MERGEKIT_UNSUPPORTED = ("slices", "modules")
@@ -22,7 +23,7 @@ ROUTED_METHODS: dict[str, type[MethodParams]] = {"min_merging": MinMergingParams
 
 
 class ModelParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float | None = None
     density: float | None = Field(default=None, gt=0, le=1)
 
@@ -30,7 +31,7 @@ class ModelParameters(BaseModel):
 class ModelEntry(BaseModel):
     """One fine-tuned model: where it is, an optional name (used for its head file), its weight and density."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     name: str | None = None
     parameters: ModelParameters = Field(default_factory=ModelParameters)
@@ -46,7 +47,7 @@ class ModelEntry(BaseModel):
 class EvaluationConfig(BaseModel):
     """What to evaluate on: a zoo's tasks or explicit tasks, the splits, and an optional validation grid."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     zoo: str | None = None  # a zoo folder: its tasks, data and heads (from zoo.yaml)
     tasks: list[TaskSpec] = Field(default_factory=list)
     split: str = "test"
@@ -68,7 +69,7 @@ class EvaluationConfig(BaseModel):
 class GateConfig(BaseModel):
     """The promotion gate: `champion` moves when `metric` beats the champion's by at least `min_margin`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     metric: str = "average_normalized"
     min_margin: float = 0.0
     higher_is_better: bool = True
@@ -77,7 +78,7 @@ class GateConfig(BaseModel):
 class RegistryConfig(BaseModel):
     """Where runs are tracked and the merged model is registered."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     tracking_uri: str | None = None  # default: sqlite in the run folder (the embedded default)
     experiment: str = "mergeflow"
     model_name: str = Field(min_length=1)
@@ -88,7 +89,7 @@ class RegistryConfig(BaseModel):
 class StorageConfig(BaseModel):
     """Where merged models are published: a local folder or s3://bucket/prefix (credentials never here)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     uri: str = Field(min_length=1)
     endpoint_url: str | None = None
     region: str | None = None
@@ -109,7 +110,7 @@ class StorageConfig(BaseModel):
 class CalibrationSource(BaseModel):
     """Texts of one task (or of out-of-domain inputs): a dataset, its text column, its split, how many to sample."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(min_length=1, description="the fine-tune whose task these texts are (its name or folder name)")
     dataset: str = Field(min_length=1, description="file, folder, saved dataset, or hub dataset name")
     text_column: str = "text"
@@ -121,7 +122,7 @@ class CalibrationSource(BaseModel):
 class RouterSettings(BaseModel):
     """The router MLP and its out-of-domain threshold."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     hidden: int = Field(default=64, ge=1)
     epochs: int = Field(default=300, ge=1)
     learning_rate: float = Field(default=1e-2, gt=0)
@@ -134,7 +135,7 @@ class RouterSettings(BaseModel):
 class CalibrationConfig(BaseModel):
     """Router calibration data (MIN-Merging): per fine-tune, texts of its task; optionally out-of-domain texts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     zoo: str | None = None  # a zoo folder: each merge task's train split, its out-of-domain tasks as `ood`
     tasks: list[CalibrationSource] = Field(default_factory=list)
     ood: list[CalibrationSource] = Field(default_factory=list)
@@ -157,7 +158,7 @@ class CalibrationConfig(BaseModel):
 class WatchConfig(BaseModel):
     """Where new fine-tunes appear (the watcher flow emits `mergeflow.finetune.available` for each new one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     mlflow_model: str | None = None  # every new version of this registered model is a new fine-tune
     s3_prefix: str | None = None  # every new folder with a published manifest under this prefix is one
     task_tag: str = "task"  # a model version tag naming the fine-tune's task (its label in the merge)
@@ -175,7 +176,7 @@ class WatchConfig(BaseModel):
 class PipelineConfig(BaseModel):
     """How the pipeline runs: its working folder and the task runner of the per-layer fan-out."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     workdir: str | None = None
     runner: Literal["threads", "sequential", "dask"] = "threads"
     max_workers: int = Field(default=2, ge=1)
@@ -185,7 +186,7 @@ class PipelineConfig(BaseModel):
 class MergeConfig(BaseModel):
     """A merge: method, base model, fine-tunes, method parameters and output options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     merge_method: str
     base_model: str
     models: list[ModelEntry] = Field(min_length=1)
@@ -349,5 +350,5 @@ def dump_config(config: MergeConfig) -> str:
     The `pipeline` section (work folder, task runner) is how a run executed, not what it merged:
     it is left out, so the same merge writes the same bytes whichever runner produced it.
     """
-    data = config.model_dump(mode="json", exclude_none=True, exclude={"pipeline"})
+    data = redact(config.model_dump(mode="json", exclude_none=True, exclude={"pipeline"}))
     return yaml.safe_dump(data, sort_keys=False)

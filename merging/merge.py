@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ from merging.memory import PeakMemory
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
 from merging.model_card import InputRecord, render_model_card
-from merging.plan import MergePlan, Role, TensorPlan, build_plan
+from merging.plan import BASE_HEAD, MergePlan, Role, TensorPlan, build_plan
 from merging.trim import ModelThreshold, TensorTrimL1, chunks
-from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder
+from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -85,7 +84,7 @@ def model_labels(config: MergeConfig) -> list[str]:
         raw = entry.name or Path(entry.model.rstrip("/")).name or "model"
         label = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
         base, n = label, 2
-        while label in labels:
+        while label in labels or label == BASE_HEAD:
             label, n = f"{base}-{n}", n + 1
         labels.append(label)
     return labels
@@ -214,13 +213,37 @@ def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
     return TORCH_DTYPES[name] if name else plan.dtype
 
 
+def check_output_folder(out_dir: Path, inputs: list[str], overwrite: bool) -> None:
+    """Raises unless `out_dir` may be written: new, or (with overwrite) not an input, the cwd or home.
+
+    Replacing `out_dir` deletes it: it must not be, contain or lie inside any input model, and
+    must not be the current folder, the home folder, or a folder above either.
+    """
+    out = out_dir.resolve()
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if not out.is_dir():
+        raise ConfigError(f"--overwrite: {out} is a file, not a merged model folder; refusing to replace it")
+    protected = {"the current folder": Path.cwd().resolve(), "your home folder": Path.home().resolve()}
+    for what, path in protected.items():
+        if out == path or out in path.parents:
+            raise ConfigError(f"--overwrite: refusing to delete {out}: it is {what} or holds it")
+    for ref in inputs:
+        if "://" in ref or ref.startswith(("models:/", "runs:/")):
+            continue
+        src = Path(ref).expanduser().resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise ConfigError(f"--overwrite: refusing to delete {out}: it is, holds or lies inside input {src}")
+
+
 def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | None = None) -> MergeReport:
     """Returns the report of merging `config` into `out_dir` (written atomically)."""
     options = options or MergeOptions()
     config.require_static()
     out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not options.overwrite:
-        raise ConfigError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
+    check_output_folder(out_dir, [config.base_model] + [e.model for e in config.fine_tunes()], options.overwrite)
     device = resolve_device(options.device)
     method = REGISTRY[config.merge_method]
     params: MethodParams = config.method_params()
@@ -231,7 +254,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
 
     base = Checkpoint(config.base_model, "base")
     models = [Checkpoint(e.model, label) for e, label in zip(entries, labels)]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(out_dir)
     with PeakMemory() as memory, ThreadPoolExecutor(max_workers=1) as hasher:
         try:
             plan = build_plan(base, models, config.task_specific, config.transposed, config.allow_dtype_mismatch)
@@ -286,7 +309,7 @@ def finish_output(
     bytes_written: int,
 ) -> MergeReport:
     """Returns the report after writing what follows the weights: heads, side files, config and model card."""
-    bytes_written += write_heads(plan, models, folder)
+    bytes_written += write_heads(plan, base, models, folder)
     copy_side_files(base, config, folder)
     (folder / "mergeflow_config.yml").write_text(dump_config(config))
     report = MergeReport(
@@ -332,6 +355,12 @@ def merge_tensor(
     )
     merged = merge_fn(inputs, params, stats).to(base.dtype)  # type: ignore[operator]
     del deltas, inputs
+    if merged.numel() and not torch.isfinite(merged.sum()):
+        bad = int((~torch.isfinite(merged)).sum())
+        raise NonFiniteError(
+            f"tensor {t.name!r}: the merge produced {bad} NaN/Inf values (inputs are finite: "
+            "check the method's parameters, e.g. lambda, weights, or a sum of weights of 0 with normalize)"
+        )
     return source.unorient(merged.add_(base), t)  # the method's tensor is its own
 
 
@@ -372,10 +401,10 @@ def _write_model(
     return writer.total_size
 
 
-def write_heads(plan: MergePlan, models: list[Checkpoint], folder: Path) -> int:
-    """Writes each model's task-specific tensors, unmerged, to heads/<label>.safetensors."""
+def write_heads(plan: MergePlan, base: Checkpoint, models: list[Checkpoint], folder: Path) -> int:
+    """Writes each model's task-specific tensors, unmerged, to heads/<label>.safetensors (the base's: base)."""
     written = 0
-    for model in models:
+    for model in [base, *models]:
         names = plan.heads.get(model.label)
         if not names:
             continue

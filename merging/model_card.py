@@ -41,6 +41,11 @@ def render_model_card(config: MergeConfig, method: MergeMethod, params: MethodPa
         "",
         f"- method: `{method.name}` — {method.describe(params) or method.pretty_name}",
         f"- parameters: `{params.model_dump(by_alias=True, exclude_none=True)}`",
+        "- per model (the weight and density actually used): "
+        + "; ".join(
+            f"`{label}` weight {config.model_weight(e, params):g}, density {config.model_density(e, params):g}"
+            for e, label in zip(config.fine_tunes(), _labels(config))
+        ),
         f"- seed: {config.seed}",
         f"- output dtype: {config.out_dtype or config.dtype or 'same as base'}",
     ]
@@ -75,6 +80,12 @@ def render_model_card(config: MergeConfig, method: MergeMethod, params: MethodPa
         "",
     ]
     return "\n".join(lines)
+
+
+def _labels(config: MergeConfig) -> list[str]:
+    from merging.merge import model_labels  # merging.merge imports this module
+
+    return model_labels(config)
 
 
 def _config_yaml(config: MergeConfig) -> str:

@@ -2,7 +2,14 @@
 
 Every model must hold the base's tensors with the same shapes and dtypes; differences are
 collected and reported together, naming each tensor. Tensors that belong to one task (heads)
-are set aside and never merged.
+are set aside and never merged: each model's under its label, the base's own under `base`.
+
+Heads, as a rule: (1) tensors matching `task_specific` are heads in every model, the base
+included, whatever their shapes; (2) tensors of fine-tunes that the base lacks are heads when
+their shapes differ between fine-tunes; (3) when the base carries a pretraining head (tensors
+matching PRETRAINING_HEAD that no fine-tune has, e.g. `BertForMaskedLM`'s `cls.*`), that head is
+the base's, and every fine-tune tensor the base lacks (a freshly initialised pooler, a classifier)
+is that fine-tune's head.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from merging.checkpoint import Checkpoint
 from merging.errors import PlanError
 
 DEFAULT_TASK_SPECIFIC = ["classifier.*", "*.classifier.*", "score.*", "qa_outputs.*", "pre_classifier.*"]
+# A pretraining head (masked-LM `cls.*`, RoBERTa's `lm_head.*`) that no fine-tune kept: the base's own head.
+PRETRAINING_HEAD = ["cls.*", "lm_head.*", "*.cls.*"]
+BASE_HEAD = "base"  # heads/base.safetensors holds the base's own task-specific tensors
 EMBEDDING_PATTERN = re.compile(
     r"(^|\.)(embed_tokens|word_embeddings|position_embeddings|token_type_embeddings|"
     r"wte|wpe|embed_positions|shared|embeddings?)(\.weight)?$"
@@ -156,13 +166,16 @@ def build_plan(
     base_names = set(base.infos)
     mappings = [align_names(base_names, set(m.infos)) for m in models]
 
+    # The base's own head: its task-specific tensors, and a pretraining head no fine-tune kept.
+    pretraining_head = [n for n in base.infos if _matches(n, PRETRAINING_HEAD) and all(n not in mp for mp in mappings)]
+    base_head = [n for n in base.infos if _matches(n, patterns) or n in pretraining_head]
     # Tensors not in the base: heads when declared or when their shapes differ between fine-tunes.
-    heads: dict[str, list[str]] = {m.label: [] for m in models}
+    heads: dict[str, list[str]] = {BASE_HEAD: base_head, **{m.label: [] for m in models}}
     extras: dict[str, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
     for m, mapping in zip(models, mappings):
-        used = set(mapping.values())
+        used = {src for b, src in mapping.items() if not _matches(b, patterns)}
         for name in sorted(set(m.infos) - used):
-            if _matches(name, patterns):
+            if _matches(name, patterns) or pretraining_head:
                 heads[m.label].append(name)
             else:
                 extras[name].append((m.label, m.infos[name].shape))
@@ -179,7 +192,7 @@ def build_plan(
 
     tensors: list[TensorPlan] = []
     for name, info in base.infos.items():
-        if _matches(name, patterns):
+        if name in base_head:
             continue  # the base's own head is never merged
         sources = []
         for m, mapping in zip(models, mappings):

@@ -44,7 +44,7 @@ from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
 from merging.model_card import InputRecord
 from merging.plan import MergePlan, build_plan
-from merging.writer import ShardedWriter, publish_folder
+from merging.writer import ShardedWriter, publish_folder, temporary_sibling
 
 CACHE_FORMAT = 1
 
@@ -135,8 +135,16 @@ def plan_merge(config: MergeConfig, cache: Path | None = None, progress: bool = 
         inputs = [
             InputRecord(ck.label, str(ck.path), {f.name: hashes.sha256(f) for f in ck.files}) for ck in [base, *models]
         ]
-        hashes.save()
         key = merge_key(config, inputs)
+        if (cache / f"{key}.stats.json").exists():
+            # Work computed from these sha256s would be reused: read the inputs afresh, so a file
+            # rewritten in place (stat unchanged) cannot pass for the one the cached layers came from.
+            inputs = [
+                InputRecord(ck.label, str(ck.path), {f.name: hashes.verify(f) for f in ck.files})
+                for ck in [base, *models]
+            ]
+            key = merge_key(config, inputs)
+        hashes.save()
         stats_file = cache / f"{key}.stats.json"
         stats: ModelStats | None = None
         if stats_file.exists():
@@ -310,7 +318,7 @@ def assemble(
         )
     started = time.perf_counter()
     base, models = _open(config)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(out_dir)
     with PeakMemory() as memory:
         try:
             plan = _plan(config, base, models)

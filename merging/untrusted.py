@@ -99,6 +99,20 @@ def redact_uri(uri: str) -> str:
     return redact_text(urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment)))
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """Returns (uri without user info, user, password): credentials leave the URI before it is recorded."""
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri, None, None
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri, None, None
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return clean, parts.username, parts.password
+
+
 def redact_text(text: str) -> str:
     """Returns `text` with user info of every URI in it and signed-URL secrets replaced by ***."""
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)

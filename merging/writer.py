@@ -132,10 +132,40 @@ class ShardedWriter:
         self._fds = []
 
 
+def temporary_sibling(dest: Path) -> Path:
+    """Returns a fresh temporary folder name beside `dest`, marked with this process's id.
+
+    Leftovers of killed runs (a dead process id, or older than this process) are removed first.
+    """
+    remove_stale_temporaries(dest)
+    return dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temporaries(dest: Path) -> None:
+    """Removes `.DEST.tmp-*` / `.DEST.old-*` folders whose process is gone (or that predate this process)."""
+    import psutil
+
+    started = psutil.Process().create_time()
+    for leftover in [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
+        tail = leftover.name.rsplit(".tmp-", 1)[-1].rsplit(".old-", 1)[-1]
+        pid = tail.split("-", 1)[0] if "-" in tail else ""
+        try:
+            if not leftover.is_dir() or leftover.is_symlink():
+                continue
+            if pid.isdigit():
+                stale = int(pid) != os.getpid() and not psutil.pid_exists(int(pid))
+            else:  # written before folders carried a process id
+                stale = leftover.stat().st_mtime < started
+            if stale:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def publish_folder(tmp: Path, dest: Path) -> None:
     """Makes the complete folder `tmp` visible as `dest` by renames, replacing an older `dest` if there is one."""
     if dest.exists():
-        trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        trash = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         dest.rename(trash)
         tmp.rename(dest)
         shutil.rmtree(trash, ignore_errors=True)

@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 import merging
 from merging.config import GateConfig, MergeConfig
 from merging.errors import MergeflowError
+from merging.untrusted import redact, redact_text
 from tasks.logs import run_logger
 from tasks.storage import MANIFEST, folder_manifest
 
@@ -192,15 +193,22 @@ def register_merge(
         else:
             experiment_id = experiment.experiment_id
     except MlflowException as exc:
-        raise MergeflowError(f"registry: cannot reach MLflow at {tracking_uri} ({exc.error_code}: {exc})") from None
+        where = redact_text(tracking_uri)
+        raise MergeflowError(
+            redact_text(f"registry: cannot reach MLflow at {where} ({exc.error_code}: {exc})")
+        ) from None
     except Exception as exc:  # connection errors surface as requests' or sqlalchemy's
-        raise MergeflowError(f"registry: cannot reach MLflow at {tracking_uri} ({type(exc).__name__}: {exc})") from None
+        where = redact_text(tracking_uri)
+        raise MergeflowError(
+            redact_text(f"registry: cannot reach MLflow at {where} ({type(exc).__name__}: {exc})")
+        ) from None
     logger = run_logger()
     version: str | None = None
     run = client.create_run(experiment_id, run_name=lineage.get("flow_run_name") or config.name)
     run_id = run.info.run_id
     try:
-        params = flatten(config.model_dump(mode="json", exclude_none=True))
+        params = flatten(redact(config.model_dump(mode="json", exclude_none=True)))
+        lineage = redact(lineage)
         with mlflow.start_run(run_id=run_id):
             for start in range(0, len(params), 100):
                 chunk = dict(list(params.items())[start : start + 100])
@@ -269,7 +277,9 @@ def register_merge(
             pass
         raise
     logger.info("registered %s version %s (aliases: %s); gate: %s", registry.model_name, version, aliases, reason)
-    return Registration(tracking_uri, run_id, registry.model_name, version, aliases, passed, reason, champion_before)
+    return Registration(
+        redact_text(tracking_uri), run_id, registry.model_name, version, aliases, passed, reason, champion_before
+    )
 
 
 register_task = task(register_merge, name="register", cache_policy=NO_CACHE)

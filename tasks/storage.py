@@ -27,7 +27,7 @@ from merging.checkpoint import file_sha256
 from merging.config import StorageConfig
 from merging.errors import MergeflowError
 from merging.untrusted import file_entries
-from merging.writer import publish_folder
+from merging.writer import publish_folder, temporary_sibling
 
 MANIFEST = "mergeflow-manifest.json"
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
@@ -162,7 +162,7 @@ def _publish_local(folder: Path, dest: Path, manifest: dict[str, Any]) -> None:
     if (dest / MANIFEST).exists() and json.loads((dest / MANIFEST).read_text())["files"] == manifest["files"]:
         return  # the same model is already published there
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(dest)
     try:
         shutil.copytree(folder, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -26,7 +26,7 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".csv")
 class TaskSpec(BaseModel):
     """One classification task: where its data is, which columns, which splits, which metric."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     dataset: str = Field(min_length=1, description="file, folder, saved dataset, or hub dataset name")

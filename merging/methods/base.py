@@ -16,7 +16,7 @@ from merging.plan import Role
 class MethodParams(BaseModel):
     """Parameters every method accepts at the top level of the config (mergekit's shared keys)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
     weight: float | None = Field(default=None, description="default weight of every model")
     density: float | None = Field(default=None, gt=0, le=1, description="default density of every model")
     int8_mask: bool = Field(default=False, description="accepted for mergekit compatibility; no effect")
