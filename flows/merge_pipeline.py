@@ -44,8 +44,8 @@ from tasks.download import FetchedModel, download_model
 from tasks.evaluate import choose_parameters, evaluate_merge, evaluation_tasks, metrics_of
 from tasks.logs import run_logger
 from tasks.merge import assemble_task, merge_layer_task, plan_task
-from tasks.register import Registration, git_commit, register_task, sqlite_tracking_uri
-from tasks.storage import publish
+from tasks.register import Registration, check_registry, git_commit, register_task, sqlite_tracking_uri
+from tasks.storage import check_storage, publish, retry_transient
 
 DEFAULT_WORKDIR = "mergeflow-work"
 
@@ -115,7 +115,7 @@ def lineage_inputs(records: list[InputRecord], fetched: list[FetchedModel]) -> d
     return out
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[5, 20], cache_policy=NO_CACHE)
+@task(name="publish", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def publish_task(folder: Path, uri: str, storage: StorageConfig | None) -> str:
     """Returns the URI the merged model was published at (its manifest written last)."""
     publish(folder, uri, storage)
@@ -146,6 +146,12 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
         or os.environ.get("MLFLOW_TRACKING_URI")  # the local full stack exports it (`mergeflow stack env`)
         or sqlite_tracking_uri(work)
     )
+
+    # 0. the registry and the storage answer before anything is downloaded or merged
+    if registry is not None:
+        check_registry(tracking)
+    if config.storage is not None:
+        check_storage(config.storage)
 
     # 1. download (a local folder is used in place)
     refs = [config.base_model] + [e.model for e in config.fine_tunes()]

@@ -159,7 +159,7 @@ def spawn(command: list[str], env: dict[str, str], log: Path) -> int:
     return proc.pid
 
 
-def stop_pid(pid: int, timeout: float = 20.0) -> None:
+def stop_pid(pid: int, timeout: float = 60.0) -> None:
     """Stops the process group led by `pid`: SIGTERM, then SIGKILL after `timeout`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

@@ -34,6 +34,7 @@ from tasks.storage import (
     S3Location,
     StorageError,
     download_file,
+    is_transient,
     list_objects,
     read_manifest,
     retry_transient,
@@ -259,6 +260,7 @@ def _recorded_files(manifest_file: Path | None, ref: str) -> dict[str, tuple[int
 
 def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> FetchedModel:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     artifact_uri, detail = resolve_mlflow(ref, tracking_uri)
     key = store.key(f"mlflow\0{tracking_uri}\0{artifact_uri}")
@@ -269,7 +271,12 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
         with tempfile.TemporaryDirectory(dir=store.root, prefix=".mlflow-") as tmp:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+            except MlflowException as exc:
+                if is_transient(exc):
+                    raise
+                raise MergeflowError(f"{ref}: cannot download the model's artifacts ({exc.error_code})") from None
             weights = _hf_folder(local)
             manifest_file = next(iter(local.rglob(MANIFEST)), None)
             recorded = _recorded_files(manifest_file, ref)

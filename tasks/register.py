@@ -8,12 +8,15 @@ marks the run failed, so a failed run leaves no version and moves no alias.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,75 @@ def pipeline_task_for(folder: Path, configured: str | None) -> str:
     if "CausalLM" in arch:
         return "text-generation"
     return "feature-extraction"  # an encoder whose task heads are kept apart (heads/)
+
+
+@contextmanager
+def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
+    """Holds the right to read the champion and move aliases of one registered model.
+
+    A file lock serializes the runs on this machine; with a Prefect server configured, a global
+    concurrency limit of 1 (created on first use) serializes runs on every machine that uses it.
+    So no two runs compare against the same stale champion or write the alias at once.
+    """
+    from filelock import FileLock
+
+    from merging.checkpoint import cache_dir
+
+    slug = hashlib.sha256(f"{redact_text(tracking_uri)}\0{model_name}".encode()).hexdigest()[:24]
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"promote-{slug}.lock"), timeout=1800), _prefect_promotion_limit(slug):
+        yield
+
+
+@contextmanager
+def _prefect_promotion_limit(slug: str) -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # the embedded default: one machine, the file lock is enough
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"mergeflow-promote-{slug}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass
+    with concurrency(name, occupy=1, timeout_seconds=1800, strict=True):
+        yield
+
+
+def check_registry(tracking_uri: str) -> None:
+    """Raises a clear MergeflowError now if the MLflow tracking server cannot be reached (before merging).
+
+    MLflow's own client retries for minutes; a server that is down should be known in seconds.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return  # sqlite / file stores are created on first use
+    import requests
+
+    url = tracking_uri.rstrip("/") + "/health"
+    auth = None
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    try:
+        response = requests.get(url, timeout=10, auth=auth)
+    except requests.RequestException as exc:
+        msg = f"registry: MLflow at {tracking_uri} cannot be reached ({type(exc).__name__}); nothing was merged"
+        raise MergeflowError(redact_text(msg)) from None
+    if response.status_code in (401, 403):
+        raise MergeflowError(redact_text(f"registry: MLflow at {tracking_uri} refused the credentials"))
+    if response.status_code >= 400:
+        msg = f"registry: MLflow at {tracking_uri} answered {response.status_code} to /health; nothing was merged"
+        raise MergeflowError(redact_text(msg))
 
 
 def _champion_value(client: Any, name: str, metric: str) -> tuple[str | None, float | None]:
@@ -231,38 +303,41 @@ def register_merge(
                 saved = Path(tmp) / "model"
                 _save_mlflow_model(merged_dir, saved, pipeline_task_for(merged_dir, registry.pipeline_task))
                 mlflow.log_artifacts(str(saved), "model")
-        champion_before, champion_value = _champion_value(client, registry.model_name, registry.gate.metric)
-        try:
-            client.get_registered_model(registry.model_name)
-        except MlflowException:
+        with promotion_lock(tracking_uri, registry.model_name):
+            champion_before, champion_value = _champion_value(client, registry.model_name, registry.gate.metric)
             try:
-                client.create_registered_model(registry.model_name, description="Merged by mergeflow")
-            except MlflowException as exc:  # a concurrent run created it first: use it
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-        tags = {
-            "mergeflow.version": merging.__version__,
-            "mergeflow.git_commit": lineage.get("git_commit", "unknown"),
-            "mergeflow.flow_run_id": str(lineage.get("flow_run_id", "")),
-            "mergeflow.method": config.merge_method,
-            "mergeflow.merge_key": str(lineage.get("merge_key", "")),
-        }
-        if lineage.get("warnings"):
-            tags["mergeflow.warnings"] = " | ".join(lineage["warnings"])[:5000]
-        for label, entry in lineage.get("inputs", {}).items():
-            tags[f"mergeflow.input.{label}"] = f"{entry['reference']} sha256:{entry['digest']}"[:5000]
-        for k, v in metrics.items():
-            if k in ("average", "average_normalized", "ood_retention") or k == registry.gate.metric:
-                tags[METRIC_TAG + k] = repr(float(v))
-        mv = client.create_model_version(registry.model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags)
-        version = str(mv.version)
-        value = metrics.get(registry.gate.metric)
-        passed, reason = gate_decision(registry.gate, value, champion_value, champion_before is not None)
-        client.set_registered_model_alias(registry.model_name, "candidate", version)
-        aliases = ["candidate"]
-        if passed:
-            client.set_registered_model_alias(registry.model_name, "champion", version)
-            aliases.append("champion")
+                client.get_registered_model(registry.model_name)
+            except MlflowException:
+                try:
+                    client.create_registered_model(registry.model_name, description="Merged by mergeflow")
+                except MlflowException as exc:  # a concurrent run created it first: use it
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+            tags = {
+                "mergeflow.version": merging.__version__,
+                "mergeflow.git_commit": lineage.get("git_commit", "unknown"),
+                "mergeflow.flow_run_id": str(lineage.get("flow_run_id", "")),
+                "mergeflow.method": config.merge_method,
+                "mergeflow.merge_key": str(lineage.get("merge_key", "")),
+            }
+            if lineage.get("warnings"):
+                tags["mergeflow.warnings"] = " | ".join(lineage["warnings"])[:5000]
+            for label, entry in lineage.get("inputs", {}).items():
+                tags[f"mergeflow.input.{label}"] = f"{entry['reference']} sha256:{entry['digest']}"[:5000]
+            for k, v in metrics.items():
+                if k in ("average", "average_normalized", "ood_retention") or k == registry.gate.metric:
+                    tags[METRIC_TAG + k] = repr(float(v))
+            mv = client.create_model_version(
+                registry.model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags
+            )
+            version = str(mv.version)
+            value = metrics.get(registry.gate.metric)
+            passed, reason = gate_decision(registry.gate, value, champion_value, champion_before is not None)
+            client.set_registered_model_alias(registry.model_name, "candidate", version)
+            aliases = ["candidate"]
+            if passed:
+                client.set_registered_model_alias(registry.model_name, "champion", version)
+                aliases.append("champion")
         client.set_model_version_tag(registry.model_name, version, "mergeflow.gate", reason[:5000])
         client.set_terminated(run_id, "FINISHED")
     except BaseException:

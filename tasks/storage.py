@@ -72,16 +72,33 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
 
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Returns whether a failed network task should be retried: not for bad input or a hash mismatch."""
-    from merging.errors import CheckpointError, ConfigError
+class TransientStorageError(StorageError):
+    """The S3 endpoint could not be reached or was busy: a retry may succeed."""
 
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Returns whether a failure may go away on retry: a connection, timeout or busy server, nothing else.
+
+    Not found, refused credentials, an offline hub, a bad manifest or config fail on the first attempt.
+    """
+    if exc is None:
+        return False
+    if isinstance(exc, (TransientStorageError, ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"ConnectTimeout", "ReadTimeout", "ConnectionError", "EndpointConnectionError", "ChunkedEncodingError"}:
+        return True
+    code = getattr(exc, "error_code", None)  # MlflowException
+    return code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Returns whether a failed network task should be retried (see is_transient)."""
     try:
         exc = state.result(raise_on_failure=False)
-    except Exception:
-        return True
-    permanent = (ConfigError, CheckpointError, IntegrityError, CredentialsError)
-    return not isinstance(exc, permanent)
+    except Exception as raised:
+        exc = raised
+    return is_transient(exc if isinstance(exc, BaseException) else None)
 
 
 def _credentials(config: StorageConfig | None) -> dict[str, str]:
@@ -125,15 +142,41 @@ def _explain(exc: Exception, where: str) -> StorageError:
     if isinstance(exc, NoCredentialsError):
         return CredentialsError(f"{where}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"{where}: cannot reach the S3 endpoint ({exc})")
+        return TransientStorageError(f"{where}: cannot reach the S3 endpoint ({exc})")
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in CREDENTIAL_ERRORS:
             return CredentialsError(f"{where}: the S3 server refused the credentials ({code}); check the access key")
         if code in ("NoSuchBucket", "404", "NotFound", "NoSuchKey"):
             return StorageError(f"{where}: not found ({code})")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling", "ServiceUnavailable"):
+            return TransientStorageError(f"{where}: S3 server busy or failing ({code or status}); retrying may help")
         return StorageError(f"{where}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
+    if isinstance(exc, BotoCoreError):  # connection resets, read timeouts
+        return TransientStorageError(f"{where}: {type(exc).__name__}: {exc}")
     return StorageError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def check_storage(config: StorageConfig) -> None:
+    """Raises a clear StorageError now if the configured storage cannot be written (checked before merging)."""
+    if not config.uri.startswith("s3://"):
+        target = Path(config.uri).expanduser().resolve()
+        probe = next((p for p in [target, *target.parents] if p.exists()), None)
+        if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise StorageError(f"storage.uri {config.uri}: cannot create or write {target}")
+        return
+    loc = S3Location.parse(config.uri)
+    client = s3_client(config.model_copy(update={"max_attempts": 1}))
+    try:
+        client.head_bucket(Bucket=loc.bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return  # publishing creates it
+        raise _explain(exc, f"storage {loc}") from None
+    except (BotoCoreError, NoCredentialsError) as exc:
+        raise _explain(exc, f"storage {loc}") from None
 
 
 def folder_manifest(folder: Path) -> dict[str, Any]:
