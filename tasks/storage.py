@@ -218,7 +218,12 @@ def _publish_local(folder: Path, dest: Path, manifest: dict[str, Any]) -> None:
 def _publish_s3(folder: Path, loc: S3Location, manifest: dict[str, Any], config: StorageConfig | None) -> None:
     client = s3_client(config)
     where = str(loc)
-    existing = read_manifest(loc, config, client=client, missing_ok=True)
+    try:
+        existing = read_manifest(loc, config, client=client, missing_ok=True)
+    except (StorageError, MergeflowError) as exc:
+        if isinstance(exc, (CredentialsError, TransientStorageError)):
+            raise
+        existing = {"files": None}  # a damaged or hostile manifest there: replaced by this one
     if existing is not None and existing["files"] == manifest["files"]:
         return
     threshold = (config.multipart_threshold_mb if config else 64) * 2**20

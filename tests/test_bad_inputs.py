@@ -164,6 +164,112 @@ def _index_missing_shard(c: Case) -> None:
     (c.fts[1] / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+# -- hardening: paths from index files, model folders and configs ------------------------------------
+
+
+def _index_traversal(c: Case) -> None:
+    outside = c.root / "outside.safetensors"
+    save_file(_tensors(5), outside)
+    weights = load_file(c.fts[1] / "model.safetensors")
+    (c.fts[1] / "model.safetensors").unlink()
+    save_file(weights, c.fts[1] / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {n: "../outside.safetensors" for n in weights}}
+    (c.fts[1] / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _index_absolute(c: Case) -> None:
+    index = {"weight_map": {"model.norm.weight": "/etc/passwd"}}
+    (c.fts[1] / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _index_list(c: Case) -> None:
+    (c.fts[1] / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+
+
+def _symlink_side_file(c: Case) -> None:
+    secret = c.root / "secret.txt"
+    secret.write_text("TOP-SECRET-SIDE-FILE")
+    (c.base / "tokenizer.json").symlink_to(secret)
+
+
+def _weights_dir(c: Case) -> None:
+    (c.fts[0] / "model.safetensors").unlink()
+    (c.fts[0] / "model.safetensors").mkdir()
+
+
+def _auto_map(c: Case) -> None:
+    (c.base / "config.json").write_text(
+        json.dumps({"model_type": "evil-arch", "auto_map": {"AutoModel": "modeling_evil.EvilModel"}})
+    )
+    (c.base / "modeling_evil.py").write_text("open('PWNED', 'w').write('ran')\n")
+
+
+def _config_not_utf8(c: Case) -> None:
+    (c.base / "config.json").write_bytes(b'{"model_type": "\xff\xfe"}')
+
+
+# -- hardening: safetensors headers -------------------------------------------------------------------
+
+
+def _rewrite_header(c: Case, i: int, fn: Callable[[dict], object]) -> None:
+    f = c.fts[i] / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header = fn(header) or header
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    f.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :])
+
+
+def _overlap(c: Case) -> None:
+    def shift(h: dict) -> None:
+        up, down = h["model.layers.0.mlp.up_proj.weight"], h["model.layers.0.mlp.down_proj.weight"]
+        down["data_offsets"] = list(up["data_offsets"])  # same shape and size: reads up_proj's bytes
+
+    _rewrite_header(c, 0, shift)
+
+
+def _dtype_wrong_type(c: Case) -> None:
+    _rewrite_header(c, 0, lambda h: h["model.norm.weight"].__setitem__("dtype", {"F32": 1}))
+
+
+def _metadata_wrong_type(c: Case) -> None:
+    _rewrite_header(c, 0, lambda h: h.__setitem__("__metadata__", ["not", "a", "map"]))
+
+
+def _deep_header(c: Case) -> None:
+    f = c.fts[0] / "model.safetensors"
+    body = b"[" * 100_000 + b"]" * 100_000
+    f.write_bytes(struct.pack("<Q", len(body)) + body)
+
+
+# -- hardening: numbers ----------------------------------------------------------------------------------
+
+
+def _lambda_inf(c: Case) -> None:
+    c.edit_config(lambda d: d.__setitem__("parameters", {"lambda": float("inf")}))
+
+
+def _weight_huge(c: Case) -> None:
+    c.edit_config(lambda d: d["models"][0]["parameters"].__setitem__("weight", 1e400))
+
+
+def _lambda_nan(c: Case) -> None:
+    c.edit_config(
+        lambda d: (d.__setitem__("merge_method", "neuromerging"), d.__setitem__("parameters", {"lambda": float("nan")}))
+    )
+
+
+def _weights_cancel(c: Case) -> None:
+    # Finite parameters whose merge is not finite: normalize divides by a weight sum of exactly 0.
+    c.edit_ft(0, lambda t: t.__setitem__("model.norm.weight", torch.full((8,), 3e38)))
+    c.edit_ft(1, lambda t: t.__setitem__("model.norm.weight", torch.full((8,), 3e38)))
+    c.edit_config(
+        lambda d: (d.__setitem__("merge_method", "task_arithmetic"), d.__setitem__("parameters", {"lambda": 1.0}))
+    )
+
+
 CATALOGUE = [
     ("shape mismatch", _shape, ["shape mismatch", "model.layers.0.mlp.up_proj.weight", "[16, 8]", "[16, 9]"]),
     ("missing tensor", _missing, ["missing tensor", "model.layers.1.mlp.up_proj.weight", "ft0"]),
@@ -186,6 +292,21 @@ CATALOGUE = [
     ("mergekit slices", _slices, ["merge.yml", "slices", "not supported"]),
     ("nothing to merge", _only_base, ["merge.yml", "nothing to merge"]),
     ("index lists a missing shard", _index_missing_shard, ["model.safetensors.index.json", "does not exist"]),
+    ("index path leaves the folder", _index_traversal, ["model.safetensors.index.json", "../outside.safetensors"]),
+    ("index names an absolute path", _index_absolute, ["model.safetensors.index.json", "absolute"]),
+    ("index weight_map is a list", _index_list, ["model.safetensors.index.json", "weight_map"]),
+    ("side file is a symlink out", _symlink_side_file, ["tokenizer.json", "symlink leaves the model folder"]),
+    ("weights file is a directory", _weights_dir, ["ft0/model.safetensors", "directory"]),
+    ("auto_map asks to run model code", _auto_map, ["config.json", "auto_map", "never runs model code"]),
+    ("config.json not UTF-8", _config_not_utf8, ["config.json", "not UTF-8"]),
+    ("overlapping data_offsets", _overlap, ["ft0/model.safetensors", "overlapping data_offsets"]),
+    ("dtype of the wrong JSON type", _dtype_wrong_type, ["ft0/model.safetensors", "model.norm.weight", "dtype"]),
+    ("__metadata__ not a map", _metadata_wrong_type, ["ft0/model.safetensors", "__metadata__"]),
+    ("header nested too deeply", _deep_header, ["ft0/model.safetensors", "corrupt safetensors header"]),
+    ("lambda .inf", _lambda_inf, ["merge.yml", "parameters.lambda", "finite"]),
+    ("weight 1e400", _weight_huge, ["merge.yml", "models.0.parameters.weight", "finite"]),
+    ("NeuroMerging lambda .nan", _lambda_nan, ["merge.yml", "parameters.lambda", "finite"]),
+    ("merge overflows to Inf", _weights_cancel, ["model.norm.weight", "NaN/Inf", "the merge produced"]),
 ]
 
 
@@ -225,3 +346,134 @@ def test_bad_shard_size(tmp_path, capsys):
     case = Case(tmp_path)
     assert main(["merge", str(case.config), str(case.out), "--out-shard-size", "lots"]) == 2
     assert "out-shard-size" in capsys.readouterr().err
+
+
+# -- hardening: --overwrite never deletes an input, the current folder or home -------------------------
+
+
+@pytest.mark.parametrize("target", ["base", "holder", "inside", "cwd", "home"])
+def test_overwrite_refuses_to_delete_inputs(tmp_path, capsys, monkeypatch, target):
+    case = Case(tmp_path / "work")
+    (case.base / "keep.txt").write_text("input")
+    out = {
+        "base": case.base,
+        "holder": tmp_path / "work",
+        "inside": case.base / "sub",
+        "cwd": tmp_path,
+        "home": tmp_path / "home",
+    }[target]
+    out.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code = main(["merge", str(case.config), str(out), "--no-progress", "--overwrite"])
+    assert code == 2
+    assert "refusing to delete" in capsys.readouterr().err
+    assert (case.base / "keep.txt").read_text() == "input"
+    assert (case.base / "model.safetensors").exists() and out.exists()
+
+
+# -- hardening: the hash cache sees a file rewritten in place --------------------------------------------
+
+
+def test_file_rewritten_with_mtime_restored_is_hashed_again(tmp_path):
+    from merging.checkpoint import HashCache
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 64)
+    cache = HashCache(tmp_path / "hashes.json")
+    first = cache.sha256(f)
+    st = f.stat()
+    with f.open("r+b") as fh:  # same size, same inode, mtime put back: only ctime tells
+        fh.write(b"b" * 64)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.sha256(f) != first
+
+
+def test_staged_rerun_verifies_inputs_before_reusing_layers(tmp_path):
+    from merging.config import load_config
+    from merging.staged import plan_merge
+
+    case = Case(tmp_path)
+    cache = tmp_path / "cache"
+    config = load_config(case.config)
+    first = plan_merge(config, cache)
+    # Rewrite a fine-tune in place, keeping size, inode and mtime (a stale hash cache would keep its sha256).
+    f = case.fts[0] / "model.safetensors"
+    st = f.stat()
+    tensors = load_file(f)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    data = case.root / "tmp.safetensors"
+    save_file(tensors, data)
+    with f.open("r+b") as fh:
+        fh.write(data.read_bytes())
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = plan_merge(config, cache)
+    assert second.key != first.key
+
+
+# -- hardening: heads of a classification base and of a pretraining-head base ----------------------------
+
+
+def test_classification_base_keeps_its_head_and_the_fine_tunes_heads(tmp_path, capsys):
+    base = _tensors(0)
+    base["classifier.weight"] = torch.randn(1000, 8)
+    base["classifier.bias"] = torch.zeros(1000)
+    fts = []
+    for i, labels in enumerate((3, 5)):
+        t = _tensors(i + 1)
+        t["classifier.weight"] = torch.randn(labels, 8)
+        t["classifier.bias"] = torch.zeros(labels)
+        fts.append(_save(tmp_path / f"ft{i}", t))
+    cfg = write_config(tmp_path / "m.yml", "task_arithmetic", _save(tmp_path / "base", base), fts)
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    heads = sorted(p.name for p in (tmp_path / "out" / "heads").iterdir())
+    assert heads == ["base.safetensors", "ft0.safetensors", "ft1.safetensors"]
+    assert load_file(tmp_path / "out" / "heads" / "ft1.safetensors")["classifier.weight"].shape == (5, 8)
+    assert load_file(tmp_path / "out" / "heads" / "base.safetensors")["classifier.weight"].shape == (1000, 8)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "heads/base.safetensors" in card and "heads/ft0.safetensors" in card
+
+
+def test_pretraining_head_base_merges_with_classification_fine_tunes(tmp_path):
+    base = _tensors(0)
+    base["cls.predictions.bias"] = torch.zeros(20)
+    base["cls.predictions.transform.dense.weight"] = torch.randn(8, 8)
+    fts = []
+    for i in range(2):
+        t = _tensors(i + 1)
+        t["model.pooler.dense.weight"] = torch.randn(8, 8)  # freshly initialised by the fine-tune
+        t["classifier.weight"] = torch.randn(2 + i, 8)
+        fts.append(_save(tmp_path / f"ft{i}", t))
+    cfg = write_config(tmp_path / "m.yml", "ties", _save(tmp_path / "base", base), fts)
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert set(load_file(tmp_path / "out" / "heads" / "base.safetensors")) == {
+        "cls.predictions.bias",
+        "cls.predictions.transform.dense.weight",
+    }
+    assert set(load_file(tmp_path / "out" / "heads" / "ft0.safetensors")) == {
+        "classifier.weight",
+        "model.pooler.dense.weight",
+    }
+
+
+def test_card_shows_the_per_model_densities_used(tmp_path):
+    case = Case(tmp_path)
+    case.edit_config(lambda d: d["models"][1]["parameters"].__setitem__("density", 0.3))
+    assert main(["merge", str(case.config), str(case.out), "--no-progress"]) == 0
+    card = (case.out / "README.md").read_text()
+    assert "`ft0` weight 1, density 0.5" in card and "`ft1` weight 1, density 0.3" in card
+
+
+# -- hardening: a killed run's temporary folder is removed by the next run --------------------------------
+
+
+def test_leftover_temporaries_of_dead_runs_are_removed(tmp_path):
+    case = Case(tmp_path)
+    dead = tmp_path / ".merged.tmp-999999999-deadbeef"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    old_style = tmp_path / ".merged.tmp-0a1b2c3d"
+    old_style.mkdir()
+    os.utime(old_style, (1, 1))
+    assert main(["merge", str(case.config), str(case.out), "--no-progress"]) == 0
+    assert leftovers(tmp_path, "merged") == ["merged"]

@@ -241,3 +241,118 @@ def test_killed_run_on_the_servers_then_rerun(prefect_harness, stack, s3_env, fa
         .read()
     )
     assert set(manifest["files"]) == set(folder_bytes(result.merged_dir))
+
+
+# -- a published model is untrusted input ------------------------------------------------------------
+
+
+def _tamper_manifest(s3, prefix: str, edit) -> None:
+    c = client(s3)
+    key = f"{prefix}/{MANIFEST}"
+    manifest = json.loads(c.get_object(Bucket="models", Key=key)["Body"].read())
+    edit(manifest["files"])
+    c.put_object(Bucket="models", Key=key, Body=json.dumps(manifest).encode())
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a/../../../../victim.txt", "/tmp/victim.txt", "x/./../victim.txt", "ok\nname", "..", "a\\..\\victim.txt"],
+)
+def test_manifest_file_name_that_leaves_the_snapshot_is_refused(s3_env, family, tmp_path: Path, name):
+    from merging.untrusted import UnsafeInputError
+
+    _, base, _ = family
+    prefix = f"tiny/traversal-{abs(hash(name))}"
+    publish(base, f"s3://models/{prefix}")
+    c = client(s3_env)
+    c.put_object(Bucket="models", Key=f"{prefix}/evil.txt", Body=b"written by a stranger")
+    import hashlib
+
+    digest = hashlib.sha256(b"written by a stranger").hexdigest()
+    _tamper_manifest(s3_env, prefix, lambda f: f.__setitem__(name, {"size": 21, "sha256": digest}))
+    with pytest.raises(UnsafeInputError, match="files"):
+        fetch_model(f"s3://models/{prefix}", cache=tmp_path / "cache" / "deep" / "er")
+    assert not list(tmp_path.rglob("victim.txt"))
+
+
+def test_manifest_sha256_used_as_a_path_is_refused(s3_env, family, tmp_path: Path):
+    from merging.untrusted import UnsafeInputError
+
+    _, base, _ = family
+    secret = tmp_path / "local-secret.txt"
+    secret.write_text("LOCAL SECRET")
+    publish(base, "s3://models/tiny/blobpath")
+    relative = f"../../{'../' * 12}{secret}"
+    _tamper_manifest(
+        s3_env, "tiny/blobpath", lambda f: f.__setitem__("tokenizer.json", {"size": 12, "sha256": relative})
+    )
+    with pytest.raises(UnsafeInputError, match="sha256 must be 64 lowercase hex digits"):
+        fetch_model("s3://models/tiny/blobpath", cache=tmp_path / "cache")
+
+
+def test_manifest_entry_of_the_wrong_type_is_a_clear_error_that_is_never_retried(s3_env, family, tmp_path: Path):
+    from tasks.storage import is_transient
+
+    _, base, _ = family
+    publish(base, "s3://models/tiny/badtype")
+    _tamper_manifest(s3_env, "tiny/badtype", lambda f: f.__setitem__("model.safetensors", ["not", "an", "object"]))
+    with pytest.raises(MergeflowError, match="expected an object with size and sha256") as raised:
+        fetch_model("s3://models/tiny/badtype", cache=tmp_path / "cache")
+    assert not is_transient(raised.value)
+
+
+def test_secrets_never_reach_what_the_pipeline_writes(prefect_harness, stack, family, tmp_path: Path, monkeypatch):
+    """Distinct fake secrets in the environment and in URIs; every file and record the run wrote is searched."""
+    import uuid
+
+    import mlflow
+
+    s3, mlflow_server = stack
+    root, base, fts = family
+    env_secret = f"env-secret-{uuid.uuid4().hex}"
+    uri_password = f"uri-password-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MERGEFLOW_SOME_TOKEN", env_secret)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    host = mlflow_server.url.split("://", 1)[1]
+    s3_host = s3.url.split("://", 1)[1]
+    data = pipeline_config(root, base, fts, tmp_path / "work")
+    data["registry"] = {"model_name": "secret-check", "tracking_uri": f"http://tracker:{uri_password}@{host}"}
+    data["storage"] = {"uri": "s3://merged/secret-check", "endpoint_url": f"http://{ACCESS_KEY}:{SECRET_KEY}@{s3_host}"}
+    result = run_pipeline(parse_config(data, "secrets.yml"))
+    assert result.registration is not None
+    secrets = [env_secret, uri_password, SECRET_KEY]
+    # Everything written locally: the work folder (merged model, card, config, results, logs).
+    found = []
+    for path in (tmp_path / "work").rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            found += [(str(path), s) for s in secrets if s.encode() in blob]
+    # The published copy and the registered model's artifacts, downloaded back.
+    storage = StorageConfig(uri="s3://merged", endpoint_url=s3.url)
+    published = fetch_model(result.published or "", storage=storage, cache=tmp_path / "cache")
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=result.registration.run_id, dst_path=str(tmp_path / "artifacts"), tracking_uri=mlflow_server.url
+        )
+    )
+    for root in (published.path, artifacts):
+        for path in root.rglob("*"):
+            if path.is_file():
+                found += [(str(path), s) for s in secrets if s.encode() in path.read_bytes()]
+    # MLflow's records: params, tags, the version's tags; Prefect's: the flow run's parameters and logs.
+    client = mlflow.MlflowClient(mlflow_server.url)
+    run = client.get_run(result.registration.run_id)
+    version = client.get_model_version("secret-check", result.registration.version)
+    records = json.dumps([run.data.params, run.data.tags, version.tags, version.description or ""])
+    from prefect import get_client
+
+    with get_client(sync_client=True) as pc:
+        flow_runs = pc.read_flow_runs()
+        records += json.dumps([fr.parameters for fr in flow_runs], default=str)
+        records += json.dumps([log.message for log in pc.read_logs()], default=str)
+    found += [("records", s) for s in secrets if s in records]
+    assert "***@" in records or "tracker" not in records
+    assert not found, found
