@@ -332,7 +332,7 @@ def test_s3_killed_during_upload_then_restarted(stack_env, full_stack, tmp_path:
         assert (final.path / name).read_bytes() == (folder / name).read_bytes()
 
 
-def test_mlflow_down_at_registration_then_rerun_registers_without_remerging(
+def test_mlflow_down_fails_before_merging_then_rerun_registers(
     stack_env, full_stack, family3, tmp_path: Path
 ):
     import mlflow
@@ -355,15 +355,21 @@ def test_mlflow_down_at_registration_then_rerun_registers_without_remerging(
     }
     full_stack.stop_service("mlflow")
     try:
-        with pytest.raises(MergeflowError, match="cannot reach MLflow"):
+        started = time.monotonic()
+        with pytest.raises(MergeflowError, match="MLflow at .* cannot be reached.*nothing was merged"):
             run_pipeline(parse_config(data, "ops.yml"))
+        failed_after = time.monotonic() - started
     finally:
         full_stack.up()
+    # Checked before anything was downloaded or merged (it used to surface after merge, evaluate
+    # and publish, minutes later): no merged folder, no published model.
+    assert not (tmp_path / "work" / "merged").exists()
+    assert failed_after < 120, failed_after
     client = mlflow.MlflowClient(tracking_uri=tracking)
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_registered_model("ops-mlflow-down")  # nothing registered, no alias anywhere
     again = run_pipeline(parse_config(data, "ops.yml"))
-    assert again.layers_merged == [] and again.layers_reused  # the merge was not redone
+    assert again.layers_merged
     assert again.registration is not None and again.registration.version == "1"
     assert client.get_registered_model("ops-mlflow-down").aliases == {"champion": "1", "candidate": "1"}
 
