@@ -356,7 +356,7 @@ def test_mlflow_down_fails_before_merging_then_rerun_registers(
     full_stack.stop_service("mlflow")
     try:
         started = time.monotonic()
-        with pytest.raises(MergeflowError, match="MLflow at .* cannot be reached.*nothing was merged"):
+        with pytest.raises(MergeflowError, match=r"MLflow at .* cannot be reached.*nothing was merged"):
             run_pipeline(parse_config(data, "ops.yml"))
         failed_after = time.monotonic() - started
     finally:
