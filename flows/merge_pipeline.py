@@ -294,33 +294,28 @@ def move_credentials_to_environment(data: dict[str, Any]) -> dict[str, Any]:
     basic auth), as an S3 endpoint AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY. The flow's parameters
     (stored by Prefect), MLflow params, the model card and every artifact then hold no secret.
     """
+    mlflow_keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
-        clean, user, password = split_credentials(env_uri)
-        if user is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = clean
-            _set_secret_env("MLFLOW_TRACKING_USERNAME", user, "MLFLOW_TRACKING_PASSWORD", password)
-    registry = data.get("registry") or {}
-    if registry.get("tracking_uri"):
-        clean, user, password = split_credentials(registry["tracking_uri"])
-        if user is not None:
-            registry["tracking_uri"] = clean
-            _set_secret_env("MLFLOW_TRACKING_USERNAME", user, "MLFLOW_TRACKING_PASSWORD", password)
-    storage = data.get("storage") or {}
-    if storage.get("endpoint_url"):
-        clean, user, password = split_credentials(storage["endpoint_url"])
-        if user is not None:
-            storage["endpoint_url"] = clean
-            _set_secret_env("AWS_ACCESS_KEY_ID", user, "AWS_SECRET_ACCESS_KEY", password)
+        os.environ["MLFLOW_TRACKING_URI"] = _credentials_to_environment(env_uri, mlflow_keys)
+    places = [(data.get("registry"), "tracking_uri", mlflow_keys)]
+    places.append((data.get("storage"), "endpoint_url", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")))
+    for section, key, env_keys in places:
+        if section and section.get(key):
+            section[key] = _credentials_to_environment(section[key], env_keys)
     return data
 
 
-def _set_secret_env(user_key: str, user: str, password_key: str, password: str | None) -> None:
+def _credentials_to_environment(uri: str, env_keys: tuple[str, str]) -> str:
+    """Returns `uri` without user info; the user and password it held are set as `env_keys`."""
     from urllib.parse import unquote
 
-    os.environ[user_key] = unquote(user)
-    if password is not None:
-        os.environ[password_key] = unquote(password)
+    clean, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ[env_keys[0]] = unquote(user)
+        if password is not None:
+            os.environ[env_keys[1]] = unquote(password)
+    return clean
 
 
 def run_pipeline(

@@ -302,7 +302,6 @@ def test_perplexity_matches_the_models_own_loss(tmp_path: Path):
 
 
 def test_lm_eval_without_the_extra_says_how_to_install(tmp_path: Path):
-    pytest.importorskip("pytest")
     try:
         import lm_eval  # noqa: F401
     except ImportError:

@@ -332,9 +332,7 @@ def test_s3_killed_during_upload_then_restarted(stack_env, full_stack, tmp_path:
         assert (final.path / name).read_bytes() == (folder / name).read_bytes()
 
 
-def test_mlflow_down_fails_before_merging_then_rerun_registers(
-    stack_env, full_stack, family3, tmp_path: Path
-):
+def test_mlflow_down_fails_before_merging_then_rerun_registers(stack_env, full_stack, family3, tmp_path: Path):
     import mlflow
 
     from flows.merge_pipeline import run_pipeline
