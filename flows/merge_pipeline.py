@@ -27,6 +27,7 @@ import merging
 from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig, StorageConfig, load_config
 from merging.errors import ConfigError
+from merging.evaluation.encoder import load_tokenizer
 from merging.merge import MergeReport, model_labels
 from merging.model_card import InputRecord
 from merging.staged import LayerResult, StagedPlan
@@ -159,6 +160,7 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
     local = localize(config, fetched)
     if local.evaluation is not None:
         evaluation_tasks(local)  # bad evaluation input fails here, before any merging
+        load_tokenizer(local.base_model)  # so does a tokenizer the evaluation could not read
     if local.calibration is not None and not local.routed:
         run_logger().warning("calibration: ignored, %s is a static merge (no router to calibrate)", local.merge_method)
     calib = load_calibration(local) if local.routed else None  # bad calibration input fails here too

@@ -477,3 +477,28 @@ def test_leftover_temporaries_of_dead_runs_are_removed(tmp_path):
     os.utime(old_style, (1, 1))
     assert main(["merge", str(case.config), str(case.out), "--no-progress"]) == 0
     assert leftovers(tmp_path, "merged") == ["merged"]
+
+
+# -- hardening: a full disk is a one-line error and leaves nothing ------------------------------------------
+
+
+def test_disk_full_is_a_clear_error_and_leaves_no_partial_output(tmp_path, capsys):
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        big = {"model.layers.0.mlp.up_proj.weight": torch.randn(512, 256), "model.norm.weight": torch.ones(256)}
+        base = _save(tmp_path / "base", big)
+        fts = [_save(tmp_path / f"ft{i}", {k: v + 0.1 * (i + 1) for k, v in big.items()}) for i in range(2)]
+        cfg = write_config(tmp_path / "m.yml", "task_arithmetic", base, fts)
+        code = main(["merge", str(cfg), str(disk / "merged"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "no space left on the device" in err and "Traceback" not in err
+        assert list(disk.iterdir()) == []  # no output, no temporary folder
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -302,7 +302,7 @@ def test_manifest_entry_of_the_wrong_type_is_a_clear_error_that_is_never_retried
 
 
 def test_secrets_never_reach_what_the_pipeline_writes(prefect_harness, stack, family, tmp_path: Path, monkeypatch):
-    """Distinct fake secrets in the environment and in URIs; every file and record the run wrote is searched."""
+    """Distinct fake secrets in the environment, URIs and a Prefect Secret block; all the run wrote is searched."""
     import uuid
 
     import mlflow
@@ -320,10 +320,19 @@ def test_secrets_never_reach_what_the_pipeline_writes(prefect_harness, stack, fa
     s3_host = s3.url.split("://", 1)[1]
     data = pipeline_config(root, base, fts, tmp_path / "work")
     data["registry"] = {"model_name": "secret-check", "tracking_uri": f"http://tracker:{uri_password}@{host}"}
-    data["storage"] = {"uri": "s3://merged/secret-check", "endpoint_url": f"http://{ACCESS_KEY}:{SECRET_KEY}@{s3_host}"}
+    data["storage"] = {
+        "uri": "s3://merged/secret-check",
+        "endpoint_url": f"http://{ACCESS_KEY}:{SECRET_KEY}@{s3_host}",
+        "credentials_block": "secret-check-keys",
+    }
+    from prefect.blocks.system import Secret
+
+    block_secret = f"block-secret-{uuid.uuid4().hex}"
+    keys = {"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY, "comment": block_secret}
+    Secret(value=json.dumps(keys)).save("secret-check-keys", overwrite=True)
     result = run_pipeline(parse_config(data, "secrets.yml"))
     assert result.registration is not None
-    secrets = [env_secret, uri_password, SECRET_KEY]
+    secrets = [env_secret, uri_password, SECRET_KEY, block_secret]
     # Everything written locally: the work folder (merged model, card, config, results, logs).
     found = []
     for path in (tmp_path / "work").rglob("*"):
@@ -354,5 +363,13 @@ def test_secrets_never_reach_what_the_pipeline_writes(prefect_harness, stack, fa
         records += json.dumps([fr.parameters for fr in flow_runs], default=str)
         records += json.dumps([log.message for log in pc.read_logs()], default=str)
     found += [("records", s) for s in secrets if s in records]
+    # Prefect's database file itself (the harness's sqlite): the block is stored there encrypted.
+    from prefect.settings import get_current_settings
+
+    db_url = str(get_current_settings().server.database.connection_url.get_secret_value())
+    db_file = Path(db_url.split("///", 1)[1]) if "sqlite" in db_url else None
+    assert db_file is not None and db_file.exists(), db_url
+    for path in db_file.parent.glob(db_file.name + "*"):  # the database and its WAL
+        found += [(str(path), s) for s in secrets if s.encode() in path.read_bytes()]
     assert "***@" in records or "tracker" not in records
     assert not found, found

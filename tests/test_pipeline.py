@@ -11,7 +11,7 @@ import yaml
 from flows.cli import main as cli_main
 from flows.merge_pipeline import run_pipeline
 from merging.config import load_config, parse_config
-from merging.errors import ConfigError, MergeflowError
+from merging.errors import CheckpointError, ConfigError, MergeflowError
 from merging.merge import MergeOptions, run_merge
 from merging.staged import layer_cache
 from tasks.download import fetch_model, reference_kind
@@ -217,3 +217,16 @@ def test_evaluation_needs_a_task_named_like_a_fine_tune(prefect_harness, family,
     data["models"] = [{"model": str(fts[0]), "name": "alpha"}, {"model": str(fts[1]), "name": "beta"}]
     with pytest.raises(ConfigError, match="no task is named like a fine-tune"):
         run_pipeline(parse_config(data, "test"))
+
+
+def test_unreadable_tokenizer_fails_before_merging_naming_the_file(prefect_harness, family, tmp_path: Path):
+    import shutil
+
+    root, base, fts, _ = family
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    (broken / "tokenizer_config.json").write_bytes(b"\xff\xfe not json")
+    data = pipeline_config(root, broken, fts, tmp_path / "work")
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: unreadable tokenizer file"):
+        run_pipeline(parse_config(data, "test"))
+    assert not (tmp_path / "work" / "merged").exists()  # refused before any layer was merged

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -42,10 +43,36 @@ def _head_linear(model: torch.nn.Module, path: Path) -> torch.nn.Linear:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json")
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """Returns the tokenizer stored in `folder`, or raises CheckpointError naming the file that is unreadable."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    for name in TOKENIZER_FILES:
+        f = folder / name
+        if not f.exists():
+            continue
+        try:
+            text = f.read_text(encoding="utf-8")
+            if name.endswith(".json"):
+                import json
+
+                json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{f}: unreadable tokenizer file ({type(exc).__name__}: {exc})") from None
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+
+
 def load_encoder(path: str | Path, tokenizer_path: str | Path | None = None) -> Encoder:
     """Returns the encoder stored at `path` (a Hugging Face folder), in eval mode, with its tokenizer."""
     import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -57,7 +84,7 @@ def load_encoder(path: str | Path, tokenizer_path: str | Path | None = None) -> 
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected: heads come later
     try:
         model = AutoModelForSequenceClassification.from_pretrained(folder, config=config, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or folder, trust_remote_code=False)
+        tokenizer = load_tokenizer(tokenizer_path or folder)
     except OSError as exc:
         raise CheckpointError(f"{folder}: cannot load the encoder or its tokenizer: {exc}") from exc
     finally:
