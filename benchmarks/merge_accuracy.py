@@ -235,10 +235,11 @@ def main() -> int:
                 fresh = merge_rerun(results["protocols"].get(head), fresh, args.only)
             results["protocols"][head] = fresh
             print_table(results["protocols"][head])
-    results["seconds" if not args.only else f"seconds_rerun_{args.only}"] = time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    results["seconds" if not args.only else f"seconds_rerun_{args.only}"] = elapsed
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out} ({results['seconds'] / 60:.1f} min)")
+    print(f"\nwrote {out} ({elapsed / 60:.1f} min)")
     return 0
 
 
