@@ -502,3 +502,34 @@ def test_disk_full_is_a_clear_error_and_leaves_no_partial_output(tmp_path, capsy
         assert list(disk.iterdir()) == []  # no output, no temporary folder
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# -- hardening: Ctrl-C mid-merge is one line and leaves nothing -------------------------------------------
+
+
+def test_interrupt_mid_merge_prints_one_line_and_leaves_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(768, 768) for i in range(24)}
+    base = _save(tmp_path / "base", big)
+    fts = [_save(tmp_path / f"ft{i}", {k: v + 0.01 * (i + 1) for k, v in big.items()}) for i in range(3)]
+    cfg = write_config(tmp_path / "m.yml", "neuromerging", base, fts)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "merge", str(cfg), str(tmp_path / "merged"), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".merged.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the merge finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    text = err.decode()
+    assert proc.returncode == 130, text
+    assert text.strip() == "mergeflow: interrupted; nothing was published"
+    assert leftovers(tmp_path, "merged") == []
