@@ -15,7 +15,7 @@ from merging.errors import CheckpointError, ConfigError, MergeflowError
 from merging.merge import MergeOptions, run_merge
 from merging.staged import layer_cache
 from tasks.download import fetch_model, reference_kind
-from tasks.storage import MANIFEST
+from tasks.storage import MANIFEST, is_transient
 from tests.helpers import build_tiny_tasks
 from tests.test_staged import folder_bytes
 
@@ -207,8 +207,23 @@ def test_references_and_offline_hub_error(tmp_path: Path, monkeypatch: pytest.Mo
     local = fetch_model(str(tmp_path))
     assert local.kind == "local" and local.path == tmp_path.resolve()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MergeflowError, match="hub cannot be reached"):
+    with pytest.raises(MergeflowError, match="hub cannot be reached") as offline:
         fetch_model("someone/not-cached-model", cache=tmp_path / "cache")
+    assert not is_transient(offline.value)  # failed on the first attempt: a retry cannot reach the hub either
+
+
+@pytest.mark.parametrize(
+    "ref,message",
+    [
+        ("models:/no-such-model@champion", "not found in the MLflow registry"),
+        ("runs:/0123456789abcdef/model", "cannot download"),
+    ],
+)
+def test_missing_registry_model_or_run_fails_once_with_a_clear_error(tmp_path: Path, ref: str, message: str):
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(MergeflowError, match=message) as raised:
+        fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache")
+    assert not is_transient(raised.value)
 
 
 def test_evaluation_needs_a_task_named_like_a_fine_tune(prefect_harness, family, tmp_path: Path):
