@@ -27,6 +27,7 @@ from merging.checkpoint import cache_dir, file_sha256
 from merging.config import StorageConfig
 from merging.errors import CheckpointError, ConfigError, MergeflowError
 from merging.untrusted import UnsafeInputError, file_entries, inside, relative_name, sha256_hex
+from merging.writer import remove_stale_temporaries, temporary_sibling
 from tasks.storage import (
     MANIFEST,
     PUBLISHED_MARK,
@@ -121,7 +122,7 @@ class Snapshots:
     def publish(self, key: str, files: dict[str, str], record: dict[str, Any]) -> Path:
         """Returns the snapshot folder made of links to `files` ({name: sha256}), its record written last."""
         folder = self.snapshots / key
-        tmp = self.snapshots / f".{key}.{uuid.uuid4().hex[:8]}"
+        tmp = temporary_sibling(folder)
         tmp.mkdir()
         try:
             entries = {}
@@ -268,7 +269,9 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
         found = store.find(key)
         if found:
             return _from_snapshot(ref, "mlflow", *found, reused=True)
-        with tempfile.TemporaryDirectory(dir=store.root, prefix=".mlflow-") as tmp:
+        downloads = store.root / "mlflow-download"
+        remove_stale_temporaries(downloads)  # what a killed run left (its process is gone)
+        with tempfile.TemporaryDirectory(dir=store.root, prefix=f".{downloads.name}.tmp-{os.getpid()}-") as tmp:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
             try:

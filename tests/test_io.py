@@ -117,3 +117,24 @@ def test_reads_legacy_pickle_format(tmp_path):
     torch.save(tensors, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     with Checkpoint(tmp_path) as ck:
         assert torch.equal(ck.tensor("x.weight"), tensors["x.weight"])
+
+
+def test_stale_temporaries_are_those_of_dead_processes_or_older_than_this_one(tmp_path):
+    import os
+
+    from merging.writer import remove_stale_temporaries, temporary_sibling
+
+    dest = tmp_path / "out"
+    dead = tmp_path / ".out.tmp-999999999-aaaa"
+    alive = tmp_path / f".out.tmp-{os.getppid()}-bbbb"  # our parent is alive: another run's work in progress
+    mine = tmp_path / f".out.tmp-{os.getpid()}-cccc"
+    old_style = tmp_path / ".out.tmp-0a1b2c3d"
+    trash = tmp_path / ".out.old-999999999-dddd"
+    other = tmp_path / ".other.tmp-999999999-eeee"
+    for d in (dead, alive, mine, old_style, trash, other):
+        d.mkdir()
+    os.utime(old_style, (1, 1))
+    remove_stale_temporaries(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, mine.name, other.name])
+    fresh = temporary_sibling(dest)
+    assert fresh.name.startswith(f".out.tmp-{os.getpid()}-") and not fresh.exists()
