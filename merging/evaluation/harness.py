@@ -5,8 +5,11 @@ The protocol (DESIGN.md, "Evaluate"):
   the task's train split (the analogue of zero-shot heads in the CLIP merging literature);
 - a fine-tune is scored on its own task with its own head (and optionally on the other tasks with
   their heads, which shows how much one task's update disturbs another);
-- a merged encoder is scored on each merged task with that task's own head (heads are never
-  merged); normalized score = merged / fine-tuned;
+- a merged encoder is scored on each merged task with two head protocols: `own`, that task's own
+  fine-tuned head (heads are never merged), and `refit`, a linear head fitted on the merged
+  encoder's train features exactly as the base's probe is fitted (C on validation), so base and
+  merge are compared with the same kind of head and only the encoder differs; normalized score =
+  merged / fine-tuned (the fine-tune with its own head), for both protocols;
 - out-of-domain tasks (no fine-tune was trained on them): a probe is fitted on the merged encoder's
   features and compared with the base encoder's probe; retention = merged probe / base probe.
 
@@ -20,7 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,13 +38,31 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+HeadProtocol = Literal["own", "refit"]
+HEAD_PROTOCOLS = ("own", "refit")
+
+
 @dataclass
 class ModelScores:
-    """Scores of one model: per task, normalized per task, and their averages."""
+    """Scores of one model: per task, normalized per task, and their averages, with own and refitted heads."""
 
     scores: dict[str, float]
     normalized: dict[str, float] = field(default_factory=dict)
     ood: dict[str, dict[str, float]] = field(default_factory=dict)
+    refit: dict[str, float] = field(default_factory=dict)
+    refit_normalized: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def refit_average(self) -> float:
+        return _mean(list(self.refit.values()))
+
+    @property
+    def refit_average_normalized(self) -> float:
+        return _mean(list(self.refit_normalized.values()))
+
+    def objective(self, name: str) -> float:
+        """Returns `average`, `average_normalized`, `refit_average` or `refit_average_normalized`."""
+        return float(getattr(self, name))
 
     @property
     def average(self) -> float:
@@ -63,6 +84,16 @@ class ModelScores:
             "average_normalized": self.average_normalized,
             "ood": self.ood,
             "ood_retention": self.ood_retention,
+            **(
+                {
+                    "refit": self.refit,
+                    "refit_normalized": self.refit_normalized,
+                    "refit_average": self.refit_average,
+                    "refit_average_normalized": self.refit_average_normalized,
+                }
+                if self.refit
+                else {}
+            ),
         }
 
 
@@ -100,7 +131,10 @@ class Evaluator:
         progress: bool = False,
         seed: int = 0,
         base_dir: Path | None = None,
+        train_limit: int | None = None,
     ):
+        """`train_limit` fits probes (base, refit, out-of-domain) on the first N train texts only: a cheaper
+        search; final scores use the whole train split."""
         if not tasks:
             raise ConfigError("evaluation: no tasks are configured")
         names = [t.name for t in tasks]
@@ -112,6 +146,7 @@ class Evaluator:
         self.progress = progress
         self.seed = seed
         self.base_dir = base_dir
+        self.train_limit = train_limit
         self._splits: dict[tuple[str, str], Split] = {}
         self._features: dict[tuple[str, str, str], torch.Tensor] = {}
         self._probes: dict[tuple[str, str], Head] = {}
@@ -121,7 +156,8 @@ class Evaluator:
     def split(self, task: str, split: str) -> Split:
         key = (task, split)
         if key not in self._splits:
-            self._splits[key] = load_split(self.tasks[task], split, self.base_dir)
+            limit = self.train_limit if split == "train" else None
+            self._splits[key] = load_split(self.tasks[task], split, self.base_dir, limit=limit)
         return self._splits[key]
 
     def labels(self, task: str, split: str) -> torch.Tensor:
@@ -223,11 +259,28 @@ class Evaluator:
         split: str = "test",
         finetuned: Mapping[str, float] | None = None,
         out_of_domain: bool = True,
+        heads: tuple[str, ...] = HEAD_PROTOCOLS,
     ) -> ModelScores:
-        """Returns a merged encoder's scores on merge tasks (own heads) and its out-of-domain probe retention."""
+        """Returns a merged encoder's scores on merge tasks (own and/or refit heads) and its OOD probe retention.
+
+        The normalized scores divide by the fine-tunes' scores with their own heads; with `heads`
+        naming only `refit`, `scores` holds the refit scores too (a search on refit heads).
+        """
+        unknown = sorted(set(heads) - set(HEAD_PROTOCOLS))
+        if unknown or not heads:
+            raise ConfigError(f"evaluation heads must be among {list(HEAD_PROTOCOLS)}, not {list(heads)}")
         finetuned = finetuned if finetuned is not None else self.finetuned_scores(split)
-        scores = {t: self.score_head(merged, t, self.task_head(t, merged), split) for t in self.in_domain()}
-        normalized = {t: scores[t] / finetuned[t] if finetuned[t] > 0 else math.nan for t in scores}
+
+        def normalize(values: dict[str, float]) -> dict[str, float]:
+            return {t: values[t] / finetuned[t] if finetuned[t] > 0 else math.nan for t in values}
+
+        refit = {}
+        if "refit" in heads:
+            refit = {t: self.score_head(merged, t, self.probe(merged, t), split) for t in self.in_domain()}
+        if "own" in heads:
+            scores = {t: self.score_head(merged, t, self.task_head(t, merged), split) for t in self.in_domain()}
+        else:
+            scores = dict(refit)
         ood = {}
         for t in self.out_of_domain() if out_of_domain else []:
             base_probe = self.score_head(self.base, t, self.probe(self.base, t), split)
@@ -237,13 +290,16 @@ class Evaluator:
                 "base_probe": base_probe,
                 "retention": merged_probe / base_probe if base_probe > 0 else math.nan,
             }
-        return ModelScores(scores, normalized, ood)
+        return ModelScores(scores, normalize(scores), ood, refit, normalize(refit))
 
     def evaluate(self, merged: Mapping[str, str | Path], split: str = "test", cross: bool = False) -> EvaluationReport:
         """Returns the full report: base probe, fine-tunes (and their cross scores), each merged model."""
         finetuned = self.finetuned_scores(split)
         base = self.base_scores(split)
         base.normalized = {t: base.scores[t] / finetuned[t] for t in finetuned if finetuned[t] > 0}
+        # the base's probe is its refit head: the same protocol a merge gets under `refit`
+        base.refit = {t: base.scores[t] for t in finetuned}
+        base.refit_normalized = dict(base.normalized)
         models = {name: self.model_scores(path, split, finetuned) for name, path in merged.items()}
         tasks = [
             {

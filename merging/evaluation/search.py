@@ -1,7 +1,8 @@
 """Returns the best merge parameters on validation splits: the papers' "with validation" protocol.
 
 Each grid point is merged (into a scratch folder) and scored on the validation split of every merge
-task with the tasks' own heads; test splits are never looked at. Ties go to the earlier grid point.
+task with the tasks' own heads (or, for `refit_average_normalized`, with heads refitted on the merged
+encoder's train features); test splits are never looked at. Ties go to the earlier grid point.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from merging.evaluation.harness import Evaluator
 from merging.merge import MergeOptions, run_merge
 from merging.methods import REGISTRY
 
-Objective = Literal["average", "average_normalized"]
+Objective = Literal["average", "average_normalized", "refit_average", "refit_average_normalized"]
 
 
 @dataclass
@@ -102,8 +103,9 @@ def search_validation(
         started = time.perf_counter()
         run_merge(cfg, out, opts)
         evaluator.forget(out)
-        scores = evaluator.model_scores(out, "validation", out_of_domain=False)
-        value = scores.average if objective == "average" else scores.average_normalized
+        heads = ("refit",) if objective.startswith("refit_") else ("own",)
+        scores = evaluator.model_scores(out, "validation", out_of_domain=False, heads=heads)
+        value = scores.objective(objective)
         evaluator.forget(out)
         tried = SearchPoint(point, value, time.perf_counter() - started)
         if result is None:

@@ -33,36 +33,41 @@ import yaml
 from merging.checkpoint import cache_dir, file_sha256
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, load_split
-from merging.evaluation.encoder import encode, load_encoder
+from merging.evaluation.encoder import Encoder, encode, load_encoder
 from merging.evaluation.heads import Head, fit_probe
 from merging.evaluation.metrics import score
 from merging.writer import publish_folder
+from merging.zoo.finetune import Recipe, finetune_task
 from merging.zoo.manifest import BaseEntry, FineTuneEntry, Scores, TaskEntry, ZooManifest, load_manifest
-from merging.zoo.sources import BUILDERS, TaskSource
+from merging.zoo.sources import TaskSource
+from merging.zoo.suites import BUILDERS, DEFAULT_SUITE, suite_tasks
 
 Size = Literal["ci", "full"]
 Protocol = Literal["joint", "frozen"]
-MERGE_TASKS = ["vader_intensity", "afinn_intensity", "nrc_emotion", "name_gender", "language_id"]
-OOD_TASKS = ["news_topic", "textblob_subjectivity"]
 
 
 @dataclass(frozen=True)
 class SizeSpec:
-    """How much data and training one zoo size uses."""
+    """How much data one zoo size uses, and how its fine-tunes are trained."""
 
     train: int
     validation: int
     test: int
-    steps: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
+    recipe: Recipe
 
 
 SIZES: dict[str, SizeSpec] = {
-    "ci": SizeSpec(train=256, validation=96, test=160, steps=30, batch_size=16, learning_rate=2e-4, weight_decay=0.01),
+    "ci": SizeSpec(
+        train=384,
+        validation=128,
+        test=192,
+        recipe=Recipe(learning_rates=(1e-4,), epochs=2, batch_size=16, max_steps=40, eval_every=10, patience=2),
+    ),
     "full": SizeSpec(
-        train=4000, validation=400, test=800, steps=450, batch_size=32, learning_rate=2e-4, weight_decay=0.01
+        train=2000,
+        validation=400,
+        test=800,
+        recipe=Recipe(learning_rates=(3e-5, 1e-4), epochs=2, batch_size=32, max_steps=120, eval_every=20, patience=3),
     ),
 }
 
@@ -80,7 +85,7 @@ def split_source(source: TaskSource, spec: SizeSpec, seed: int) -> dict[str, tup
     """Returns train/validation/test subsets of `source`, disjoint, drawn by a seeded permutation."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source.texts), generator=gen).tolist()
-    n_test = min(spec.test, len(order) // 5)
+    n_test = min(spec.test, len(order) // 4)
     n_val = min(spec.validation, len(order) // 10)
     n_train = min(spec.train, len(order) - n_test - n_val)
     bounds = {
@@ -102,75 +107,35 @@ def write_parquet(path: Path, texts: list[str], labels: list[int]) -> None:
     pq.write_table(pa.table({"text": texts, "label": pa.array(labels, pa.int64())}), path)
 
 
-def build_key(size: Size, head: Protocol, seed: int, sources: list[TaskSource], base_sha: str) -> str:
-    """Returns the sha256 naming a build: sizes, protocol, seed, the exact data, the base weights, the code format."""
+def build_key(
+    suite: str,
+    size: Size,
+    head: Protocol,
+    seed: int,
+    roles: tuple[list[str], list[str]],
+    sources: list[TaskSource],
+    base_sha: str,
+) -> str:
+    """Returns the sha256 naming a build: suite, sizes, recipe, protocol, seed, the exact data, the base weights."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": 1, "size": asdict(SIZES[size]), "head": head, "seed": seed}).encode())
-    digest.update(json.dumps({"merge": MERGE_TASKS, "ood": OOD_TASKS}).encode())
+    spec = asdict(SIZES[size])
+    digest.update(json.dumps({"format": 2, "suite": suite, "size": spec, "head": head, "seed": seed}).encode())
+    digest.update(json.dumps({"merge": roles[0], "ood": roles[1]}).encode())
     digest.update(base_sha.encode())
     for s in sources:
-        digest.update(json.dumps([s.name, s.label_names, s.texts, s.labels, s.max_length]).encode())
+        digest.update(json.dumps([s.name, s.label_names, s.texts, s.labels, s.max_length, s.metric]).encode())
     return digest.hexdigest()
 
 
-def finetune(
-    base: Path,
-    train: tuple[list[str], list[int]],
-    probe: Head,
-    protocol: Protocol,
-    spec: SizeSpec,
-    max_length: int,
-    seed: int,
-    label_names: list[str],
-) -> torch.nn.Module:
-    """Returns a BertForSequenceClassification fine-tuned from `base` on `train`, its head starting at `probe`."""
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
-
-    torch.manual_seed(seed)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            trust_remote_code=False,
-        )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
-    with torch.no_grad():
-        model.classifier.weight.copy_(probe.weight)
-        model.classifier.bias.copy_(probe.bias)
-    model.classifier.requires_grad_(protocol == "joint")
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.learning_rate,
-    )
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, spec.steps // 10), spec.steps)
-    texts, labels = train
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    model.train()
-    for _ in range(spec.steps):
-        if len(order) < spec.batch_size:
-            order += torch.randperm(len(texts), generator=gen).tolist()
-        idx, order = order[: spec.batch_size], order[spec.batch_size :]
-        batch = tokenizer(
-            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        loss = model(**batch, labels=torch.tensor([labels[i] for i in idx])).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return model
+def task_vector_norm(base: dict[str, torch.Tensor], tuned: torch.nn.Module) -> float:
+    """Returns ||θ_ft − θ_base|| / ||θ_base|| over the encoder tensors both hold (the head excluded)."""
+    diff = total = 0.0
+    for name, value in tuned.state_dict().items():
+        key = name.removeprefix("bert.")
+        if key in base and base[key].shape == value.shape and base[key].is_floating_point():
+            diff += float((value.float() - base[key].float()).pow(2).sum())
+            total += float(base[key].float().pow(2).sum())
+    return (diff / total) ** 0.5 if total else math.nan
 
 
 def _log(progress: Callable[[str], None] | None, message: str) -> None:
@@ -178,8 +143,10 @@ def _log(progress: Callable[[str], None] | None, message: str) -> None:
         progress(message)
 
 
-def default_zoo_dir(size: Size, head: Protocol) -> Path:
-    return cache_dir() / "zoo" / f"{size}-{head}"
+def default_zoo_dir(size: Size, head: Protocol, seed: int = 0, suite: str = DEFAULT_SUITE) -> Path:
+    """Returns ~/.cache/mergeflow/zoo/<size>-<head>[-<suite>][-seed<N>] (suite and seed named when not default)."""
+    name = f"{size}-{head}" + ("" if suite == DEFAULT_SUITE else f"-{suite}") + ("" if seed == 0 else f"-seed{seed}")
+    return cache_dir() / "zoo" / name
 
 
 def build_zoo(
@@ -189,24 +156,31 @@ def build_zoo(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    suite: str = DEFAULT_SUITE,
+    learning_rates: dict[str, float] | None = None,
 ) -> tuple[Path, ZooManifest, bool]:
-    """Returns (zoo folder, manifest, whether it was built now); an existing build with the same key is reused."""
-    from safetensors.torch import save_file
+    """Returns (zoo folder, manifest, whether it was built now); an existing build with the same key is reused.
+
+    `seed` changes the fine-tunes only (initial order of batches, dropout): every seed of one suite
+    and size has the same splits, probes and test sets. `learning_rates` (task → rate) skips the
+    grid for those tasks, e.g. to reuse the rates seed 0 chose on validation.
+    """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     if size not in SIZES:
         raise ConfigError(f"zoo size must be one of {sorted(SIZES)}, not {size!r}")
     if head not in ("joint", "frozen"):
         raise ConfigError(f"zoo head protocol must be `joint` or `frozen`, not {head!r}")
-    spec = SIZES[size]
-    root = Path(out) if out is not None else default_zoo_dir(size, head)
+    roles = suite_tasks(suite, size)
+    root = Path(out) if out is not None else default_zoo_dir(size, head, seed, suite)
     source_dir = base_model_path()
     base_sha = file_sha256(source_dir / "model.safetensors")
-    sources = [BUILDERS[name]() for name in MERGE_TASKS + OOD_TASKS]
-    key = build_key(size, head, seed, sources, base_sha)
+    sources = [BUILDERS[name]() for name in roles[0] + roles[1]]
+    key = build_key(suite, size, head, seed, roles, sources, base_sha)
+    if learning_rates:
+        key = hashlib.sha256((key + json.dumps(learning_rates, sort_keys=True)).encode()).hexdigest()
     if (root / "zoo.yaml").is_file() and not force:
         existing = load_manifest(root)
         if existing.key == key:
@@ -222,102 +196,22 @@ def build_zoo(
         base_dir = tmp / "base"
         AutoModel.from_pretrained(source_dir, trust_remote_code=False).save_pretrained(base_dir)
         AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False).save_pretrained(base_dir)
-        n_params = sum(p.numel() for p in AutoModel.from_pretrained(base_dir, trust_remote_code=False).parameters())
+        base_model = AutoModel.from_pretrained(base_dir, trust_remote_code=False)
+        n_params = sum(p.numel() for p in base_model.parameters())
+        base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         base_encoder = load_encoder(base_dir)
         entries = []
         for number, source in enumerate(sources):
-            task_seed = seed * 1000 + number
-            parts = split_source(source, spec, task_seed)
-            for split, (texts, labels) in parts.items():
-                write_parquet(tmp / "data" / source.name / f"{split}.parquet", texts, labels)
-            task = TaskSpec(
-                name=source.name,
-                dataset=str(tmp / "data" / source.name),
-                label_names=source.label_names,
-                max_length=source.max_length,
-                metric=source.metric,  # type: ignore[arg-type]
-            )
-            splits = {s: load_split(task, s) for s in ("train", "validation", "test")}
-            feats = {
-                s: encode(base_encoder, sp.texts, source.max_length, desc=f"{source.name}/{s}")
-                for s, sp in splits.items()
-            }
-            labels_t = {s: torch.tensor(sp.labels) for s, sp in splits.items()}
-            probe = fit_probe(
-                feats["train"], labels_t["train"], len(source.label_names), feats["validation"], labels_t["validation"]
-            )
-            (tmp / "heads").mkdir(exist_ok=True)
-            save_file(probe.state_dict(), str(tmp / "heads" / f"{source.name}.safetensors"))
-            probe_scores = Scores(
-                validation=score(task.metric, probe.predict(feats["validation"]), labels_t["validation"]),
-                test=score(task.metric, probe.predict(feats["test"]), labels_t["test"]),
-            )
-            role = "merge" if source.name in MERGE_TASKS else "out_of_domain"
-            entry = TaskEntry(
-                name=source.name,
-                role=role,  # type: ignore[arg-type]
-                label_names=source.label_names,
-                metric=task.metric,
-                max_length=source.max_length,
-                data=f"data/{source.name}",
-                counts={s: len(sp) for s, sp in splits.items()},  # type: ignore[misc]
-                package=source.package,
-                origin=source.origin,
-                license=source.license,
-                construction=source.construction,
-                probe=probe_scores,
-                probe_head=f"heads/{source.name}.safetensors",
-            )
-            if role == "merge":
-                t0 = time.perf_counter()
-                model = finetune(
-                    base_dir,
-                    parts["train"],
-                    probe,
-                    head,
-                    spec,
-                    source.max_length,
-                    task_seed,
-                    source.label_names,
+            merge = source.name in roles[0]
+            rates = (learning_rates[source.name],) if learning_rates and source.name in learning_rates else None
+            entries.append(
+                _build_task(
+                    tmp, base_dir, base_encoder, base_state, source, number, merge, head, size, seed, rates, progress
                 )
-                seconds = time.perf_counter() - t0
-                folder = tmp / "finetunes" / source.name
-                model.save_pretrained(folder)  # type: ignore[operator]
-                AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(folder)
-                tuned = load_encoder(folder)
-                own = Head(tuned.head_module.weight.detach().float(), tuned.head_module.bias.detach().float())
-                tuned_scores = Scores(
-                    validation=score(
-                        task.metric,
-                        own.predict(encode(tuned, splits["validation"].texts, source.max_length)),
-                        labels_t["validation"],
-                    ),
-                    test=score(
-                        task.metric,
-                        own.predict(encode(tuned, splits["test"].texts, source.max_length)),
-                        labels_t["test"],
-                    ),
-                )
-                entry.finetune = FineTuneEntry(
-                    path=f"finetunes/{source.name}",
-                    seed=task_seed,
-                    steps=spec.steps,
-                    learning_rate=spec.learning_rate,
-                    weight_decay=spec.weight_decay,
-                    seconds=round(seconds, 2),
-                    scores=tuned_scores,
-                    margin_over_probe=round(100 * (tuned_scores.test - probe_scores.test), 2),
-                )
-                _log(
-                    progress,
-                    f"{source.name:22s} probe {probe_scores.test:.3f}  fine-tune {tuned_scores.test:.3f}  "
-                    f"({entry.finetune.margin_over_probe:+.1f} points, {seconds:.0f} s)",
-                )
-            else:
-                _log(progress, f"{source.name:22s} probe {probe_scores.test:.3f}  (out-of-domain, not fine-tuned)")
-            entries.append(entry)
+            )
         manifest = ZooManifest(
             key=key,
+            suite=suite,  # type: ignore[arg-type]
             size=size,
             head=head,
             seed=seed,
@@ -331,6 +225,116 @@ def build_zoo(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root, manifest, True
+
+
+def _build_task(
+    tmp: Path,
+    base_dir: Path,
+    base_encoder: Encoder,
+    base_state: dict[str, torch.Tensor],
+    source: TaskSource,
+    number: int,
+    merge: bool,
+    head: Protocol,
+    size: Size,
+    seed: int,
+    rates: tuple[float, ...] | None,
+    progress: Callable[[str], None] | None,
+) -> TaskEntry:
+    """Writes one task's splits and probe (and its fine-tune, for a merge task) under `tmp`; returns its entry."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    spec = SIZES[size]
+    parts = split_source(source, spec, number)  # the same splits for every fine-tune seed
+    for split, (texts, labels) in parts.items():
+        write_parquet(tmp / "data" / source.name / f"{split}.parquet", texts, labels)
+    task = TaskSpec(
+        name=source.name,
+        dataset=str(tmp / "data" / source.name),
+        label_names=source.label_names,
+        max_length=source.max_length,
+        metric=source.metric,  # type: ignore[arg-type]
+    )
+    splits = {s: load_split(task, s) for s in ("train", "validation", "test")}
+    feats = {
+        s: encode(base_encoder, sp.texts, source.max_length, desc=f"{source.name}/{s}") for s, sp in splits.items()
+    }
+    labels_t = {s: torch.tensor(sp.labels) for s, sp in splits.items()}
+    probe = fit_probe(
+        feats["train"], labels_t["train"], len(source.label_names), feats["validation"], labels_t["validation"]
+    )
+    (tmp / "heads").mkdir(exist_ok=True)
+    save_file(probe.state_dict(), str(tmp / "heads" / f"{source.name}.safetensors"))
+    probe_scores = Scores(
+        validation=score(task.metric, probe.predict(feats["validation"]), labels_t["validation"]),
+        test=score(task.metric, probe.predict(feats["test"]), labels_t["test"]),
+    )
+    entry = TaskEntry(
+        name=source.name,
+        role="merge" if merge else "out_of_domain",
+        label_names=source.label_names,
+        metric=task.metric,
+        max_length=source.max_length,
+        data=f"data/{source.name}",
+        counts={s: len(sp) for s, sp in splits.items()},  # type: ignore[misc]
+        package=source.package,
+        origin=source.origin,
+        license=source.license,
+        construction=source.construction,
+        probe=probe_scores,
+        probe_head=f"heads/{source.name}.safetensors",
+    )
+    if not merge:
+        _log(progress, f"{source.name:22s} probe {probe_scores.test:.3f}  (out-of-domain, not fine-tuned)")
+        return entry
+    task_seed = seed * 1000 + number
+    run = finetune_task(
+        base_dir,
+        parts["train"],
+        parts["validation"],
+        probe,
+        head,
+        spec.recipe,
+        source.max_length,
+        task_seed,
+        source.label_names,
+        source.metric,
+        rates,
+    )
+    folder = tmp / "finetunes" / source.name
+    run.model.save_pretrained(folder)  # type: ignore[operator]
+    AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(folder)
+    tuned = load_encoder(folder)
+    own = Head(tuned.head_module.weight.detach().float(), tuned.head_module.bias.detach().float())
+    tuned_scores = Scores(
+        validation=score(
+            task.metric,
+            own.predict(encode(tuned, splits["validation"].texts, source.max_length)),
+            labels_t["validation"],
+        ),
+        test=score(task.metric, own.predict(encode(tuned, splits["test"].texts, source.max_length)), labels_t["test"]),
+    )
+    entry.finetune = FineTuneEntry(
+        path=f"finetunes/{source.name}",
+        seed=task_seed,
+        steps=run.steps,
+        best_step=run.best_step,
+        learning_rate=run.learning_rate,
+        learning_rate_grid=run.grid,
+        weight_decay=spec.recipe.weight_decay,
+        seconds=round(run.seconds, 2),
+        scores=tuned_scores,
+        margin_over_probe=round(100 * (tuned_scores.test - probe_scores.test), 2),
+        task_vector_norm=round(task_vector_norm(base_state, run.model), 5),
+    )
+    _log(
+        progress,
+        f"{source.name:22s} probe {probe_scores.test:.3f}  fine-tune {tuned_scores.test:.3f}  "
+        f"({entry.finetune.margin_over_probe:+.1f} points, lr {run.learning_rate:g}, "
+        f"|τ|/|θ| {entry.finetune.task_vector_norm:.4f}, {run.seconds:.0f} s)",
+    )
+    return entry
 
 
 def zoo_summary(manifest: ZooManifest) -> list[dict[str, object]]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
 
-ZOO_FORMAT = 1
+ZOO_FORMAT: Literal[2] = 2
 
 
 class Strict(BaseModel):
@@ -33,12 +33,15 @@ class Scores(Strict):
 class FineTuneEntry(Strict):
     path: str
     seed: int
-    steps: int = Field(gt=0)
-    learning_rate: float = Field(gt=0)
+    steps: int = Field(gt=0, description="optimizer steps run (early stopping may end a run before its budget)")
+    best_step: int = Field(default=0, ge=0, description="the step whose validation score was kept")
+    learning_rate: float = Field(gt=0, description="chosen on validation from learning_rate_grid")
+    learning_rate_grid: dict[str, float] = Field(default_factory=dict, description="rate → best validation score")
     weight_decay: float = Field(ge=0)
     seconds: float = Field(ge=0)
     scores: Scores
     margin_over_probe: float = Field(description="fine-tune test score minus the base probe's, in points")
+    task_vector_norm: float | None = Field(default=None, description="||θ_ft − θ_base|| / ||θ_base||, encoder only")
 
 
 class TaskEntry(Strict):
@@ -70,8 +73,9 @@ class TaskEntry(Strict):
 
 
 class ZooManifest(Strict):
-    format: Literal[1] = 1
+    format: Literal[1, 2] = ZOO_FORMAT
     key: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of everything the build depends on")
+    suite: Literal["sentences", "lexicon"] = "lexicon"
     size: Literal["ci", "full"]
     head: Literal["joint", "frozen"]
     seed: int

