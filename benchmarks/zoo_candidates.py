@@ -1,11 +1,12 @@
 """Screens zoo v2's candidate tasks: which ones does fine-tuning improve over a linear probe, on validation?
 
 The rule that chose the `full` zoo's merge tasks (README, "The offline model zoo"): a candidate is a
-merge task when one fine-tuning run (seed 0, learning rate 5e-5, the `full` recipe otherwise) beats
-the base's linear probe on the candidate's *validation* split by at least 5 points; the test split
-is not read. Candidates that fail the rule can still serve as out-of-domain tasks.
+merge task when a fine-tuning run (seed 0, the `full` recipe, learning rate 5e-5; a candidate short
+of the bar gets a second run at 1e-4 and the better run counts) beats the base's linear probe on the
+candidate's *validation* split by at least 5 points; the test split is not read. Candidates that
+fail the rule can still serve as out-of-domain tasks.
 
-    .venv/bin/python benchmarks/zoo_candidates.py             # every candidate (~15 min on 2 cores)
+    .venv/bin/python benchmarks/zoo_candidates.py             # every candidate (~25 min on 2 cores)
     .venv/bin/python benchmarks/zoo_candidates.py movie_review tweet_sentiment
 
 Writes benchmarks/results/zoo_candidates.json and prints a table.
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from merging.evaluation.encoder import encode, load_encoder  # noqa: E402
 from merging.evaluation.heads import fit_probe  # noqa: E402
 from merging.evaluation.metrics import score  # noqa: E402
-from merging.zoo.build import SIZES, base_model_path, split_source  # noqa: E402
+from merging.zoo.build import SIZES, base_model_path, split_seed, split_source  # noqa: E402
 from merging.zoo.finetune import finetune_task, predict  # noqa: E402
 from merging.zoo.suites import BUILDERS  # noqa: E402
 
@@ -39,6 +41,9 @@ CANDIDATES = [
     "speech_continuation",
     "name_gender",
     "bbc_topic",
+    "review_same_movie",
+    "seinfeld_laugh",
+    "news_same_article",
 ]
 RULE_POINTS = 5.0
 
@@ -49,9 +54,9 @@ def main() -> None:
     base = base_model_path()
     encoder = load_encoder(base)
     rows = []
-    for number, name in enumerate(names):
+    for name in names:
         source = BUILDERS[name]()
-        parts = split_source(source, spec, number)
+        parts = split_source(source, spec, split_seed(name))  # the splits the zoo build uses
         feats = {s: encode(encoder, parts[s][0], source.max_length) for s in ("train", "validation")}
         labels = {s: torch.tensor(parts[s][1]) for s in ("train", "validation")}
         probe = fit_probe(
@@ -59,20 +64,28 @@ def main() -> None:
         )
         probe_val = score(source.metric, probe.predict(feats["validation"]), labels["validation"])
         started = time.perf_counter()
-        run = finetune_task(
-            base,
-            parts["train"],
-            parts["validation"],
-            probe,
-            "joint",
-            spec.recipe,
-            source.max_length,
-            0,
-            source.label_names,
-            source.metric,
-            learning_rates=(5e-5,),
-        )
-        _, tokenizer = None, __import__("transformers").AutoTokenizer.from_pretrained(base)
+        tried: dict[str, float] = {}
+        run = None
+        for lr in (5e-5, 1e-4):
+            one = finetune_task(
+                base,
+                parts["train"],
+                parts["validation"],
+                probe,
+                "joint",
+                spec.recipe,
+                source.max_length,
+                0,
+                source.label_names,
+                source.metric,
+                learning_rates=(lr,),
+            )
+            tried[f"{lr:g}"] = round(one.validation, 4)
+            if run is None or one.validation > run.validation:
+                run = one
+            if 100 * (run.validation - probe_val) >= RULE_POINTS:
+                break
+        tokenizer = AutoTokenizer.from_pretrained(base)
         tuned_val = score(
             source.metric,
             predict(run.model, tokenizer, parts["validation"][0], source.max_length),
@@ -87,6 +100,8 @@ def main() -> None:
             "finetune_validation": round(tuned_val, 4),
             "margin_points": round(100 * (tuned_val - probe_val), 2),
             "selected": 100 * (tuned_val - probe_val) >= RULE_POINTS,
+            "learning_rate": run.learning_rate,
+            "runs": tried,
             "steps": run.steps,
             "best_step": run.best_step,
             "seconds": round(time.perf_counter() - started, 1),

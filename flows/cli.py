@@ -78,11 +78,17 @@ def print_pipeline(result: object) -> None:
         search = result.search
         print(f"  chosen on validation: {search['best']} ({search['objective']} {search['best_score']:.4f})")
     if result.report is not None:
-        print(f"\n{'task':24s} {'role':14s} {'base probe':>10s} {'fine-tuned':>10s} {'merged':>8s} {'normalized':>10s}")
+        print(
+            f"\n{'task':24s} {'role':14s} {'base probe':>10s} {'fine-tuned':>10s} {'merged':>8s} {'normalized':>10s} "
+            f"{'refit head':>10s}"
+        )
         for r in results_table(result.report):
-            cells = [r["base probe"], r["fine-tuned"], r["merged"], r["normalized"]]
+            cells = [r["base probe"], r["fine-tuned"], r["merged"], r["normalized"], r.get("merged (refit head)")]
             text = [f"{c:.3f}" if isinstance(c, float) else "" for c in cells]
-            print(f"{r['task'][:24]:24s} {r['role']:14s} {text[0]:>10s} {text[1]:>10s} {text[2]:>8s} {text[3]:>10s}")
+            print(
+                f"{r['task'][:24]:24s} {r['role']:14s} {text[0]:>10s} {text[1]:>10s} {text[2]:>8s} {text[3]:>10s} "
+                f"{text[4]:>10s}"
+            )
     if result.router is not None:
         r = result.router
         ood = f", OOD detection {r['ood_detection_rate']:.3f}" if "ood_detection_rate" in r else ""
@@ -128,6 +134,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir).resolve() if args.workdir else None
     print("building (or reusing) the offline ci zoo, then running the pipeline once per method ...")
+    print(
+        "What you are looking at: all-MiniLM-L6-v2 fine-tuned separately on three tasks (tweet sentiment, headline\n"
+        "match, language of a word), merged into one model four ways. normalized = merged / fine-tuned per task\n"
+        "(the base with a linear probe is the do-nothing reference); out-of-domain rows: merged / base probe."
+    )
     results, root = run_demo(workdir)
     for method, result in results.items():
         print(f"\n=== {method} ===")

@@ -163,6 +163,24 @@ def test_validation_search_picks_lambda_and_reports_test_only(prefect_harness, f
     saved = yaml.safe_load((result.merged_dir / "mergeflow_config.yml").read_text())
     assert saved["parameters"]["lambda"] == result.search["best"]["lambda"]
     assert result.registration is None
+    assert result.search["objective"] == "average_normalized"
+    # both head protocols are reported, whichever the search used
+    assert 0 < result.metrics["refit_average_normalized"] < 2 and 0 < result.metrics["average_normalized"] < 2
+
+
+def test_validation_search_with_refit_heads(prefect_harness, family, tmp_path: Path):
+    """`evaluation.heads: refit` scores each grid point with heads refitted on the merged encoder."""
+    root, base, fts, _ = family
+    data = pipeline_config(root, base, fts, tmp_path / "work")
+    data["evaluation"].update(search={"lambda": [0.2, 1.0]}, heads="refit")
+    del data["registry"]
+    result = run_pipeline(parse_config(data, "test"))
+    assert result.search is not None and result.search["objective"] == "refit_average_normalized"
+    best = max(result.search["points"], key=lambda p: p["score"])
+    assert result.search["best"] == best["params"]
+    report = result.report["models"]["merged"]  # type: ignore[index]
+    assert set(report["refit"]) == set(report["scores"])
+    assert result.metrics["refit_average_normalized"] == pytest.approx(report["refit_average_normalized"])
 
 
 def test_cli_run_overrides_and_prints(prefect_harness, family, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -187,6 +205,7 @@ def test_cli_run_overrides_and_prints(prefect_harness, family, tmp_path: Path, c
         ("registry", {"model_name": ""}, "registry.model_name"),
         ("evaluation", {"split": "test"}, "evaluation"),
         ("evaluation", {"zoo": "z", "search": {"lambda": [1]}, "validation_split": "test"}, "λ must not be chosen"),
+        ("evaluation", {"zoo": "z", "heads": "shared"}, "evaluation.heads"),
         ("pipeline", {"runner": "ray"}, "pipeline.runner"),
     ],
 )

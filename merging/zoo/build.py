@@ -99,6 +99,11 @@ def split_source(source: TaskSource, spec: SizeSpec, seed: int) -> dict[str, tup
     }
 
 
+def split_seed(name: str) -> int:
+    """Returns the seed of a task's split permutation: from its name, so every build and screen splits it alike."""
+    return int.from_bytes(hashlib.sha256(f"mergeflow-zoo-split/{name}".encode()).digest()[:4], "little")
+
+
 def write_parquet(path: Path, texts: list[str], labels: list[int]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -161,9 +166,10 @@ def build_zoo(
 ) -> tuple[Path, ZooManifest, bool]:
     """Returns (zoo folder, manifest, whether it was built now); an existing build with the same key is reused.
 
-    `seed` changes the fine-tunes only (initial order of batches, dropout): every seed of one suite
-    and size has the same splits, probes and test sets. `learning_rates` (task → rate) skips the
-    grid for those tasks, e.g. to reuse the rates seed 0 chose on validation.
+    `seed` changes the fine-tunes only (order of batches, dropout): every seed of
+    one suite and size has the same splits, probes and test sets. The learning-rate grid is searched
+    on validation by seed 0; a build of another seed builds (or reuses) seed 0 first and trains at
+    the rates it chose. `learning_rates` (task → rate) sets them explicitly.
     """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -174,6 +180,10 @@ def build_zoo(
     if head not in ("joint", "frozen"):
         raise ConfigError(f"zoo head protocol must be `joint` or `frozen`, not {head!r}")
     roles = suite_tasks(suite, size)
+    if seed != 0 and learning_rates is None and len(SIZES[size].recipe.learning_rates) > 1:
+        # the grid is searched once, by seed 0 (built or reused first); other seeds train at its rates
+        _, first, _ = build_zoo(None, size, head, 0, progress, False, suite)
+        learning_rates = {t.name: t.finetune.learning_rate for t in first.merge_tasks() if t.finetune}
     root = Path(out) if out is not None else default_zoo_dir(size, head, seed, suite)
     source_dir = base_model_path()
     base_sha = file_sha256(source_dir / "model.safetensors")
@@ -246,7 +256,7 @@ def _build_task(
     from transformers import AutoTokenizer
 
     spec = SIZES[size]
-    parts = split_source(source, spec, number)  # the same splits for every fine-tune seed
+    parts = split_source(source, spec, split_seed(source.name))  # the same splits for every fine-tune seed
     for split, (texts, labels) in parts.items():
         write_parquet(tmp / "data" / source.name / f"{split}.parquet", texts, labels)
     task = TaskSpec(

