@@ -153,7 +153,16 @@ def spread(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
     return out
 
 
-def run_seed(suite: str, size: str, head: str, seed: int, work: Path, quick: bool, first: bool) -> dict[str, Any]:
+def run_seed(
+    suite: str,
+    size: str,
+    head: str,
+    seed: int,
+    work: Path,
+    quick: bool,
+    first: bool,
+    chosen_by: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Returns every row of one fine-tune seed; the first seed also gets the extra methods, OOD and the ablation."""
     progress = lambda m: print("  " + m, flush=True)  # noqa: E731
     root, manifest, _ = build_zoo(None, size, head, seed, progress=progress, suite=suite)  # type: ignore[arg-type]
@@ -205,23 +214,39 @@ def run_seed(suite: str, size: str, head: str, seed: int, work: Path, quick: boo
             grid = {k: v[:2] for k, v in grid.items()}
         refit = key in REFIT_SEARCHED
         started = time.perf_counter()
-        points = sweep(config, grid, searcher, work, refit)
+        if chosen_by is None:
+            points = sweep(config, grid, searcher, work, refit)
+        else:  # λ chosen on validation by another seed's sweep (never on test), reused as is
+            points = [
+                {"params": chosen_by[kind][key]["search"]["best"], objective: 1.0}
+                for kind, objective in (
+                    ("with_validation", "average_normalized"),
+                    ("refit_with_validation", "refit_average_normalized"),
+                )
+                if key in chosen_by[kind]
+            ]
         search_seconds = time.perf_counter() - started
         final: dict[str, dict[str, Any]] = {}
         for kind, objective in (
             ("with_validation", "average_normalized"),
             ("refit_with_validation", "refit_average_normalized"),
         ):
-            if objective not in points[0]:
+            candidates = [p for p in points if objective in p]
+            if not candidates:
                 continue
-            chosen = best_point(points, objective)
+            chosen = best_point(candidates, objective)
             tag = json.dumps(chosen["params"], sort_keys=True)
             if tag not in final:  # the same λ chosen by both protocols is merged and scored once
                 final[tag] = merged_row(
                     evaluator, with_parameters(config, chosen["params"]), work / "m", finetuned, first
                 )
             row = dict(final[tag])
-            row["search"] = {"best": chosen["params"], "objective": objective, "points": points}
+            row["search"] = {
+                "best": chosen["params"],
+                "objective": objective,
+                "points": points,
+                "reused_from_first_seed": chosen_by is not None,
+            }
             row["search_seconds"] = search_seconds
             result[kind][key] = row
             print(
@@ -333,25 +358,50 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1", help="comma-separated fine-tune seeds of the zoo")
     parser.add_argument("--quick", action="store_true", help="two grid points per parameter (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--resume", action="store_true", help="keep the seeds already in <out>.partial.json")
+    parser.add_argument(
+        "--reuse-lambda",
+        action="store_true",
+        help="seeds after the first use the λ the first seed chose on validation (no sweep of their own)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     seeds = [int(x) for x in args.seeds.split(",")]
     results: dict[str, Any] = {"suite": args.suite, "size": args.size, "head": args.head, "seeds": {}}
+    partial = out.with_suffix(".partial.json")
+    if args.resume and partial.is_file():
+        results = json.loads(partial.read_text())
+        print(f"resuming: seeds {sorted(results['seeds'])} already measured ({partial})", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mergeflow-accuracy-") as tmp:
         for seed in seeds:
+            if str(seed) in results["seeds"]:
+                continue
             print(f"fine-tune seed {seed}", flush=True)
+            first = results["seeds"].get(str(seeds[0]))
             results["seeds"][str(seed)] = run_seed(
-                args.suite, args.size, args.head, seed, Path(tmp) / str(seed), args.quick, seed == seeds[0]
+                args.suite,
+                args.size,
+                args.head,
+                seed,
+                Path(tmp) / str(seed),
+                args.quick,
+                seed == seeds[0],
+                first if args.reuse_lambda and seed != seeds[0] else None,
             )
             print_table(results["seeds"][str(seed)], f"zoo {args.suite}/{args.size}, seed {seed}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            results["seconds_before_resume"] = time.perf_counter() - started + results.get("seconds_before_resume", 0.0)
+            started = time.perf_counter()
+            partial.write_text(json.dumps(results, indent=2))  # a crash keeps the seeds done
     results["mean"] = aggregate(results["seeds"])
     results["summary"] = summarize(results["seeds"], results["mean"])
     print_table(results["mean"], f"zoo {args.suite}/{args.size}, mean of seeds {seeds} [min..max of norm]")
     print("\nsummary: " + json.dumps(results["summary"], indent=2))
-    results["seconds"] = time.perf_counter() - started
+    results["seconds"] = time.perf_counter() - started + results.get("seconds_before_resume", 0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"\nwrote {out} ({results['seconds'] / 60:.1f} min)")
     return 0
 

@@ -106,7 +106,17 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=200, help="calibration texts per task (from train)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_merging.json"))
+    parser.add_argument(
+        "--resummarize", action="store_true", help="only recompute the summary of --out (after merge_accuracy ran)"
+    )
     args = parser.parse_args()
+    if args.resummarize:
+        data = json.loads(Path(args.out).read_text())
+        tasks = len(data["finetuned"])
+        data["summary"] = summary(data, next(iter(data["rows"].values())), tasks)
+        Path(args.out).write_text(json.dumps(data, indent=1))
+        print("summary: " + json.dumps(data["summary"]))
+        return 0
     zoo, manifest, _ = build_zoo(None, args.size, args.head, args.seed, progress=print, suite=args.suite)
     evaluator = Evaluator(zoo_tasks(zoo, manifest), zoo / manifest.base.path)
     finetuned = evaluator.finetuned_scores("test")
