@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from merging.evaluation.harness import Evaluator  # noqa: E402
-from merging.evaluation.search import grid_points, with_parameters  # noqa: E402
+from merging.evaluation.search import search_validation, with_parameters  # noqa: E402
 from merging.merge import MergeOptions, run_merge  # noqa: E402
 from merging.zoo import zoo_merge_config, zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
@@ -108,34 +108,17 @@ def sweep(
     config: Any, grid: dict[str, list[Any]], searcher: Evaluator, work: Path, refit: bool
 ) -> list[dict[str, Any]]:
     """Merges every grid point once and scores it on validation (own heads, and refit heads when asked)."""
-    points = []
     heads = ("own", "refit") if refit else ("own",)
-    for point in grid_points(grid):
-        started = time.perf_counter()
-        out = work / "point"
-        run_merge(with_parameters(config, point), out, MergeOptions(progress=False, overwrite=True))
-        searcher.forget(out)
-        scores = searcher.model_scores(out, "validation", out_of_domain=False, heads=heads)
-        searcher.forget(out)
-        shutil.rmtree(out, ignore_errors=True)
-        points.append(
-            {
-                "params": point,
-                "average_normalized": scores.average_normalized,
-                **({"refit_average_normalized": scores.refit_average_normalized} if refit else {}),
-                "seconds": time.perf_counter() - started,
-            }
-        )
-    return points
+    search = search_validation(
+        config, grid, searcher, work / "search", "average_normalized", keep_best=False, heads=heads
+    )
+    wanted = ["average_normalized", "refit_average_normalized"] if refit else ["average_normalized"]
+    return [{"params": p.params, **{k: p.scores[k] for k in wanted}, "seconds": p.seconds} for p in search.points]
 
 
 def best_point(points: list[dict[str, Any]], objective: str) -> dict[str, Any]:
     """Returns the point with the highest `objective` (ties go to the earlier point in grid order)."""
-    best = points[0]
-    for p in points[1:]:
-        if p[objective] > best[objective]:
-            best = p
-    return best
+    return max(points, key=lambda p: p[objective])  # max keeps the first of equal values
 
 
 HEADLINE = ["average", "average_normalized", "refit_average_normalized", "ood_retention", "merge_seconds"]

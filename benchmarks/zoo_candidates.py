@@ -29,7 +29,7 @@ from merging.evaluation.encoder import encode, load_encoder  # noqa: E402
 from merging.evaluation.heads import fit_probe  # noqa: E402
 from merging.evaluation.metrics import score  # noqa: E402
 from merging.zoo.build import SIZES, base_model_path, split_seed, split_source  # noqa: E402
-from merging.zoo.finetune import finetune_task, predict  # noqa: E402
+from merging.zoo.finetune import Job, finetune_task, predict  # noqa: E402
 from merging.zoo.suites import BUILDERS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "zoo_candidates.json"
@@ -67,7 +67,7 @@ def main() -> None:
         tried: dict[str, float] = {}
         run = None
         for lr in (5e-5, 1e-4):
-            one = finetune_task(
+            job = Job(
                 base,
                 parts["train"],
                 parts["validation"],
@@ -78,8 +78,8 @@ def main() -> None:
                 0,
                 source.label_names,
                 source.metric,
-                learning_rates=(lr,),
             )
+            one = finetune_task(job, learning_rates=(lr,))
             tried[f"{lr:g}"] = round(one.validation, 4)
             if run is None or one.validation > run.validation:
                 run = one

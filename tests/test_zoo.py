@@ -19,7 +19,7 @@ from merging.evaluation import Evaluator, load_head
 from merging.merge import MergeOptions, run_merge
 from merging.zoo import zoo_merge_config, zoo_tasks
 from merging.zoo.build import SIZES, build_zoo
-from merging.zoo.finetune import length_batches, train_once
+from merging.zoo.finetune import Job, length_batches, train_once
 from merging.zoo.manifest import ZooManifest, load_manifest
 from merging.zoo.suites import BUILDERS, suite_tasks
 
@@ -111,9 +111,10 @@ def test_head_protocols(ci_zoo: tuple[Path, ZooManifest]):
     recipe = replace(SIZES["ci"].recipe, max_steps=2, batch_size=8, eval_every=100)
     base_query = load_file(str(root / "base" / "model.safetensors"))["encoder.layer.0.attention.self.query.weight"]
     for protocol in ("frozen", "joint"):
-        run = train_once(
-            root / "base", train, train, probe, protocol, recipe, 1e-4, task.max_length, 0, task.label_names, "accuracy"
+        job = Job(
+            root / "base", train, train, probe, protocol, recipe, task.max_length, 0, task.label_names, "accuracy"
         )
+        run = train_once(job, 1e-4)
         model = run.model
         assert run.steps == 2 and run.best_step == 2  # the last step is always evaluated
         assert torch.equal(model.classifier.weight.detach(), probe.weight) == (protocol == "frozen")

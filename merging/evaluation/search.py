@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import ValidationError
 
@@ -31,6 +31,7 @@ class SearchPoint:
     params: dict[str, Any]
     score: float
     seconds: float
+    scores: dict[str, float] = field(default_factory=dict)  # every objective the point's heads give
 
 
 @dataclass
@@ -48,7 +49,9 @@ class SearchResult:
             "best": self.best,
             "best_score": self.best_score,
             "objective": self.objective,
-            "points": [{"params": p.params, "score": p.score, "seconds": p.seconds} for p in self.points],
+            "points": [
+                {"params": p.params, "score": p.score, "seconds": p.seconds, "scores": p.scores} for p in self.points
+            ],
         }
 
 
@@ -89,8 +92,13 @@ def search_validation(
     objective: Objective = "average",
     options: MergeOptions | None = None,
     keep_best: bool = True,
+    heads: tuple[str, ...] | None = None,
 ) -> SearchResult:
-    """Returns the grid point with the best validation objective; its merged model stays in `best_dir`."""
+    """Returns the grid point with the best validation objective; its merged model stays in `best_dir`.
+
+    `heads` (default: what `objective` needs) scores each point with more head protocols too, so
+    one sweep can also answer the other protocol's objective (`SearchPoint.scores`).
+    """
     points = [with_parameters(config, p) for p in grid_points(grid)]  # every point validated before any merge
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -103,11 +111,12 @@ def search_validation(
         started = time.perf_counter()
         run_merge(cfg, out, opts)
         evaluator.forget(out)
-        heads = ("refit",) if objective.startswith("refit_") else ("own",)
-        scores = evaluator.model_scores(out, "validation", out_of_domain=False, heads=heads)
+        used = heads or (("refit",) if objective.startswith("refit_") else ("own",))
+        scores = evaluator.model_scores(out, "validation", out_of_domain=False, heads=used)
         value = scores.objective(objective)
         evaluator.forget(out)
-        tried = SearchPoint(point, value, time.perf_counter() - started)
+        names = [o for o in get_args(Objective) if ("refit" if o.startswith("refit_") else "own") in used]
+        tried = SearchPoint(point, value, time.perf_counter() - started, {o: scores.objective(o) for o in names})
         if result is None:
             result = SearchResult(point, value, objective, [tried])
         else:

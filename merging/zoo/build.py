@@ -37,7 +37,7 @@ from merging.evaluation.encoder import Encoder, encode, load_encoder
 from merging.evaluation.heads import Head, fit_probe
 from merging.evaluation.metrics import score
 from merging.writer import publish_folder
-from merging.zoo.finetune import Recipe, finetune_task
+from merging.zoo.finetune import Job, Recipe, finetune_task
 from merging.zoo.manifest import BaseEntry, FineTuneEntry, Scores, TaskEntry, ZooManifest, load_manifest
 from merging.zoo.sources import TaskSource
 from merging.zoo.suites import BUILDERS, DEFAULT_SUITE, suite_tasks
@@ -299,7 +299,7 @@ def _build_task(
         _log(progress, f"{source.name:22s} probe {probe_scores.test:.3f}  (out-of-domain, not fine-tuned)")
         return entry
     task_seed = seed * 1000 + number
-    run = finetune_task(
+    job = Job(
         base_dir,
         parts["train"],
         parts["validation"],
@@ -310,8 +310,8 @@ def _build_task(
         task_seed,
         source.label_names,
         source.metric,
-        rates,
     )
+    run = finetune_task(job, rates)
     folder = tmp / "finetunes" / source.name
     run.model.save_pretrained(folder)  # type: ignore[operator]
     AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False).save_pretrained(folder)

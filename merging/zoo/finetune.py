@@ -103,30 +103,36 @@ def predict(
     return out
 
 
-def train_once(
-    base: Path,
-    train: tuple[list[str], list[int]],
-    validation: tuple[list[str], list[int]],
-    probe: Head,
-    protocol: Protocol,
-    recipe: Recipe,
-    learning_rate: float,
-    max_length: int,
-    seed: int,
-    label_names: list[str],
-    metric: str,
-) -> TrainResult:
+@dataclass(frozen=True)
+class Job:
+    """What one task's fine-tuning needs: the base, the data, the probe to start the head at, the recipe."""
+
+    base: Path
+    train: tuple[list[str], list[int]]
+    validation: tuple[list[str], list[int]]
+    probe: Head
+    protocol: Protocol
+    recipe: Recipe
+    max_length: int
+    seed: int
+    label_names: list[str]
+    metric: str
+
+
+def train_once(job: Job, learning_rate: float) -> TrainResult:
     """Returns the best-on-validation model of one run at one learning rate."""
     from transformers import get_linear_schedule_with_warmup
 
+    base, train, validation, probe, recipe = job.base, job.train, job.validation, job.probe, job.recipe
+    max_length, metric = job.max_length, job.metric
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    model, tokenizer = _load(base, label_names)
+    torch.manual_seed(job.seed)
+    model, tokenizer = _load(base, job.label_names)
     with torch.no_grad():
         classifier: torch.nn.Linear = model.classifier  # type: ignore[assignment]
         classifier.weight.copy_(probe.weight)
         classifier.bias.copy_(probe.bias)
-    classifier.requires_grad_(protocol == "joint")
+    classifier.requires_grad_(job.protocol == "joint")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
@@ -139,7 +145,7 @@ def train_once(
     steps = min(recipe.max_steps, max(1, math.ceil(recipe.epochs * len(texts) / recipe.batch_size)))
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(recipe.warmup * steps)), steps)
     lengths = [len(t) for t in texts]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(job.seed)
     val_labels = torch.tensor(validation[1])
     best = (-math.inf, 0, copy.deepcopy(model.state_dict()))
     since_best, step = 0, 0
@@ -170,25 +176,13 @@ def train_once(
     return TrainResult(model, learning_rate, step, best[1], best[0], time.perf_counter() - started)
 
 
-def finetune_task(
-    base: Path,
-    train: tuple[list[str], list[int]],
-    validation: tuple[list[str], list[int]],
-    probe: Head,
-    protocol: Protocol,
-    recipe: Recipe,
-    max_length: int,
-    seed: int,
-    label_names: list[str],
-    metric: str,
-    learning_rates: tuple[float, ...] | None = None,
-) -> TrainResult:
+def finetune_task(job: Job, learning_rates: tuple[float, ...] | None = None) -> TrainResult:
     """Returns the best run over the learning-rate grid (ties go to the smaller rate), chosen on validation."""
     best: TrainResult | None = None
     grid: dict[str, float] = {}
     seconds = 0.0
-    for lr in learning_rates or recipe.learning_rates:
-        run = train_once(base, train, validation, probe, protocol, recipe, lr, max_length, seed, label_names, metric)
+    for lr in learning_rates or job.recipe.learning_rates:
+        run = train_once(job, lr)
         grid[f"{lr:g}"] = round(run.validation, 4)
         seconds += run.seconds
         if best is None or run.validation > best.validation:

