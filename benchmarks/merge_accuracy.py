@@ -361,6 +361,7 @@ def main() -> int:
             if str(seed) in results["seeds"]:
                 continue
             print(f"fine-tune seed {seed}", flush=True)
+            seed_started = time.perf_counter()
             first = results["seeds"].get(str(seeds[0]))
             results["seeds"][str(seed)] = run_seed(
                 args.suite,
@@ -372,6 +373,7 @@ def main() -> int:
                 seed == seeds[0],
                 first if args.reuse_lambda and seed != seeds[0] else None,
             )
+            results["seeds"][str(seed)]["benchmark_seconds"] = round(time.perf_counter() - seed_started, 1)
             print_table(results["seeds"][str(seed)], f"zoo {args.suite}/{args.size}, seed {seed}")
             out.parent.mkdir(parents=True, exist_ok=True)
             results["seconds_before_resume"] = time.perf_counter() - started + results.get("seconds_before_resume", 0.0)

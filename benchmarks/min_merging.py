@@ -37,6 +37,7 @@ from merging.evaluation.harness import Evaluator  # noqa: E402
 from merging.minmerging.build import MinMergingOptions, build_min_merging  # noqa: E402
 from merging.minmerging.evaluate import routed_report  # noqa: E402
 from merging.minmerging.routed import RoutedModel  # noqa: E402
+from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
 
@@ -72,6 +73,64 @@ def latency(routed: RoutedModel, texts: list[str], repeats: int = 3) -> tuple[fl
     return out[0], out[1]
 
 
+@torch.inference_mode()
+def layer_features(base_dir: Path, texts: list[str], max_length: int, batch_size: int = 64) -> list[torch.Tensor]:
+    """Returns, for every depth k = 0..L, θ₀'s masked mean hidden state after k layers of each text."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    chunks: list[list[torch.Tensor]] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        states = model(**batch, output_hidden_states=True).hidden_states
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        chunks.append([(h * mask).sum(1) / mask.sum(1).clamp_min(1.0) for h in states])
+    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+
+
+def router_layers(evaluator: Evaluator, calibration: dict[str, list[str]], ood_texts: list[str]) -> list[dict]:
+    """Returns, per router depth, the router's held-out accuracy, test routing accuracy, in-domain share kept
+    under the OOD threshold and OOD share flagged (test splits), and the share of a forward it costs."""
+    tasks = list(calibration)
+    calib = [x for t in tasks for x in calibration[t]]
+    labels = torch.tensor([i for i, t in enumerate(tasks) for _ in calibration[t]])
+    test = [(i, x) for i, t in enumerate(tasks) for x in evaluator.split(t, "test").texts]
+    ood_test = [x for t in evaluator.out_of_domain() for x in evaluator.split(t, "test").texts]
+    texts = calib + ood_texts + [x for _, x in test] + ood_test
+    max_length = max(evaluator.tasks[t].max_length for t in tasks)
+    feats = layer_features(evaluator.base, texts, max_length)
+    a, b, c = len(calib), len(calib) + len(ood_texts), len(calib) + len(ood_texts) + len(test)
+    gold = torch.tensor([i for i, _ in test])
+    rows = []
+    for k, f in enumerate(feats):
+        router = train_router(f[:a], labels, tasks, RouterOptions(), f[a:b])
+        experts, _, ood = router.route(f[b:c])
+        _, _, ood_flag = router.route(f[c:])
+        rows.append(
+            {
+                "router_layer": k,
+                "forward_share": k / (len(feats) - 1),
+                "held_out_accuracy": router.metrics["router_accuracy"],
+                "test_routing_accuracy": float(((experts[:, 0] == gold) & ~ood).float().mean()),
+                "test_top1_accuracy": float((experts[:, 0] == gold).float().mean()),
+                "test_in_domain_kept": float((~ood).float().mean()),
+                "test_ood_flagged": float(ood_flag.float().mean()) if len(ood_test) else None,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"router after {k} layers ({100 * r['forward_share']:3.0f}% of a forward): held-out "
+            f"{100 * r['held_out_accuracy']:5.1f}  test routed right {100 * r['test_routing_accuracy']:5.1f} "
+            f"(top-1 {100 * r['test_top1_accuracy']:5.1f}, in-domain kept {100 * r['test_in_domain_kept']:5.1f}, "
+            f"OOD flagged {100 * (r['test_ood_flagged'] or 0):5.1f})",
+            flush=True,
+        )
+    return rows
+
+
 def best_static(key: str) -> float | None:
     """Returns the best static merge's average normalized score (own heads, with validation) on zoo `key`."""
     path = ROOT / "benchmarks" / "results" / "merge_accuracy.json"
@@ -105,6 +164,9 @@ def main() -> int:
     parser.add_argument("--head", default="joint", choices=["joint", "frozen"])
     parser.add_argument("--calibration", type=int, default=200, help="calibration texts per task (from train)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
+    parser.add_argument(
+        "--router-layers-only", action="store_true", help="only the router-depth sweep (no routed model is built)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_merging.json"))
     parser.add_argument(
         "--resummarize", action="store_true", help="only recompute the summary of --out (after merge_accuracy ran)"
@@ -131,6 +193,10 @@ def main() -> int:
         "rows": {},
     }
     results["finetuned"] = finetuned
+    results["router_layers"] = router_layers(evaluator, calibration, ood_texts)
+    if args.router_layers_only:
+        print(json.dumps(results["router_layers"], indent=1))
+        return 0
     sample = [x for t in in_domain for x in evaluator.split(t, "test").texts[:40]]
     with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
         for name, overrides in ROWS[: args.rows]:

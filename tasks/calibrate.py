@@ -45,6 +45,7 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
         ood_model=params.ood_model,
         max_length=params.max_length,
         batch_size=params.batch_size,
+        router_layer=params.router_layer,
         router=router,
     )
 

@@ -20,7 +20,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import RoutedModel, mean_pooled, neuron_patch
+from merging.minmerging.routed import RoutedModel, layer_pooled, mean_pooled, neuron_patch
 from merging.minmerging.router import Router, RouterOptions, ood_threshold, train_router
 from merging.synthetic import build_family
 
@@ -215,7 +215,7 @@ def test_routed_model_matches_materialized_patched_models(routed_family, top_k, 
             task, want = slow_features(base, shared, patches, router, tok, text, top_k, ood_model)
             assert got.task == task
         else:
-            # Top-k mixes rows by the group's mean renormalized weights: rebuild exactly that model.
+            # Top-k mixes rows by this input's own renormalized weights: rebuild exactly that model.
             patched = materialized(shared, patches, got.experts, got.weights)
             with torch.no_grad():
                 want = patched(**dict(tok([text], return_tensors="pt"))).pooler_output[0]
@@ -225,6 +225,70 @@ def test_routed_model_matches_materialized_patched_models(routed_family, top_k, 
         assert torch.equal(v, before[k])
     if top_k == 2:
         assert all(len(r.experts) == 2 and abs(sum(r.weights) - 1) < 1e-6 for r in results if r.task)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_router_features_stop_after_the_named_layer(routed_family, layer):
+    _root, _base_dir, _shared_dir, base, _shared, tok, _router, _patches, texts = routed_family
+    batch = dict(tok(texts[:5], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        out = base(**batch, output_hidden_states=True)
+        states = out.hidden_states[layer]  # the state after `layer` layers (0: the embeddings' output)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        want = (states * mask).sum(1) / mask.sum(1)
+        got = layer_pooled(base, batch, layer)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(layer_pooled(base, batch, None), mean_pooled(base, batch))
+        # The stop hook is gone and disarmed: a full forward afterwards is unchanged.
+        torch.testing.assert_close(base(**batch).last_hidden_state, out.last_hidden_state)
+    with pytest.raises(ConfigError, match=r"router_layer 9 is outside 0\.\.2"):
+        layer_pooled(base, batch, 9)
+
+
+def test_shallow_router_routes_as_a_slow_router_on_that_layer(routed_family, tmp_path: Path):
+    _root, base_dir, shared_dir, base, shared, tok, _router, patches, texts = routed_family
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        feats = base(**batch, output_hidden_states=True).hidden_states[1]
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        feats = (feats * mask).sum(1) / mask.sum(1)
+    labels = torch.tensor([i % 2 for i in range(len(texts))])
+    router = train_router(feats, labels, ["a", "b"], RouterOptions(holdout=0.0, target_recall=1.0))
+    routed = RoutedModel(shared, base, tok, router, patches, router_layer=1, batch_size=6)
+    got = routed.run(texts)
+    want = [router.tasks[int(i)] for i in router.probabilities(feats).argmax(-1)]
+    assert [r.task for r in got] == want
+    for text, r in zip(texts, got):
+        with torch.no_grad():
+            expect = materialized(shared, patches, [r.task], [1.0])(**dict(tok([text], return_tensors="pt")))
+        torch.testing.assert_close(r.features, expect.pooler_output[0], rtol=1e-4, atol=1e-5)
+    routed.save(tmp_path / "r", shared_dir, base_dir)
+    loaded = RoutedModel.load(tmp_path / "r")
+    assert loaded.router_layer == 1 and [r.task for r in loaded.run(texts)] == want
+    manifest = json.loads((tmp_path / "r" / "routed.json").read_text())
+    for bad in (-1, "2", True, 1.5):
+        (tmp_path / "r" / "routed.json").write_text(json.dumps({**manifest, "router_layer": bad}))
+        with pytest.raises(CheckpointError, match="router_layer must be"):
+            RoutedModel.load(tmp_path / "r")
+
+
+def test_patch_hooks_act_only_inside_a_routed_forward(routed_family):
+    _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
+    batch = dict(tok(texts[:4], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        before = shared(**batch).pooler_output
+    routed = RoutedModel(shared, base, tok, router, patches)
+    routed.run(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(**batch).pooler_output, before, rtol=0, atol=0)
+    bad = {"a": {"pooler.dense.bias": (torch.tensor([0]), torch.zeros(1))}}
+    with pytest.raises(ConfigError, match="not the weight of a linear layer"):
+        RoutedModel(shared, base, tok, router, bad)
+    wide = {"a": {"pooler.dense.weight": (torch.tensor([0]), torch.zeros(1, 3))}}
+    with pytest.raises(ConfigError, match="rows do not fit"):
+        RoutedModel(shared, base, tok, router, wide)
+    with pytest.raises(ConfigError, match="unknown task"):
+        routed.run(texts[:2], oracle=["a", "zzz"])
 
 
 def test_routed_model_ood_inputs_run_on_the_configured_model(routed_family):
@@ -375,3 +439,15 @@ def test_routed_report_on_tiny_tasks(tmp_path: Path):
     assert report["routing_accuracy"]["two"] == pytest.approx(routed_share)
     assert 0 <= report["strict"]["two"] <= report["routing_accuracy"]["two"] + 1e-9
     assert 0 <= report["ood"]["ood"]["flagged_out_of_domain"] <= 1
+    # The confusion matrix counts every input once, and agrees with routing accuracy and the OOD share.
+    confusion = report["routing_confusion"]
+    assert set(confusion) == {"two", "three", "ood"}
+    assert confusion["two"]["two"] == sum(r.task == "two" for r in results)
+    assert sum(confusion["two"].values()) == len(results)
+    assert set(confusion["two"]) == {"two", "three", "out_of_domain"}
+    ood_total = len(evaluator.split("ood", "test"))
+    assert confusion["ood"]["out_of_domain"] / ood_total == pytest.approx(report["ood"]["ood"]["flagged_out_of_domain"])
+    flagged = sum(confusion[t]["out_of_domain"] for t in ("two", "three"))
+    assert report["in_domain_flagged"] == pytest.approx(
+        flagged / sum(sum(confusion[t].values()) for t in ("two", "three"))
+    )

@@ -4,7 +4,8 @@
    task's calibration texts, or the data-free row norm) and keep the top `neuron_ratio` rows; the
    rest of that layer's task vector is dropped (other tensors keep their whole task vector).
 2. Shared model: θ_shared = θ₀ + a registered static merge of the enhanced fine-tunes.
-3. Router: trained on θ₀'s mean-pooled features of the calibration texts, labelled by task.
+3. Router: trained on θ₀'s mean-pooled features (after `router_layer` layers) of the calibration texts,
+   labelled by task.
 4. Routed model: θ_shared + per-task patches (the important rows of θₜ) + router, saved as a folder.
 """
 
@@ -30,7 +31,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import OodModel, Patch, RoutedModel, mean_pooled, neuron_patch, quiet_transformers
+from merging.minmerging.routed import OodModel, Patch, RoutedModel, layer_pooled, neuron_patch, quiet_transformers
 from merging.minmerging.router import RouterOptions, train_router
 
 
@@ -44,6 +45,7 @@ class MinMergingOptions:
     ood_model: OodModel = "base"
     max_length: int = 64
     batch_size: int = 32
+    router_layer: int | None = None  # the router reads θ₀ after this many layers (None: the last)
     router: RouterOptions = field(default_factory=RouterOptions)
 
 
@@ -75,7 +77,7 @@ def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: M
                 max_length=options.max_length,
                 return_tensors="pt",
             )
-            chunks.append(mean_pooled(model, dict(batch)))
+            chunks.append(layer_pooled(model, dict(batch), options.router_layer))
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
@@ -190,6 +192,7 @@ def calibrate(
         options.ood_model,
         options.top_k,
         options.max_length,
+        router_layer=options.router_layer,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = routed.save(out_dir, shared_dir, Path(base_dir).resolve())

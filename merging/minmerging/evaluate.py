@@ -3,7 +3,9 @@
 Two in-domain views: `scores` give each input its true task's head on the features the routed
 path produced (as static merges are scored: the task is known), `strict` uses the head of the task
 the router chose (a misrouted or out-of-domain input counts as wrong). Out-of-domain retention is
-a probe on the routed model's features against the base probe, as for static merges.
+a probe on the routed model's features against the base probe, as for static merges. The routing
+confusion matrix counts, per true task (in- and out-of-domain), the inputs routed to each task
+or flagged out of domain.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from merging.evaluation.harness import Evaluator
 from merging.evaluation.heads import fit_probe
 from merging.evaluation.metrics import score
 from merging.minmerging.routed import Routed, RoutedModel
+
+OUT_OF_DOMAIN = "out_of_domain"
 
 
 def routed_run(routed: RoutedModel, evaluator: Evaluator, task: str, split: str, oracle: bool = False) -> list[Routed]:
@@ -44,6 +48,7 @@ def routed_report(
     """
     finetuned = finetuned if finetuned is not None else evaluator.finetuned_scores(split)
     scores, strict, routing = {}, {}, {}
+    confusion: dict[str, dict[str, int]] = {}  # true task → routed task ("out_of_domain" when flagged) → inputs
     for task in evaluator.in_domain():
         results = routed_run(routed, evaluator, task, split, oracle)
         labels = evaluator.labels(task, split)
@@ -53,6 +58,9 @@ def routed_report(
         picked = torch.tensor([r.label if r.task == task and r.label is not None else -1 for r in results])
         strict[task] = score(evaluator.tasks[task].metric, picked, labels)
         routing[task] = sum(r.task == task for r in results) / len(results)
+        confusion[task] = {name: 0 for name in [*routed.router.tasks, OUT_OF_DOMAIN]}
+        for r in results:
+            confusion[task][r.task or OUT_OF_DOMAIN] += 1
     ood = {}
     for task in evaluator.out_of_domain():
         ood_feats = {
@@ -71,7 +79,11 @@ def routed_report(
         )
         merged_probe = score(spec.metric, probe.predict(ood_feats[split]), evaluator.labels(task, split))
         base_probe = evaluator.score_head(evaluator.base, task, evaluator.probe(evaluator.base, task), split)
-        flagged = sum(r.task is None for r in routed_run(routed, evaluator, task, split))
+        routes = routed_run(routed, evaluator, task, split)
+        flagged = sum(r.task is None for r in routes)
+        confusion[task] = {name: 0 for name in [*routed.router.tasks, OUT_OF_DOMAIN]}
+        for r in routes:
+            confusion[task][r.task or OUT_OF_DOMAIN] += 1
         ood[task] = {
             "merged_probe": merged_probe,
             "base_probe": base_probe,
@@ -88,6 +100,9 @@ def routed_report(
         "strict_average_normalized": statistics.mean(strict[t] / finetuned[t] for t in strict if finetuned[t] > 0),
         "routing_accuracy": routing,
         "routing_accuracy_average": statistics.mean(routing.values()),
+        "routing_confusion": confusion,
+        "in_domain_flagged": sum(confusion[t][OUT_OF_DOMAIN] for t in routing)
+        / sum(sum(confusion[t].values()) for t in routing),
         "ood": ood,
         "ood_retention": statistics.mean(v["retention"] for v in ood.values()) if ood else None,
     }

@@ -22,6 +22,12 @@ class MinMergingParams(MethodParams):
     ood_model: Literal["base", "shared"] = Field(default="base", description="what out-of-domain inputs run on")
     max_length: int = Field(default=64, ge=2, description="tokens per calibration and routed input")
     batch_size: int = Field(default=32, ge=1, description="calibration batch size")
+    router_layer: int | None = Field(
+        default=None,
+        ge=0,
+        description="the router reads θ₀'s mean-pooled state after this many layers (null: the last); "
+        "a shallow router costs that share of a forward",
+    )
 
     @field_validator("shared_method")
     @classmethod

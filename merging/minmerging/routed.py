@@ -1,18 +1,22 @@
 """Returns MIN-Merging's routed model: θ_shared, per-task neuron patches, a router over θ₀'s features.
 
-For a batch, every input is routed (top-1 by default; top-k mixes the experts' rows by the
-renormalized router weights, averaged over the inputs of a group), inputs are grouped by route,
-and each group runs one batched forward through `torch.func.functional_call` with the patched
-weights, so the shared module is never modified and concurrent use is safe. Out-of-domain inputs
-run on θ₀ or on θ_shared, by configuration. Encoders are transformers base models (`AutoModel`);
-the features handed to each task's head are the pooled output, as BertForSequenceClassification
-feeds its classifier.
+For a batch, every input is routed (top-1 by default; top-k mixes the experts' rows by that
+input's renormalized router weights), and all in-domain inputs run one batched forward through
+θ_shared in which every patched linear layer adds, for each input, Σⱼ wⱼ · x (θⱼ[rows] − θ_shared[rows])ᵀ
+to its patched output rows: exactly the output of a model materialized with those rows, at the
+cost of the patched rows only. The per-call route lives in thread-local state read by forward
+hooks, so the shared module's weights are never modified and concurrent use is safe.
+Out-of-domain inputs run on θ₀ or on θ_shared, by configuration. The router reads θ₀'s
+mean-pooled hidden state after `router_layer` layers (None: the last), so a shallow router costs
+a fraction of a forward. Encoders are transformers base models (`AutoModel`); the features
+handed to each task's head are the pooled output, as BertForSequenceClassification feeds its
+classifier.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +25,6 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.func import functional_call
 
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation.heads import Head
@@ -59,11 +62,81 @@ def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor]) -> 
     return {name: (idx.long(), state[name][idx.long()].detach().clone()) for name, idx in masks.items()}
 
 
-def mean_pooled(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Returns the attention-masked mean of the last hidden state (the router's input)."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+def _masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def mean_pooled(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Returns the attention-masked mean of the last hidden state (the full-depth router's input)."""
+    return _masked_mean(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """Returns the model's list of transformer layers (the ModuleList as long as `config.num_hidden_layers`)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ConfigError(f"{type(model).__name__}: no list of {count} transformer layers to read router features from")
+
+
+def _grid(output: torch.Tensor, members: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Returns broadcast indices that address rows `members` (first dim) × every middle position × `idx` (last)."""
+    nd = output.dim()
+    shape = [1] * nd
+    out = []
+    for d in range(nd):
+        values = members if d == 0 else idx if d == nd - 1 else torch.arange(output.shape[d])
+        view = list(shape)
+        view[d] = -1
+        out.append(values.view(view))
+    return tuple(out)
+
+
+class _StopForward(Exception):
+    pass
+
+
+_HALT = threading.local()
+
+
+def layer_pooled(model: torch.nn.Module, batch: dict[str, torch.Tensor], layer: int | None) -> torch.Tensor:
+    """Returns the masked mean of the hidden state after `layer` transformer layers (0: the embeddings' output;
+    None: the last hidden state). The forward stops there, so layer k of L costs about k/L of a forward."""
+    if layer is None:
+        return mean_pooled(model, batch)
+    layers = encoder_layers(model)
+    if not 0 <= layer <= len(layers):
+        raise ConfigError(f"router_layer {layer} is outside 0..{len(layers)} for this {len(layers)}-layer encoder")
+    if layer == len(layers):
+        return mean_pooled(model, batch)
+    captured: list[torch.Tensor] = []
+
+    def stop(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if getattr(_HALT, "armed", False):  # the state after `layer` layers is the input of layer `layer`
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+    handle = layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    _HALT.armed = True
+    try:
+        model(**batch)
+    except _StopForward:
+        pass
+    finally:
+        _HALT.armed = False
+        handle.remove()
+    if not captured:
+        raise ConfigError(f"router_layer {layer}: the forward never reached that layer")
+    return _masked_mean(captured[0], batch["attention_mask"])
+
+
+def _pooled_output(out: Any) -> torch.Tensor:
+    features = getattr(out, "pooler_output", None)
+    if features is None:
+        raise ConfigError("the routed encoder has no pooled output to hand to a task head")
+    return features
 
 
 @dataclass
@@ -91,6 +164,7 @@ class RoutedModel:
         top_k: int = 1,
         max_length: int = 64,
         batch_size: int = 64,
+        router_layer: int | None = None,
     ):
         unknown = sorted(set(patches) - set(router.tasks))
         if unknown:
@@ -105,23 +179,69 @@ class RoutedModel:
         self.top_k = top_k
         self.max_length = max_length
         self.batch_size = batch_size
-        self._shared_params = dict(self.shared.named_parameters())
+        self.router_layer = router_layer
+        self._route = threading.local()  # this thread's per-input expert weights while a routed forward runs
+        self._deltas = self._row_deltas()
+        modules = dict(self.shared.named_modules())
+        self._hooks = []
+        for name in sorted(self._deltas):
+            module = modules.get(name.removesuffix(".weight"))
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(".weight"):
+                raise ConfigError(f"patch tensor {name} is not the weight of a linear layer of the shared model")
+            self._hooks.append(module.register_forward_hook(self._patch_hook(name)))
 
-    def patched_parameters(self, experts: list[int], weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Returns the replaced tensors for a route: θ_shared + Σⱼ wⱼ (θ_shared with task j's rows − θ_shared)."""
-        out: dict[str, torch.Tensor] = {}
-        for j, w in zip(experts, weights.tolist()):
-            for name, (idx, rows) in self.patches.get(self.router.tasks[j], {}).items():
-                shared = self._shared_params[name].detach()
-                if name not in out:
-                    out[name] = shared.clone()
-                out[name][idx] += w * (rows.to(shared.dtype) - shared[idx])
+    def _row_deltas(self) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Returns, per patched tensor, (task index, row indices, θₜ's rows − θ_shared's rows) of every task."""
+        params = dict(self.shared.named_parameters())
+        out: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for task, patch in self.patches.items():
+            j = self.router.tasks.index(task)
+            for name, (idx, rows) in patch.items():
+                if name not in params:
+                    raise ConfigError(f"patch of task {task!r} names {name}, which the shared model does not have")
+                shared = params[name].detach()
+                if rows.shape[1:] != shared.shape[1:] or (idx.numel() and int(idx.max()) >= shared.shape[0]):
+                    raise ConfigError(f"patch of task {task!r}: {name} rows do not fit the shared tensor")
+                delta = (rows.to(shared.dtype) - shared[idx.long()]).contiguous()
+                out.setdefault(name, []).append((j, idx.long(), delta))
         return out
+
+    def _patch_hook(self, name: str):  # type: ignore[no-untyped-def]
+        deltas = self._deltas[name]
+
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            weights = getattr(self._route, "weights", None)  # (batch, tasks), zero where a task is not an expert
+            if weights is None:
+                return None
+            x = args[0]
+            for j, idx, delta in deltas:
+                members = weights[:, j].nonzero().flatten()
+                if members.numel() == 0:
+                    continue
+                w = weights[members, j].to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
+                update = w * (x[members] @ delta.t())  # (members, ..., patched rows)
+                output.index_put_(_grid(output, members, idx), update, accumulate=True)
+            return output
+
+        return hook
 
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
             self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )
+
+    def router_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Returns the router's input for a tokenized batch: θ₀'s mean-pooled state after `router_layer` layers."""
+        return layer_pooled(self.base, batch, self.router_layer)
+
+    def _routed_forward(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Returns θ_shared's pooled output with each input's experts mixed in by `weights` (inputs × tasks)."""
+        self._route.weights = weights
+        try:
+            out = self.shared(**batch)
+        finally:
+            self._route.weights = None
+        return _pooled_output(out)
 
     @torch.inference_mode()
     def run(self, texts: list[str], oracle: list[str] | None = None) -> list[Routed]:
@@ -131,48 +251,49 @@ class RoutedModel:
         """
         if oracle is not None and len(oracle) != len(texts):
             raise ConfigError(f"oracle routing: {len(oracle)} task names for {len(texts)} inputs")
-        results: list[Routed | None] = [None] * len(texts)
+        results: list[Routed] = []
+        n_tasks = len(self.router.tasks)
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
             batch = self._batch(chunk)
             if oracle is None:
-                experts, weights, ood = self.router.route(mean_pooled(self.base, batch), self.top_k)
+                experts, weights, ood = self.router.route(self.router_features(batch), self.top_k)
             else:
                 names = oracle[start : start + self.batch_size]
+                unknown = sorted(set(names) - set(self.router.tasks))
+                if unknown:
+                    raise ConfigError(f"oracle routing: unknown task(s) {unknown}; known: {self.router.tasks}")
                 experts = torch.tensor([[self.router.tasks.index(n)] for n in names])
                 weights, ood = torch.ones(len(names), 1), torch.zeros(len(names), dtype=torch.bool)
-            groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            features = torch.empty(0)
+            inside = (~ood).nonzero().flatten()
+            outside = ood.nonzero().flatten()
+            parts: dict[int, torch.Tensor] = {}
+            if inside.numel():
+                dense = torch.zeros(inside.numel(), n_tasks)
+                dense.scatter_(1, experts[inside], weights[inside].float())
+                sub = {k: v[inside] for k, v in batch.items()}
+                for row, feat in zip(inside.tolist(), self._routed_forward(sub, dense)):
+                    parts[row] = feat
+            if outside.numel():
+                model = self.base if self.ood_model == "base" else self.shared
+                sub = {k: v[outside] for k, v in batch.items()}
+                for row, feat in zip(outside.tolist(), _pooled_output(model(**sub))):
+                    parts[row] = feat
             for i in range(len(chunk)):
-                groups[() if bool(ood[i]) else tuple(experts[i].tolist())].append(i)
-            for key, members in groups.items():
-                sub = {k: v[members] for k, v in batch.items()}
-                if not key:
-                    model = self.base if self.ood_model == "base" else self.shared
-                    out = model(**sub)
-                    group_weights = torch.ones(0)
+                features = parts[i]
+                if bool(ood[i]):
+                    routed = Routed(None, [], [], features.clone())
                 else:
-                    group_weights = weights[members].mean(dim=0)
-                    group_weights = group_weights / group_weights.sum()
-                    params = self.patched_parameters(list(key), group_weights)
-                    out = functional_call(self.shared, params, args=(), kwargs=sub)
-                features = out.pooler_output if getattr(out, "pooler_output", None) is not None else None
-                if features is None:
-                    raise ConfigError("the routed encoder has no pooled output to hand to a task head")
-                for row, i in enumerate(members):
-                    task = self.router.tasks[key[0]] if key else None
-                    routed = Routed(
-                        task,
-                        [self.router.tasks[e] for e in key],
-                        [float(w) for w in group_weights],
-                        features[row].clone(),
-                    )
-                    head = self.heads.get(task) if task else None
-                    if head is not None:
-                        probs = torch.softmax(head.logits(features[row]), dim=-1)
-                        routed.label = int(probs.argmax())
-                        routed.probabilities = probs.tolist()
-                    results[start + i] = routed
-        return [r for r in results if r is not None]
+                    names_i = [self.router.tasks[e] for e in experts[i].tolist()]
+                    routed = Routed(names_i[0], names_i, [float(w) for w in weights[i]], features.clone())
+                head = self.heads.get(routed.task) if routed.task else None
+                if head is not None:
+                    probs = torch.softmax(head.logits(features), dim=-1)
+                    routed.label = int(probs.argmax())
+                    routed.probabilities = probs.tolist()
+                results.append(routed)
+        return results
 
     # -- storage -------------------------------------------------------------------------------
     def save(self, folder: Path, shared_dir: Path, base_dir: Path) -> dict[str, int]:
@@ -205,6 +326,7 @@ class RoutedModel:
             "ood_model": self.ood_model,
             "top_k": self.top_k,
             "max_length": self.max_length,
+            "router_layer": self.router_layer,
         }
         (folder / "routed.json").write_text(json.dumps(manifest, indent=1))
         return sizes
@@ -248,4 +370,14 @@ class RoutedModel:
             manifest["ood_model"],
             int(manifest["top_k"]),
             int(manifest["max_length"]),
+            router_layer=_router_layer(manifest.get("router_layer"), folder),
         )
+
+
+def _router_layer(value: Any, folder: Path) -> int | None:
+    """Returns routed.json's `router_layer` (absent or null: the last layer), checked."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{folder}/routed.json: router_layer must be a layer count >= 0 or null, got {value!r}")
+    return value
