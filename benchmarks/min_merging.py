@@ -9,11 +9,17 @@ inputs flagged, patch storage, and latency per sample against the static merged 
 is also scored with oracle routing (every input to its true task's experts): the ceiling a perfect
 router would give, which separates the router's share of the loss from the method's.
 
-    .venv/bin/python benchmarks/min_merging.py [--suite sentences] [--size full] [--seed 0] [--calibration 200]
+    .venv/bin/python benchmarks/min_merging.py [--suite sentences] [--size full] [--seed 0] [--rows N] [--resume]
+    .venv/bin/python benchmarks/min_merging.py --plot     # the storage–accuracy curve from the JSON
 
-Writes benchmarks/results/min_merging.json, with a `summary` of the first (default) row; its
+Each fine-tune seed is its own entry of benchmarks/results/min_merging.json (`seeds`); a run
+writes the file after every row, and `--resume` keeps the rows already measured on the same zoo
+build. The `summary` is the default (first) row's mean over the seeds measured; its
 `best_static_normalized` is the best static merge (own heads, λ chosen on validation) of the same
-zoo build in benchmarks/results/merge_accuracy.json (null when that file measured another build).
+zoo builds in benchmarks/results/merge_accuracy.json (null when that file measured other builds).
+The rows `neuron_ratio r` with the default row trace the storage–accuracy curve
+(benchmarks/results/min_merging_curve.png): in-domain normalized accuracy, routed and oracle,
+against patch storage per task, with the best static merge and the all-fine-tunes ceiling.
 """
 
 from __future__ import annotations
@@ -41,16 +47,20 @@ from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
 
+DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, shared NeuroMerging)"
 ROWS: list[tuple[str, dict[str, Any]]] = [
-    ("MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, shared NeuroMerging)", {}),
-    ("  importance: norm", {"importance": "norm"}),
-    ("  neuron_ratio 0.01", {"neuron_ratio": 0.01}),
+    (DEFAULT_ROW, {}),
     ("  neuron_ratio 0.05", {"neuron_ratio": 0.05}),
     ("  neuron_ratio 0.2", {"neuron_ratio": 0.2}),
+    ("  neuron_ratio 0.01", {"neuron_ratio": 0.01}),
+    ("  neuron_ratio 0.3", {"neuron_ratio": 0.3}),
+    ("  neuron_ratio 0.5", {"neuron_ratio": 0.5}),
+    ("  importance: norm", {"importance": "norm"}),
     ("  top-2", {"top_k": 2}),
     ("  OOD → θ_shared", {"ood_model": "shared"}),
     ("  shared by TA (λ 0.3)", {"shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}}),
 ]
+RESULTS = ROOT / "benchmarks" / "results" / "min_merging.json"
 
 
 def latency(routed: RoutedModel, texts: list[str], repeats: int = 3) -> tuple[float, float]:
@@ -131,29 +141,129 @@ def router_layers(evaluator: Evaluator, calibration: dict[str, list[str]], ood_t
     return rows
 
 
-def best_static(key: str) -> float | None:
-    """Returns the best static merge's average normalized score (own heads, with validation) on zoo `key`."""
+def best_static(keys: list[str]) -> float | None:
+    """Returns the best static merge's average normalized score (own heads, with validation), mean over the
+    merge_accuracy seeds whose zoo builds are `keys`; None unless every key was measured there."""
     path = ROOT / "benchmarks" / "results" / "merge_accuracy.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    for run in data.get("seeds", {}).values():
-        if run["zoo"]["key"] == key:
-            return max(row["average_normalized"] for row in run["with_validation"].values())
-    return None
+    runs = {run["zoo"]["key"]: run for run in data.get("seeds", {}).values()}
+    if not keys or any(k not in runs for k in keys):
+        return None
+    methods = set.intersection(*(set(runs[k]["with_validation"]) for k in keys))
+    return max(statistics.mean(runs[k]["with_validation"][m]["average_normalized"] for k in keys) for m in methods)
 
 
-def summary(results: dict[str, Any], row: dict[str, Any], tasks: int) -> dict[str, Any]:
-    """Returns the `summary` object of the default row (fractions, not percent)."""
+def patch_fraction(row: dict[str, Any]) -> float:
     storage = row["storage"]
-    flagged = [v["flagged_out_of_domain"] for v in row["ood"].values()]
+    return storage["patch_bytes"] / len(row["scores"]) / storage["one_full_model_bytes"]
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Returns the `summary` object: the default row, mean over the seeds measured (fractions, not percent)."""
+    rows = [run["rows"][DEFAULT_ROW] for run in results["seeds"].values() if DEFAULT_ROW in run["rows"]]
+    if not rows:
+        raise SystemExit(f"no seed has the default row {DEFAULT_ROW!r}")
+
+    def mean(values: list[float | None]) -> float | None:
+        kept = [v for v in values if v is not None]
+        return round(statistics.mean(kept), 4) if kept else None
+
+    flagged = [
+        statistics.mean(v["flagged_out_of_domain"] for v in r["ood"].values()) if r["ood"] else None for r in rows
+    ]
+    keys = [run["zoo"]["key"] for run in results["seeds"].values() if DEFAULT_ROW in run["rows"]]
     return {
-        "in_domain_normalized": round(row["average_normalized"], 4),
-        "oracle_normalized": round(row["oracle"]["average_normalized"], 4),
-        "routing_accuracy": round(row["routing_accuracy_average"], 4),
-        "ood_retention": round(row["ood_retention"], 4) if row["ood_retention"] is not None else None,
-        "ood_flagged": round(statistics.mean(flagged), 4) if flagged else None,
-        "patch_fraction_per_task": round(storage["patch_bytes"] / tasks / storage["one_full_model_bytes"], 4),
-        "best_static_normalized": best_static(results["zoo"]["key"]),
+        "in_domain_normalized": mean([r["average_normalized"] for r in rows]),
+        "oracle_normalized": mean([r["oracle"]["average_normalized"] for r in rows]),
+        "routing_accuracy": mean([r["routing_accuracy_average"] for r in rows]),
+        "ood_retention": mean([r["ood_retention"] for r in rows]),
+        "ood_flagged": mean(flagged),
+        "patch_fraction_per_task": mean([patch_fraction(r) for r in rows]),
+        "best_static_normalized": best_static(keys),
     }
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    """Writes the storage–accuracy curve: routed and oracle in-domain normalized against patch storage per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[float, dict[str, list[float]]] = {}
+    for run in results["seeds"].values():
+        for name, row in run["rows"].items():
+            if name == DEFAULT_ROW or name.strip().startswith("neuron_ratio"):
+                p = points.setdefault(row["options"]["neuron_ratio"], {"x": [], "routed": [], "oracle": []})
+                p["x"].append(100 * patch_fraction(row))
+                p["routed"].append(100 * row["average_normalized"])
+                p["oracle"].append(100 * row["oracle"]["average_normalized"])
+    if not points:
+        raise SystemExit("no neuron-ratio rows to plot")
+    ratios = sorted(points)
+    x = [statistics.mean(points[r]["x"]) for r in ratios]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, style in (("routed", "o-"), ("oracle", "s--")):
+        y = [statistics.mean(points[r][key]) for r in ratios]
+        ax.plot(x, y, style, label=f"MIN-Merging, {key} routing")
+        for xi, yi, r in zip(x, y, ratios):
+            if key == "routed":
+                ax.annotate(f"{r:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    static = results["summary"].get("best_static_normalized")
+    if static is not None:
+        ax.axhline(100 * static, color="grey", linestyle=":", label="best static merge (λ on validation)")
+    ax.axhline(100.0, color="black", linewidth=0.8, label="every fine-tune kept (100% storage per task)")
+    ax.set_xscale("log")
+    ax.set_xlabel("patch storage per task (% of one model; labels: neuron ratio)")
+    ax.set_ylabel("in-domain normalized accuracy (%)")
+    seeds = ", ".join(sorted(results["seeds"]))
+    ax.set_title(f"MIN-Merging storage–accuracy, zoo {results['suite']}/{results['size']}, seeds {seeds}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def measure_row(
+    name: str,
+    overrides: dict[str, Any],
+    ctx: dict[str, Any],
+    tmp: Path,
+) -> dict[str, Any]:
+    """Builds one configuration's routed model and returns its row (routed, oracle, router, storage, latency)."""
+    options = MinMergingOptions(**overrides)
+    evaluator, finetuned = ctx["evaluator"], ctx["finetuned"]
+    started = time.perf_counter()
+    report = build_min_merging(
+        ctx["base_dir"], ctx["finetunes"], ctx["calibration"], tmp / "m", options, ctx["heads"], ctx["ood_texts"]
+    )
+    build_seconds = time.perf_counter() - started
+    routed = RoutedModel.load(tmp / "m")
+    row = routed_report(evaluator, routed, "test", finetuned)
+    # The ceiling a perfect router gives: each input goes to its true task's experts.
+    oracle = routed_report(evaluator, routed, "test", finetuned, oracle=True)
+    row["oracle"] = {k: oracle[k] for k in ("scores", "normalized", "average_normalized", "strict")}
+    row["oracle"]["strict_average_normalized"] = oracle["strict_average_normalized"]
+    routed_ms, static_ms = latency(routed, ctx["sample"])
+    row.update(
+        {
+            "options": {k: v for k, v in options.__dict__.items() if k != "router"},
+            "build_seconds": build_seconds,
+            "router": report.router,
+            "overlap": report.overlap,
+            "storage": report.storage,
+            "latency_ms_per_sample": {"routed": routed_ms, "static_shared": static_ms, "batch_size": routed.batch_size},
+        }
+    )
+    print(
+        f"{name[:60]:60s} norm {100 * row['average_normalized']:5.1f} "
+        f"oracle {100 * row['oracle']['average_normalized']:5.1f} strict "
+        f"{100 * row['strict_average_normalized']:5.1f} route {100 * row['routing_accuracy_average']:5.1f} "
+        f"ood {100 * (row['ood_retention'] or 0):5.1f} patch/task/model {100 * patch_fraction(row):5.1f}% "
+        f"lat {routed_ms:.2f}/{static_ms:.2f} ms",
+        flush=True,
+    )
+    return row
 
 
 def main() -> int:
@@ -164,80 +274,69 @@ def main() -> int:
     parser.add_argument("--head", default="joint", choices=["joint", "frozen"])
     parser.add_argument("--calibration", type=int, default=200, help="calibration texts per task (from train)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already measured on this zoo build")
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--router-layers-only", action="store_true", help="only the router-depth sweep (no routed model is built)"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_merging.json"))
     parser.add_argument(
         "--resummarize", action="store_true", help="only recompute the summary of --out (after merge_accuracy ran)"
     )
+    parser.add_argument("--plot", action="store_true", help="only draw the storage–accuracy curve from --out")
     args = parser.parse_args()
-    if args.resummarize:
-        data = json.loads(Path(args.out).read_text())
-        tasks = len(data["finetuned"])
-        data["summary"] = summary(data, next(iter(data["rows"].values())), tasks)
-        Path(args.out).write_text(json.dumps(data, indent=1))
+    out = Path(args.out)
+    if args.resummarize or args.plot:
+        data = json.loads(out.read_text())
+        data["summary"] = summary(data)
+        out.write_text(json.dumps(data, indent=1))
         print("summary: " + json.dumps(data["summary"]))
+        if args.plot:
+            plot(data, out.with_name("min_merging_curve.png"))
         return 0
     zoo, manifest, _ = build_zoo(None, args.size, args.head, args.seed, progress=print, suite=args.suite)
     evaluator = Evaluator(zoo_tasks(zoo, manifest), zoo / manifest.base.path)
-    finetuned = evaluator.finetuned_scores("test")
     rng = random.Random(0)
     in_domain = evaluator.in_domain()
     calibration = {t: rng.sample(evaluator.split(t, "train").texts, args.calibration) for t in in_domain}
     ood_texts = [x for t in evaluator.out_of_domain() for x in rng.sample(evaluator.split(t, "train").texts, 100)]
-    finetunes = {t: Path(evaluator.tasks[t].model or "") for t in in_domain}
-    heads = {t: evaluator.task_head(t) for t in in_domain}
-    results: dict[str, Any] = {
-        "zoo": {"suite": args.suite, "size": args.size, "head": args.head, "seed": args.seed, "key": manifest.key},
-        "rows": {},
-    }
-    results["finetuned"] = finetuned
-    results["router_layers"] = router_layers(evaluator, calibration, ood_texts)
+    results: dict[str, Any] = {"suite": args.suite, "size": args.size, "head": args.head, "seeds": {}}
+    if out.is_file():
+        previous = json.loads(out.read_text())
+        if (previous.get("suite"), previous.get("size"), previous.get("head")) == (args.suite, args.size, args.head):
+            results["seeds"] = previous.get("seeds", {})  # other seeds' entries are kept
+    zoo_info = {"suite": args.suite, "size": args.size, "head": args.head, "seed": args.seed, "key": manifest.key}
+    entry = results["seeds"].get(str(args.seed), {})
+    if not (args.resume and entry.get("zoo", {}).get("key") == manifest.key):
+        entry = {}
+    entry.setdefault("rows", {})
+    entry["zoo"] = zoo_info
+    entry["finetuned"] = evaluator.finetuned_scores("test")
+    results["seeds"][str(args.seed)] = entry
+    if "router_layers" not in entry:
+        entry["router_layers"] = router_layers(evaluator, calibration, ood_texts)
     if args.router_layers_only:
-        print(json.dumps(results["router_layers"], indent=1))
+        out.write_text(json.dumps(results, indent=1))
         return 0
-    sample = [x for t in in_domain for x in evaluator.split(t, "test").texts[:40]]
+    ctx = {
+        "evaluator": evaluator,
+        "finetuned": entry["finetuned"],
+        "base_dir": zoo / manifest.base.path,
+        "finetunes": {t: Path(evaluator.tasks[t].model or "") for t in in_domain},
+        "heads": {t: evaluator.task_head(t) for t in in_domain},
+        "calibration": calibration,
+        "ood_texts": ood_texts,
+        "sample": [x for t in in_domain for x in evaluator.split(t, "test").texts[:40]],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
         for name, overrides in ROWS[: args.rows]:
-            options = MinMergingOptions(**overrides)
-            started = time.perf_counter()
-            report = build_min_merging(
-                zoo / manifest.base.path, finetunes, calibration, Path(tmp) / "m", options, heads, ood_texts
-            )
-            build_seconds = time.perf_counter() - started
-            routed = RoutedModel.load(Path(tmp) / "m")
-            row = routed_report(evaluator, routed, "test", finetuned)
-            # The ceiling a perfect router gives: each input goes to its true task's experts.
-            oracle = routed_report(evaluator, routed, "test", finetuned, oracle=True)
-            row["oracle"] = {k: oracle[k] for k in ("scores", "normalized", "average_normalized", "strict")}
-            row["oracle"]["strict_average_normalized"] = oracle["strict_average_normalized"]
-            routed_ms, static_ms = latency(routed, sample)
-            row.update(
-                {
-                    "options": {k: v for k, v in options.__dict__.items() if k != "router"},
-                    "build_seconds": build_seconds,
-                    "router": report.router,
-                    "overlap": report.overlap,
-                    "storage": report.storage,
-                    "latency_ms_per_sample": {"routed": routed_ms, "static_shared": static_ms},
-                }
-            )
-            results["rows"][name] = row
-            st = report.storage
-            print(
-                f"{name[:60]:60s} norm {100 * row['average_normalized']:5.1f} "
-                f"oracle {100 * row['oracle']['average_normalized']:5.1f} strict "
-                f"{100 * row['strict_average_normalized']:5.1f} route {100 * row['routing_accuracy_average']:5.1f} "
-                f"ood {100 * (row['ood_retention'] or 0):5.1f} patch/task/model "
-                f"{100 * st['patch_bytes'] / len(in_domain) / st['one_full_model_bytes']:5.1f}% "
-                f"lat {routed_ms:.2f}/{static_ms:.2f} ms",
-                flush=True,
-            )
-    results["summary"] = summary(results, next(iter(results["rows"].values())), len(in_domain))
+            if name in entry["rows"]:
+                print(f"{name[:60]:60s} (kept from the previous run)")
+                continue
+            entry["rows"][name] = measure_row(name, overrides, ctx, Path(tmp))
+            out.write_text(json.dumps(results, indent=1))  # a stopped run keeps the rows done
+    results["summary"] = summary(results)
     print("summary: " + json.dumps(results["summary"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
     return 0

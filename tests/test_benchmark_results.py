@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import min_merging
 from benchmarks.merge_accuracy import aggregate, summarize
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -87,3 +88,37 @@ def test_summary_reads_the_seed_spread_and_best_methods():
     assert summary["min_finetune_margin_points"] == pytest.approx(8.0)
     assert summary["best_method"] == "ties"  # sorted: neuromerging 0, task_arithmetic 1, ties 2 → largest own
     assert summary["refit_best_method"] == "neuromerging"
+
+
+def _min_row(ratio: float, norm: float, oracle: float) -> dict:
+    return {
+        "options": {"neuron_ratio": ratio},
+        "scores": {"a": norm, "b": norm},
+        "average_normalized": norm,
+        "oracle": {"average_normalized": oracle},
+        "routing_accuracy_average": 0.9,
+        "ood_retention": 1.0,
+        "ood": {"x": {"flagged_out_of_domain": 0.25}},
+        "storage": {"patch_bytes": 2 * ratio * 1000, "one_full_model_bytes": 1000},
+    }
+
+
+def test_min_merging_summary_is_the_default_rows_mean_over_seeds_and_the_curve_draws(tmp_path: Path):
+    def seed(key: str, shift: float) -> dict:
+        rows = {
+            min_merging.DEFAULT_ROW: _min_row(0.1, 0.8 + shift, 0.9 + shift),
+            "  neuron_ratio 0.2": _min_row(0.2, 0.85 + shift, 0.95 + shift),
+        }
+        return {"zoo": {"key": key}, "rows": rows}
+
+    data = {"suite": "s", "size": "full", "seeds": {"0": seed("k0", 0.0), "1": seed("k1", 0.02)}}
+    summary = min_merging.summary(data)
+    assert set(summary) == MIN_KEYS
+    assert summary["in_domain_normalized"] == pytest.approx(0.81)
+    assert summary["oracle_normalized"] == pytest.approx(0.91)
+    assert summary["patch_fraction_per_task"] == pytest.approx(0.1)  # 200 B of patches / 2 tasks / 1000 B
+    assert summary["ood_flagged"] == pytest.approx(0.25)
+    assert summary["best_static_normalized"] is None  # merge_accuracy.json measured other zoo builds
+    data["summary"] = summary
+    min_merging.plot(data, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
