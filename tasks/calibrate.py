@@ -45,6 +45,9 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
         ood_model=params.ood_model,
         max_length=params.max_length,
         batch_size=params.batch_size,
+        budget=params.budget,
+        patch_small_tensors=params.patch_small_tensors,
+        shared_from=params.shared_from,
         router_layer=params.router_layer,
         router=router,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,29 @@ def test_norm_importance_top_rows_and_overlap():
     assert o.tolist() == [[1.0, 0.5], [0.25, 1.0]]
     with pytest.raises(ConfigError, match="neuron_ratio"):
         top_rows(scores, 0.0)
+
+
+def test_model_wide_budget_ranks_rows_relative_to_their_tensor():
+    # Slow reference: every row's score over its tensor's mean, one global ranking, top share kept.
+    gen = torch.Generator().manual_seed(1)
+    scores = {"a": torch.rand(8, generator=gen) * 100, "b": torch.rand(12, generator=gen), "c": torch.rand(4)}
+    ranked = sorted(
+        ((float(v / scores[n].mean()), n, i) for n in sorted(scores) for i, v in enumerate(scores[n])),
+        key=lambda t: -t[0],
+    )
+    kept = ranked[: math.ceil(0.25 * 24)]
+    got = top_rows(scores, 0.25, budget="model")
+    want: dict[str, list[int]] = {}
+    for _, n, i in kept:
+        want.setdefault(n, []).append(i)
+    assert {n: idx.tolist() for n, idx in got.items()} == {n: sorted(v) for n, v in want.items()}
+    assert sum(idx.numel() for idx in got.values()) == 6
+    # Tensors with no kept row are left out, and the overlap still counts over the rows each task kept.
+    sparse = top_rows({"a": torch.tensor([10.0, 1.0, 1.0]), "b": torch.ones(3)}, 0.1, budget="model")
+    assert set(sparse) == {"a"} and sparse["a"].tolist() == [0]
+    assert overlap_matrix([sparse, {"b": torch.tensor([0])}]).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ConfigError, match="budget must be"):
+        top_rows(scores, 0.25, budget="tensor")
 
 
 def test_activation_importance_bad_inputs(pair):
@@ -227,6 +251,31 @@ def test_routed_model_matches_materialized_patched_models(routed_family, top_k, 
         assert all(len(r.experts) == 2 and abs(sum(r.weights) - 1) < 1e-6 for r in results if r.task)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_patches_with_small_tensors_match_materialized_models(routed_family, top_k):
+    _root, _base_dir, _shared_dir, base, shared, tok, router, _patches, texts = routed_family
+    tuned = {}
+    for name, model in zip(["a", "b"], _root_finetunes(routed_family)):
+        masks = top_rows(norm_importance(task_vectors(base, model)), 0.25)
+        tuned[name] = neuron_patch(model, masks, small_tensors=True)
+    small = [n for n, (_idx, rows) in tuned["a"].items() if rows.dim() == 1]
+    assert any("LayerNorm" in n for n in small) and any(n.endswith("dense.bias") for n in small)
+    routed = RoutedModel(shared, base, tok, router, tuned, top_k=top_k, batch_size=5)
+    for text, got in zip(texts, routed.run(texts)):
+        assert got.task is not None
+        patched = materialized(shared, tuned, got.experts, got.weights)
+        with torch.no_grad():
+            want = patched(**dict(tok([text], return_tensors="pt"))).pooler_output[0]
+        torch.testing.assert_close(got.features, want, rtol=1e-4, atol=1e-5)
+
+
+def _root_finetunes(routed_family):
+    from transformers import AutoModel
+
+    root = routed_family[0]
+    return [AutoModel.from_pretrained(root / f"finetune_{t}").eval() for t in (0, 1)]
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_router_features_stop_after_the_named_layer(routed_family, layer):
     _root, _base_dir, _shared_dir, base, _shared, tok, _router, _patches, texts = routed_family
@@ -281,8 +330,8 @@ def test_patch_hooks_act_only_inside_a_routed_forward(routed_family):
     routed.run(texts)
     with torch.no_grad():
         torch.testing.assert_close(shared(**batch).pooler_output, before, rtol=0, atol=0)
-    bad = {"a": {"pooler.dense.bias": (torch.tensor([0]), torch.zeros(1))}}
-    with pytest.raises(ConfigError, match="not the weight of a linear layer"):
+    bad = {"a": {"embeddings.word_embeddings.weight": (torch.tensor([0]), torch.zeros(1, 32))}}
+    with pytest.raises(ConfigError, match="not a parameter of a linear layer or LayerNorm"):
         RoutedModel(shared, base, tok, router, bad)
     wide = {"a": {"pooler.dense.weight": (torch.tensor([0]), torch.zeros(1, 3))}}
     with pytest.raises(ConfigError, match="rows do not fit"):
@@ -375,6 +424,39 @@ def test_build_min_merging_shared_model_is_base_plus_masked_task_vectors(tmp_pat
     assert len(routed.run(["merge the model", "a task"])) == 2
     saved = json.loads((tmp_path / "min" / "min_merging_report.json").read_text())
     assert saved["storage"] == storage
+
+
+def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(tmp_path: Path):
+    from transformers import AutoModel
+
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
+    calibration = {"a": ["merge the model", "the base", "a"], "b": ["task vectors", "of the fine tune", "b"]}
+    common = {"importance": "norm", "neuron_ratio": 0.25, "shared_method": "task_arithmetic"}
+    common["shared_parameters"] = {"lambda": 1.0}
+    reports = {}
+    for label, extra in (
+        ("rows", {}),
+        ("whole", {"shared_from": "finetuned", "budget": "model", "patch_small_tensors": True}),
+    ):
+        options = MinMergingOptions(**common, **extra, router=RouterOptions(holdout=0.34))
+        reports[label] = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / label, options)
+    base = AutoModel.from_pretrained(base_dir)
+    tuned = [AutoModel.from_pretrained(f) for f in fts]
+    shared = AutoModel.from_pretrained(reports["whole"].shared_dir)
+    # θ_shared from the whole fine-tunes: θ₀ + Στₜ on every tensor, masked or not.
+    for name in ("encoder.layer.0.intermediate.dense.weight", "encoder.layer.1.output.LayerNorm.weight"):
+        expected = base.state_dict()[name] + sum(m.state_dict()[name] - base.state_dict()[name] for m in tuned)
+        torch.testing.assert_close(shared.state_dict()[name], expected)
+    # The model-wide budget keeps a quarter of all rows in all, and the small tensors' bytes count in storage.
+    routed = RoutedModel.load(tmp_path / "whole")
+    linear_rows = sum(t.shape[0] for t in task_vectors(base, tuned[0]).values())
+    kept = sum(idx.numel() for idx, rows in routed.patches["a"].values() if rows.dim() == 2)
+    assert kept == math.ceil(0.25 * linear_rows)
+    assert any(rows.dim() == 1 for _idx, rows in routed.patches["a"].values())
+    assert reports["whole"].storage["patch_bytes"] > reports["rows"].storage["patch_bytes"]
+    assert [r.task for r in routed.run(["merge the model", "task vectors"])] != [None, None]
 
 
 def test_build_min_merging_bad_calibration(tmp_path: Path):

@@ -1,9 +1,12 @@
 """Returns a MIN-Merging model folder: enhancement, shared model, router calibration, routed model.
 
 1. Enhancement: per fine-tune, score every neuron of every linear layer (activation-aware on the
-   task's calibration texts, or the data-free row norm) and keep the top `neuron_ratio` rows; the
-   rest of that layer's task vector is dropped (other tensors keep their whole task vector).
-2. Shared model: θ_shared = θ₀ + a registered static merge of the enhanced fine-tunes.
+   task's calibration texts, or the data-free row norm) and keep the top `neuron_ratio` rows (per
+   tensor, or over the whole model with `budget: model`); the rest of that layer's task vector is
+   dropped (other tensors keep their whole task vector). The task's patch holds the kept rows (and,
+   with `patch_small_tensors`, its biases and LayerNorm parameters whole).
+2. Shared model: θ_shared = θ₀ + a registered static merge of the enhanced fine-tunes (or of the
+   whole fine-tunes, `shared_from: finetuned`).
 3. Router: trained on θ₀'s mean-pooled features (after `router_layer` layers) of the calibration texts,
    labelled by task.
 4. Routed model: θ_shared + per-task patches (the important rows of θₜ) + router, saved as a folder.
@@ -45,6 +48,9 @@ class MinMergingOptions:
     ood_model: OodModel = "base"
     max_length: int = 64
     batch_size: int = 32
+    budget: Literal["layer", "model"] = "layer"  # top rows per tensor, or over the whole model
+    patch_small_tensors: bool = False  # patches also carry every 1-D tensor (biases, LayerNorm) whole
+    shared_from: Literal["enhanced", "finetuned"] = "enhanced"  # what θ_shared merges
     router_layer: int | None = None  # the router reads θ₀ after this many layers (None: the last)
     router: RouterOptions = field(default_factory=RouterOptions)
 
@@ -141,13 +147,16 @@ def enhance(
             )
         else:
             scores = norm_importance(vectors)
-        mask = top_rows(scores, options.neuron_ratio)
+        mask = top_rows(scores, options.neuron_ratio, options.budget)
         masks.append(mask)
-        patches[task] = neuron_patch(tuned, mask)
-        # θ₀ + Mₜ ⊙ τₜ on linear weights; other tensors keep their whole fine-tuned value.
+        patches[task] = neuron_patch(tuned, mask, options.patch_small_tensors)
+        # θ₀ + Mₜ ⊙ τₜ on linear weights (a scored tensor with no kept row falls back to θ₀); other tensors
+        # keep their whole fine-tuned value. With shared_from "finetuned", θ_shared merges the whole fine-tunes.
         state = tuned.state_dict()
+        empty = torch.zeros(0, dtype=torch.long)
         with torch.no_grad():
-            for name, idx in mask.items():
+            for name in scores if options.shared_from == "enhanced" else ():
+                idx = mask.get(name, empty)
                 kept = state[name][idx].clone()
                 state[name].copy_(base_state[name])
                 state[name][idx] = kept

@@ -102,10 +102,21 @@ def activation_importance(
     return {name: (total / tokens).float() for name, total in sums.items()}
 
 
-def top_rows(scores: Mapping[str, torch.Tensor], neuron_ratio: float) -> dict[str, torch.Tensor]:
-    """Returns the sorted indices of the top `neuron_ratio` rows of each tensor (at least one row)."""
+def top_rows(
+    scores: Mapping[str, torch.Tensor], neuron_ratio: float, budget: str = "layer"
+) -> dict[str, torch.Tensor]:
+    """Returns the sorted indices of the kept rows of each tensor.
+
+    budget "layer": the top `neuron_ratio` rows of each tensor (at least one row). budget "model": the top
+    `neuron_ratio` of all rows of all tensors together, ranked by score divided by its tensor's mean score (so
+    layers with larger activations do not take the whole budget); a tensor may keep no row (then it is left out).
+    """
     if not 0 < neuron_ratio <= 1:
         raise ConfigError(f"neuron_ratio must be in (0, 1], got {neuron_ratio}")
+    if budget == "model":
+        return _top_rows_over_model(scores, neuron_ratio)
+    if budget != "layer":
+        raise ConfigError(f"importance budget must be 'layer' or 'model', got {budget!r}")
     out = {}
     for name, s in scores.items():
         k = max(1, math.ceil(neuron_ratio * s.numel()))
@@ -115,16 +126,35 @@ def top_rows(scores: Mapping[str, torch.Tensor], neuron_ratio: float) -> dict[st
     return out
 
 
+def _top_rows_over_model(scores: Mapping[str, torch.Tensor], neuron_ratio: float) -> dict[str, torch.Tensor]:
+    names = sorted(scores)
+    if not names:
+        return {}
+    relative = [scores[n].double() / scores[n].double().mean().clamp_min(1e-30) for n in names]
+    flat = torch.cat(relative)
+    k = max(1, math.ceil(neuron_ratio * flat.numel()))
+    order = torch.argsort(-flat, stable=True)[:k]  # ties broken by the lower (name, row) position
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order] = True
+    out, offset = {}, 0
+    for name, r in zip(names, relative):
+        rows = keep[offset : offset + r.numel()].nonzero().flatten()
+        offset += r.numel()
+        if rows.numel():
+            out[name] = rows
+    return out
+
+
 def overlap_matrix(masks: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """Returns O (T × T): O[a, b] = share of task a's important neurons that are important for task b too."""
     t = len(masks)
     out = torch.zeros(t, t, dtype=torch.float64)
-    names = sorted(set.intersection(*(set(m) for m in masks))) if masks else []
+    empty = torch.zeros(0, dtype=torch.long)
     for a in range(t):
-        total = sum(masks[a][n].numel() for n in names)
+        total = sum(idx.numel() for idx in masks[a].values())
         for b in range(t):
             shared = 0
-            for n in names:
-                shared += int(torch.isin(masks[a][n], masks[b][n]).sum())
+            for n, idx in masks[a].items():
+                shared += int(torch.isin(idx, masks[b].get(n, empty)).sum())
             out[a, b] = shared / total if total else 0.0
     return out

@@ -22,6 +22,17 @@ class MinMergingParams(MethodParams):
     ood_model: Literal["base", "shared"] = Field(default="base", description="what out-of-domain inputs run on")
     max_length: int = Field(default=64, ge=2, description="tokens per calibration and routed input")
     batch_size: int = Field(default=32, ge=1, description="calibration batch size")
+    budget: Literal["layer", "model"] = Field(
+        default="layer",
+        description="keep the top neuron_ratio rows of each tensor, or of the whole model (rows ranked by score "
+        "over their tensor's mean score)",
+    )
+    patch_small_tensors: bool = Field(
+        default=False, description="patches also carry each task's 1-D tensors (biases, LayerNorm) whole"
+    )
+    shared_from: Literal["enhanced", "finetuned"] = Field(
+        default="enhanced", description="θ_shared merges the enhanced fine-tunes (kept rows only) or the whole ones"
+    )
     router_layer: int | None = Field(
         default=None,
         ge=0,

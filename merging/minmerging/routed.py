@@ -53,13 +53,19 @@ def _relative(path: Path, folder: Path) -> str:
     return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
 
 
-def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor]) -> Patch:
-    """Returns a task's patch: for each masked tensor, its important row indices and the fine-tune's rows."""
+def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor], small_tensors: bool = False) -> Patch:
+    """Returns a task's patch: for each masked tensor, its important row indices and the fine-tune's rows;
+    with `small_tensors`, also every one-dimensional parameter (biases, LayerNorm scales) whole."""
     state = finetuned.state_dict()
     missing = sorted(set(masks) - set(state))
     if missing:
         raise ConfigError(f"neuron masks name tensors the fine-tune does not have: {missing[:3]}")
-    return {name: (idx.long(), state[name][idx.long()].detach().clone()) for name, idx in masks.items()}
+    patch = {name: (idx.long(), state[name][idx.long()].detach().clone()) for name, idx in masks.items()}
+    if small_tensors:
+        for name, param in finetuned.named_parameters():
+            if param.dim() == 1 and name not in patch:
+                patch[name] = (torch.arange(param.shape[0]), param.detach().clone())
+    return patch
 
 
 def _masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -183,43 +189,62 @@ class RoutedModel:
         self._route = threading.local()  # this thread's per-input expert weights while a routed forward runs
         self._deltas = self._row_deltas()
         modules = dict(self.shared.named_modules())
-        self._hooks = []
-        for name in sorted(self._deltas):
-            module = modules.get(name.removesuffix(".weight"))
-            if not isinstance(module, torch.nn.Linear) or not name.endswith(".weight"):
-                raise ConfigError(f"patch tensor {name} is not the weight of a linear layer of the shared model")
-            self._hooks.append(module.register_forward_hook(self._patch_hook(name)))
+        self._hooks = [
+            modules[name].register_forward_hook(self._patch_hook(modules[name], deltas))
+            for name, deltas in sorted(self._deltas.items())
+        ]
 
-    def _row_deltas(self) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
-        """Returns, per patched tensor, (task index, row indices, θₜ's rows − θ_shared's rows) of every task."""
+    def _row_deltas(self) -> dict[str, list[tuple[int, str, torch.Tensor, torch.Tensor]]]:
+        """Returns, per patched module, (task index, parameter kind, row indices, θₜ's rows − θ_shared's rows).
+
+        Kinds: "weight" of a linear layer (rows = output neurons), "scale" of a LayerNorm, and "bias" of either.
+        """
         params = dict(self.shared.named_parameters())
-        out: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        modules = dict(self.shared.named_modules())
+        out: dict[str, list[tuple[int, str, torch.Tensor, torch.Tensor]]] = {}
         for task, patch in self.patches.items():
             j = self.router.tasks.index(task)
             for name, (idx, rows) in patch.items():
                 if name not in params:
                     raise ConfigError(f"patch of task {task!r} names {name}, which the shared model does not have")
+                module_name, _, attr = name.rpartition(".")
+                module = modules.get(module_name)
+                if isinstance(module, torch.nn.Linear) and attr in ("weight", "bias"):
+                    kind = attr
+                elif isinstance(module, torch.nn.LayerNorm) and attr in ("weight", "bias"):
+                    kind = "scale" if attr == "weight" else "bias"
+                else:
+                    raise ConfigError(
+                        f"patch tensor {name} is not a parameter of a linear layer or LayerNorm of the shared model"
+                    )
                 shared = params[name].detach()
                 if rows.shape[1:] != shared.shape[1:] or (idx.numel() and int(idx.max()) >= shared.shape[0]):
                     raise ConfigError(f"patch of task {task!r}: {name} rows do not fit the shared tensor")
                 delta = (rows.to(shared.dtype) - shared[idx.long()]).contiguous()
-                out.setdefault(name, []).append((j, idx.long(), delta))
+                out.setdefault(module_name, []).append((j, kind, idx.long(), delta))
         return out
 
-    def _patch_hook(self, name: str):  # type: ignore[no-untyped-def]
-        deltas = self._deltas[name]
-
+    def _patch_hook(self, module: torch.nn.Module, deltas: list[tuple[int, str, torch.Tensor, torch.Tensor]]):  # type: ignore[no-untyped-def]
         def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
             weights = getattr(self._route, "weights", None)  # (batch, tasks), zero where a task is not an expert
             if weights is None:
                 return None
             x = args[0]
-            for j, idx, delta in deltas:
+            normalized = None
+            for j, kind, idx, delta in deltas:
                 members = weights[:, j].nonzero().flatten()
                 if members.numel() == 0:
                     continue
                 w = weights[members, j].to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
-                update = w * (x[members] @ delta.t())  # (members, ..., patched rows)
+                if kind == "weight":  # y = x Wᵀ: the patched rows gain x Δᵀ
+                    update = w * (x[members] @ delta.t())
+                elif kind == "bias":
+                    update = (w * delta).expand(*output[members].shape[:-1], idx.numel())
+                else:  # LayerNorm y = x̂ γ + β: the patched scale adds x̂ Δγ
+                    if normalized is None:
+                        assert isinstance(module, torch.nn.LayerNorm)
+                        normalized = torch.nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+                    update = w * (normalized[members][..., idx] * delta)
                 output.index_put_(_grid(output, members, idx), update, accumulate=True)
             return output
 
