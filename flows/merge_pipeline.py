@@ -34,6 +34,7 @@ from merging.staged import LayerResult, StagedPlan
 from merging.untrusted import split_credentials
 from tasks.calibrate import (
     calibrate_router,
+    choose_neuron_ratio_task,
     enhance_task,
     evaluate_routed,
     load_calibration,
@@ -165,10 +166,12 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
         run_logger().warning("calibration: ignored, %s is a static merge (no router to calibrate)", local.merge_method)
     calib = load_calibration(local) if local.routed else None  # bad calibration input fails here too
 
-    # 2. λ chosen on validation, when the config gives a grid
+    # 2. λ chosen on validation, when the config gives a grid (MIN-Merging: `neuron_ratio: auto`)
     search = None
     if local.evaluation is not None and local.evaluation.search:
         local, search = choose_parameters(local, work)
+    if calib is not None and local.parameters.get("neuron_ratio") == "auto":
+        local, search = choose_neuron_ratio_task(local, calib, work / "neuron-ratio" / _run_slug())
 
     # 3. plan, merge per layer, assemble (MIN-Merging: θ_shared from the enhanced fine-tunes)
     to_merge, enhancement = local, None

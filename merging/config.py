@@ -221,6 +221,15 @@ class MergeConfig(BaseModel):
     def _routed_needs_calibration(self) -> MergeConfig:
         if self.merge_method in ROUTED_METHODS and self.calibration is None:
             raise ValueError(f"merge_method {self.merge_method} routes inputs and needs a `calibration` section")
+        if (
+            self.merge_method in ROUTED_METHODS
+            and self.parameters.get("neuron_ratio") == "auto"
+            and self.evaluation is None
+        ):
+            raise ValueError(
+                "parameters.neuron_ratio: `auto` is chosen on the evaluation tasks' validation splits; "
+                "add an `evaluation` section or give a ratio"
+            )
         if self.merge_method in ROUTED_METHODS and self.evaluation is not None and self.evaluation.search:
             raise ValueError(
                 f"evaluation.search: the validation grid searches static merges; {self.merge_method} is routed "

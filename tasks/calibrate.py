@@ -38,7 +38,7 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
     router = RouterOptions(r.hidden, r.epochs, r.learning_rate, r.weight_decay, r.holdout, r.target_recall, r.seed)
     return MinMergingOptions(
         importance=params.importance,
-        neuron_ratio=params.neuron_ratio,
+        neuron_ratio=0.1 if params.neuron_ratio == "auto" else params.neuron_ratio,  # auto: chosen before use
         shared_method=params.shared_method,
         shared_parameters=dict(params.shared_parameters),
         top_k=params.top_k,
@@ -56,6 +56,39 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
 def finetune_dirs(config: MergeConfig) -> dict[str, Path]:
     """Returns fine-tune label → local folder."""
     return {label: Path(e.model) for label, e in zip(model_labels(config), config.fine_tunes())}
+
+
+@task(name="choose-neuron-ratio", cache_policy=NO_CACHE)
+def choose_neuron_ratio_task(config: MergeConfig, calib: CalibrationSet, work: Path) -> tuple[MergeConfig, dict]:
+    """Returns (the config at the neuron ratio best on validation within the storage budget, the choice record)."""
+    from merging.evaluation.search import with_parameters
+    from merging.minmerging.auto import choose_neuron_ratio
+    from tasks.evaluate import make_evaluator
+
+    params = config.method_params()
+    assert isinstance(params, MinMergingParams) and params.neuron_ratio == "auto"
+    try:
+        choice = choose_neuron_ratio(
+            Path(config.base_model),
+            finetune_dirs(config),
+            calib.texts,
+            make_evaluator(config),
+            work,
+            min_merging_options(config),
+            params.storage_budget,
+            params.neuron_ratio_grid,
+            task_heads(config),
+            calib.ood or None,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    run_logger().info(
+        "neuron_ratio auto (storage budget %s of a model per task): chose %s on validation; tried %s",
+        params.storage_budget,
+        choice.neuron_ratio,
+        ", ".join(f"{p.neuron_ratio:g}: {p.validation_normalized:.4f}" for p in choice.points),
+    )
+    return with_parameters(config, {"neuron_ratio": choice.neuron_ratio}), choice.to_json()
 
 
 @task(name="load-calibration", cache_policy=NO_CACHE)

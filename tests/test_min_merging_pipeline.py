@@ -220,6 +220,68 @@ def test_one_task_and_missing_sections_are_errors(family, tmp_path):
         )
 
 
+def test_neuron_ratio_auto_picks_the_best_validation_ratio_within_the_storage_budget(prefect_harness, family, tmp_path):
+    from merging.minmerging.auto import estimated_patch_fraction
+    from merging.minmerging.routed import RoutedModel
+
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    params = {"neuron_ratio": "auto", "storage_budget": 0.12, "neuron_ratio_grid": [0.05, 0.2, 0.6]}
+    params.update({"shared_method": "ties", "shared_parameters": {"density": 0.5}})
+    data = min_config(root, base, fts, work, parameters=params)
+    del data["registry"]
+    result = run_pipeline(parse_config(data, "test"))
+    choice = result.search
+    assert choice is not None and choice["storage_budget"] == 0.12
+    estimated = {float(k): v for k, v in choice["estimated_patch_fraction"].items()}
+    fitting = [r for r, f in sorted(estimated.items()) if f <= 0.12]
+    assert fitting and len(fitting) < 3  # the budget leaves the largest ratio out before anything is built
+    assert [p["neuron_ratio"] for p in choice["points"]] == fitting
+    assert all(p["patch_fraction"] <= 0.12 for p in choice["points"])
+    best = max(choice["points"], key=lambda p: p["validation_normalized"])  # max keeps the first (smaller) on ties
+    assert choice["neuron_ratio"] == best["neuron_ratio"]
+    # The estimate is exactly the chosen patch's tensor bytes (rows and int64 indices of every linear layer)
+    # over the model's parameter bytes; the measured fraction adds the files' headers and the folder's extras.
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(base)
+    routed = RoutedModel.load(result.merged_dir)
+    patch = routed.patches["two"]
+    tensor_bytes = sum(rows.numel() * rows.element_size() + idx.numel() * 8 for idx, rows in patch.values())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert tensor_bytes / model_bytes == pytest.approx(estimated_patch_fraction(model, choice["neuron_ratio"]))
+    chosen = next(p for p in choice["points"] if p["neuron_ratio"] == choice["neuron_ratio"])
+    assert chosen["patch_fraction"] >= tensor_bytes / model_bytes
+    assert not any((work / "neuron-ratio").glob("*/ratio-*"))  # scratch models are gone
+
+
+def test_neuron_ratio_auto_bad_inputs(family, tmp_path):
+    root, base, fts, _ = family
+    no_eval = min_config(root, base, fts, tmp_path, parameters={"neuron_ratio": "auto"})
+    del no_eval["evaluation"]
+    with pytest.raises(ConfigError, match=r"neuron_ratio: `auto` is chosen on the evaluation"):
+        parse_config(no_eval, "test")
+    for bad, message in (
+        ({"neuron_ratio": "most"}, r"parameters\.neuron_ratio"),
+        ({"neuron_ratio": "auto", "storage_budget": 0}, r"parameters\.storage_budget"),
+        ({"neuron_ratio": "auto", "neuron_ratio_grid": [0.1, 2]}, r"parameters\.neuron_ratio_grid"),
+        ({"neuron_ratio": "auto", "neuron_ratio_grid": []}, r"parameters\.neuron_ratio_grid"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(min_config(root, base, fts, tmp_path, parameters=bad), "test").method_params()
+
+
+def test_neuron_ratio_auto_budget_below_every_patch_fails_before_any_merging(prefect_harness, family, tmp_path):
+    root, base, fts, _ = family
+    work = tmp_path / "work"
+    params = {"neuron_ratio": "auto", "storage_budget": 0.0001, "neuron_ratio_grid": [0.05, 0.2]}
+    data = min_config(root, base, fts, work, parameters=params)
+    del data["registry"]
+    with pytest.raises(ConfigError, match=r"storage_budget 0\.0001: no neuron ratio of the grid fits"):
+        run_pipeline(parse_config(data, "test"))
+    assert not (work / "merged").exists()
+
+
 def test_bad_calibration_fails_before_any_merging(prefect_harness, family, tmp_path):
     root, base, fts, _ = family
     work = tmp_path / "work"

@@ -68,8 +68,10 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 def with_parameters(config: MergeConfig, point: Mapping[str, Any]) -> MergeConfig:
     """Returns a copy of `config` whose method parameters are updated by `point`, validated."""
-    method = REGISTRY[config.merge_method]
-    allowed = {f.alias or name for name, f in method.params_model.model_fields.items()}
+    from merging.config import ROUTED_METHODS
+
+    model = ROUTED_METHODS.get(config.merge_method) or REGISTRY[config.merge_method].params_model
+    allowed = {f.alias or name for name, f in model.model_fields.items()}
     unknown = sorted(set(point) - allowed)
     if unknown:
         raise ConfigError(

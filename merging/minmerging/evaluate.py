@@ -41,10 +41,12 @@ def routed_report(
     split: str = "test",
     finetuned: dict[str, float] | None = None,
     oracle: bool = False,
+    out_of_domain: bool = True,
 ) -> dict[str, Any]:
     """Returns scores, normalized scores, strict scores, routing accuracy and OOD retention of a routed model.
 
-    With `oracle`, in-domain inputs go to their true task's experts (the router is bypassed).
+    With `oracle`, in-domain inputs go to their true task's experts (the router is bypassed). Without
+    `out_of_domain`, the out-of-domain tasks are not scored (a validation search needs in-domain only).
     """
     finetuned = finetuned if finetuned is not None else evaluator.finetuned_scores(split)
     scores, strict, routing = {}, {}, {}
@@ -62,7 +64,7 @@ def routed_report(
         for r in results:
             confusion[task][r.task or OUT_OF_DOMAIN] += 1
     ood = {}
-    for task in evaluator.out_of_domain():
+    for task in evaluator.out_of_domain() if out_of_domain else []:
         ood_feats = {
             s: torch.stack([r.features for r in routed_run(routed, evaluator, task, s)])
             for s in ("train", "validation", split)

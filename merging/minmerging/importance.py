@@ -102,9 +102,7 @@ def activation_importance(
     return {name: (total / tokens).float() for name, total in sums.items()}
 
 
-def top_rows(
-    scores: Mapping[str, torch.Tensor], neuron_ratio: float, budget: str = "layer"
-) -> dict[str, torch.Tensor]:
+def top_rows(scores: Mapping[str, torch.Tensor], neuron_ratio: float, budget: str = "layer") -> dict[str, torch.Tensor]:
     """Returns the sorted indices of the kept rows of each tensor.
 
     budget "layer": the top `neuron_ratio` rows of each tensor (at least one row). budget "model": the top

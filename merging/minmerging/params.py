@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -15,7 +15,19 @@ class MinMergingParams(MethodParams):
     importance: Literal["activation", "norm"] = Field(
         default="activation", description="neuron score: mean |τₜᵏ·x| on task t's calibration texts, or ‖τₜᵏ‖₂"
     )
-    neuron_ratio: float = Field(default=0.1, gt=0, le=1, description="share of each linear layer's rows kept per task")
+    neuron_ratio: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        default=0.1,
+        description="share of each linear layer's rows kept per task; `auto`: the grid's best ratio on the "
+        "evaluation tasks' validation splits whose patches fit storage_budget",
+    )
+    storage_budget: float = Field(
+        default=0.2, gt=0, le=1, description="with neuron_ratio auto: most patch bytes per task (share of one model)"
+    )
+    neuron_ratio_grid: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+        min_length=1,
+        description="with neuron_ratio auto: the ratios tried",
+    )
     shared_method: str = Field(default="neuromerging", description="the static method that merges θ_shared")
     shared_parameters: dict[str, Any] = Field(default_factory=dict, description="that method's parameters")
     top_k: int = Field(default=1, ge=1, description="experts mixed per input (renormalized router weights)")
