@@ -459,6 +459,30 @@ def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(t
     assert [r.task for r in routed.run(["merge the model", "task vectors"])] != [None, None]
 
 
+def test_router_depth_auto_keeps_the_most_accurate_held_out_depth(tmp_path: Path):
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
+    words = ["merge", "model", "neuron", "task", "vector", "base", "fine", "tune", "the", "a", "of"]
+    calibration = {
+        "a": [f"{words[i % 5]} {words[(i + 2) % 5]}" for i in range(20)],
+        "b": [f"{words[5 + i % 6]} {words[5 + (i + 1) % 6]}" for i in range(20)],
+    }
+    options = MinMergingOptions(importance="norm", neuron_ratio=0.2, router=RouterOptions(holdout=0.3))
+    report = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / "m", options)
+    r = report.router
+    by_depth = [r[f"held_out_accuracy_after_{k}_layers"] for k in range(3)]  # the tiny encoder has 2 layers
+    chosen = int(r["router_layer"])
+    assert by_depth[chosen] == max(by_depth) and all(a < max(by_depth) for a in by_depth[:chosen])
+    assert r["router_accuracy"] == by_depth[chosen]
+    routed = RoutedModel.load(tmp_path / "m")
+    assert routed.router_layer == chosen
+    # A fixed depth is used as given, and recorded in the folder.
+    fixed = MinMergingOptions(importance="norm", neuron_ratio=0.2, router_layer=0, router=RouterOptions(holdout=0.3))
+    report = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / "f", fixed)
+    assert "router_layer" not in report.router and RoutedModel.load(tmp_path / "f").router_layer == 0
+
+
 def test_build_min_merging_bad_calibration(tmp_path: Path):
     from merging.minmerging.build import build_min_merging
 

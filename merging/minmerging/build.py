@@ -35,7 +35,7 @@ from merging.minmerging.importance import (
     top_rows,
 )
 from merging.minmerging.routed import OodModel, Patch, RoutedModel, layer_pooled, neuron_patch, quiet_transformers
-from merging.minmerging.router import RouterOptions, train_router
+from merging.minmerging.router import Router, RouterOptions, train_router
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ class MinMergingOptions:
     budget: Literal["layer", "model"] = "layer"  # top rows per tensor, or over the whole model
     patch_small_tensors: bool = False  # patches also carry every 1-D tensor (biases, LayerNorm) whole
     shared_from: Literal["enhanced", "finetuned"] = "enhanced"  # what θ_shared merges
-    router_layer: int | None = None  # the router reads θ₀ after this many layers (None: the last)
+    # the router reads θ₀ after this many layers (None: the last; "auto": the depth whose router is most
+    # accurate on the held-out calibration texts, ties to the shallower)
+    router_layer: int | Literal["auto"] | None = "auto"
     router: RouterOptions = field(default_factory=RouterOptions)
 
 
@@ -83,8 +85,59 @@ def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: M
                 max_length=options.max_length,
                 return_tensors="pt",
             )
-            chunks.append(layer_pooled(model, dict(batch), options.router_layer))
+            layer = None if options.router_layer == "auto" else options.router_layer
+            chunks.append(layer_pooled(model, dict(batch), layer))
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def _pooled_depths(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: MinMergingOptions) -> list:
+    """Returns, for every depth k = 0..L, the masked mean hidden state after k layers of each text."""
+    chunks: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), options.batch_size):
+            batch = tokenizer(
+                texts[start : start + options.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=options.max_length,
+                return_tensors="pt",
+            )
+            states = model(**dict(batch), output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            chunks.append([(h * mask).sum(1) / mask.sum(1).clamp_min(1.0) for h in states])
+    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))] if chunks else []
+
+
+def train_router_at_depth(
+    base: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    labels: torch.Tensor,
+    tasks: list[str],
+    options: MinMergingOptions,
+    ood_texts: list[str] | None,
+) -> tuple[Router, int | None]:
+    """Returns (the router, the depth it reads). With router_layer "auto", a router per depth is trained and the
+    one most accurate on the held-out calibration texts wins (ties to the shallower); its metrics record all."""
+    if options.router_layer != "auto":
+        ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None
+        return train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood), (
+            options.router_layer
+        )
+    depths = _pooled_depths(base, tokenizer, texts, options)
+    ood_depths = _pooled_depths(base, tokenizer, ood_texts, options) if ood_texts else [None] * len(depths)
+    best: tuple[Router, int] | None = None
+    accuracy: dict[str, float] = {}
+    for k, (feats, ood) in enumerate(zip(depths, ood_depths)):
+        router = train_router(feats, labels, tasks, options.router, ood)
+        accuracy[f"held_out_accuracy_after_{k}_layers"] = router.metrics["router_accuracy"]
+        if best is None or router.metrics["router_accuracy"] > best[0].metrics["router_accuracy"]:
+            best = (router, k)
+    assert best is not None
+    router, layer = best
+    router.metrics.update(accuracy)
+    router.metrics["router_layer"] = float(layer)
+    return router, layer
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -189,8 +242,7 @@ def calibrate(
         shared = AutoModel.from_pretrained(shared_dir, trust_remote_code=False).eval()
     texts = [text for task in tasks for text in calibration[task]]
     labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
-    ood = _pooled(base, tokenizer, ood_texts, options) if ood_texts else None
-    router = train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood)
+    router, router_layer = train_router_at_depth(base, tokenizer, texts, labels, tasks, options, ood_texts)
     routed = RoutedModel(
         shared,
         base,
@@ -201,7 +253,7 @@ def calibrate(
         options.ood_model,
         options.top_k,
         options.max_length,
-        router_layer=options.router_layer,
+        router_layer=router_layer,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = routed.save(out_dir, shared_dir, Path(base_dir).resolve())

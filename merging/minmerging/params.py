@@ -45,11 +45,11 @@ class MinMergingParams(MethodParams):
     shared_from: Literal["enhanced", "finetuned"] = Field(
         default="enhanced", description="θ_shared merges the enhanced fine-tunes (kept rows only) or the whole ones"
     )
-    router_layer: int | None = Field(
-        default=None,
-        ge=0,
-        description="the router reads θ₀'s mean-pooled state after this many layers (null: the last); "
-        "a shallow router costs that share of a forward",
+    router_layer: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        default="auto",
+        description="the router reads θ₀'s mean-pooled state after this many layers (null: the last; `auto`: the "
+        "depth whose router is most accurate on the held-out calibration texts); a shallow router costs that "
+        "share of a forward",
     )
 
     @field_validator("shared_method")
