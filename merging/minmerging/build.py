@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,19 +75,23 @@ class MinMergingReport:
         return data
 
 
-def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: MinMergingOptions) -> torch.Tensor:
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), options.batch_size):
-            batch = tokenizer(
+def _batches(tokenizer: Any, texts: list[str], options: MinMergingOptions) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(texts), options.batch_size):
+        yield dict(
+            tokenizer(
                 texts[start : start + options.batch_size],
                 padding=True,
                 truncation=True,
                 max_length=options.max_length,
                 return_tensors="pt",
             )
-            layer = None if options.router_layer == "auto" else options.router_layer
-            chunks.append(layer_pooled(model, dict(batch), layer))
+        )
+
+
+def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: MinMergingOptions) -> torch.Tensor:
+    layer = None if options.router_layer == "auto" else options.router_layer
+    with torch.inference_mode():
+        chunks = [layer_pooled(model, batch, layer) for batch in _batches(tokenizer, texts, options)]
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
@@ -94,15 +99,8 @@ def _pooled_depths(model: torch.nn.Module, tokenizer: Any, texts: list[str], opt
     """Returns, for every depth k = 0..L, the masked mean hidden state after k layers of each text."""
     chunks: list[list[torch.Tensor]] = []
     with torch.inference_mode():
-        for start in range(0, len(texts), options.batch_size):
-            batch = tokenizer(
-                texts[start : start + options.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=options.max_length,
-                return_tensors="pt",
-            )
-            states = model(**dict(batch), output_hidden_states=True).hidden_states
+        for batch in _batches(tokenizer, texts, options):
+            states = model(**batch, output_hidden_states=True).hidden_states
             mask = batch["attention_mask"].unsqueeze(-1).float()
             chunks.append([(h * mask).sum(1) / mask.sum(1).clamp_min(1.0) for h in states])
     return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))] if chunks else []
