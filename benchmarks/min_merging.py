@@ -47,15 +47,19 @@ from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
 
-DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, shared NeuroMerging)"
+DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, shared NeuroMerging, router depth auto)"
 ROWS: list[tuple[str, dict[str, Any]]] = [
     (DEFAULT_ROW, {}),
+    ("  patches + 1-D tensors (biases, LayerNorm)", {"patch_small_tensors": True}),
+    ("  θ_shared from the whole fine-tunes", {"shared_from": "finetuned"}),
+    ("  one budget over the whole model", {"budget": "model"}),
     ("  neuron_ratio 0.05", {"neuron_ratio": 0.05}),
     ("  neuron_ratio 0.2", {"neuron_ratio": 0.2}),
     ("  neuron_ratio 0.01", {"neuron_ratio": 0.01}),
     ("  neuron_ratio 0.3", {"neuron_ratio": 0.3}),
     ("  neuron_ratio 0.5", {"neuron_ratio": 0.5}),
     ("  importance: norm", {"importance": "norm"}),
+    ("  router on the last layer", {"router_layer": None}),
     ("  top-2", {"top_k": 2}),
     ("  OOD → θ_shared", {"ood_model": "shared"}),
     ("  shared by TA (λ 0.3)", {"shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}}),
@@ -274,6 +278,7 @@ def main() -> int:
     parser.add_argument("--head", default="joint", choices=["joint", "frozen"])
     parser.add_argument("--calibration", type=int, default=200, help="calibration texts per task (from train)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
+    parser.add_argument("--pick", default="", help="run only these rows (comma-separated indices into ROWS)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already measured on this zoo build")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
@@ -329,7 +334,8 @@ def main() -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
-        for name, overrides in ROWS[: args.rows]:
+        chosen = [ROWS[int(i)] for i in args.pick.split(",")] if args.pick else ROWS[: args.rows]
+        for name, overrides in chosen:
             if name in entry["rows"]:
                 print(f"{name[:60]:60s} (kept from the previous run)")
                 continue
