@@ -340,6 +340,22 @@ def test_patch_hooks_act_only_inside_a_routed_forward(routed_family):
         routed.run(texts[:2], oracle=["a", "zzz"])
 
 
+def test_routed_model_is_safe_to_share_between_threads(routed_family):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
+    routed = RoutedModel(shared, base, tok, router, patches, router_layer=1, batch_size=4)
+    jobs = [(texts, ["a"] * len(texts)), (texts, ["b"] * len(texts)), (texts, None)] * 4
+    alone = [routed.run(t, oracle=o) for t, o in jobs[:3]]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(lambda job: routed.run(job[0], oracle=job[1]), jobs))
+    for i, got in enumerate(together):
+        want = alone[i % 3]
+        assert [r.task for r in got] == [r.task for r in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.features, w.features, rtol=1e-5, atol=1e-6)
+
+
 def test_routed_model_ood_inputs_run_on_the_configured_model(routed_family):
     _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
     strict = Router(router.net, router.tasks, threshold=1.01)  # nothing is in domain

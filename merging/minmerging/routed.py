@@ -120,18 +120,20 @@ def layer_pooled(model: torch.nn.Module, batch: dict[str, torch.Tensor], layer: 
     captured: list[torch.Tensor] = []
 
     def stop(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if getattr(_HALT, "armed", False):  # the state after `layer` layers is the input of layer `layer`
-            captured.append(args[0] if args else kwargs["hidden_states"])
+        # Hooks are shared by every thread's forward: each thread reads and fills only its own slot.
+        target = getattr(_HALT, "captured", None)
+        if target is not None:  # the state after `layer` layers is the input of layer `layer`
+            target.append(args[0] if args else kwargs["hidden_states"])
             raise _StopForward
 
     handle = layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
-    _HALT.armed = True
+    _HALT.captured = captured
     try:
         model(**batch)
     except _StopForward:
         pass
     finally:
-        _HALT.armed = False
+        _HALT.captured = None
         handle.remove()
     if not captured:
         raise ConfigError(f"router_layer {layer}: the forward never reached that layer")
