@@ -199,9 +199,9 @@ def run_seed(
         started = time.perf_counter()
         if chosen_by is None:
             points = sweep(config, grid, searcher, work, refit)
-        else:  # λ chosen on validation by another seed's sweep (never on test), reused as is
+        else:  # λ chosen on validation by an earlier sweep (never on test), reused as is
             points = [
-                {"params": chosen_by[kind][key]["search"]["best"], objective: 1.0}
+                {"params": chosen_by[kind][key]["search"]["best"], objective: 1.0, "chosen_by": "earlier sweep"}
                 for kind, objective in (
                     ("with_validation", "average_normalized"),
                     ("refit_with_validation", "refit_average_normalized"),
@@ -227,7 +227,7 @@ def run_seed(
             row["search"] = {
                 "best": chosen["params"],
                 "objective": objective,
-                "points": points,
+                "points": points if chosen_by is None else chosen_by[kind][key]["search"]["points"],
                 "reused_from_first_seed": chosen_by is not None,
             }
             row["search_seconds"] = search_seconds
@@ -343,6 +343,14 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in <out>.partial.json")
     parser.add_argument(
+        "--remeasure",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="measure SEED again (on the zoo build now cached) at the λ its entry in <out> chose on validation, "
+        "replacing that entry; the other seeds are kept",
+    )
+    parser.add_argument(
         "--reuse-lambda",
         action="store_true",
         help="seeds after the first use the λ the first seed chose on validation (no sweep of their own)",
@@ -356,8 +364,23 @@ def main() -> int:
         results = json.loads(partial.read_text())
         print(f"resuming: seeds {sorted(results['seeds'])} already measured ({partial})", flush=True)
     started = time.perf_counter()
+    if args.remeasure is not None:
+        results = json.loads(out.read_text())
+        earlier = results["seeds"][str(args.remeasure)]
+        seeds = sorted(int(s) for s in results["seeds"])
+        print(f"measuring seed {args.remeasure} again at the λ its earlier sweep chose", flush=True)
+        with tempfile.TemporaryDirectory(prefix="mergeflow-accuracy-") as tmp:
+            seed_started = time.perf_counter()
+            first_seed = args.remeasure == seeds[0]
+            entry = run_seed(
+                args.suite, args.size, args.head, args.remeasure, Path(tmp), args.quick, first_seed, earlier
+            )
+        entry["benchmark_seconds"] = round(time.perf_counter() - seed_started, 1)
+        entry["lambda_from_earlier_build"] = earlier["zoo"]["key"]
+        results["seeds"][str(args.remeasure)] = entry
+        print_table(entry, f"zoo {args.suite}/{args.size}, seed {args.remeasure} (remeasured)")
     with tempfile.TemporaryDirectory(prefix="mergeflow-accuracy-") as tmp:
-        for seed in seeds:
+        for seed in seeds if args.remeasure is None else []:
             if str(seed) in results["seeds"]:
                 continue
             print(f"fine-tune seed {seed}", flush=True)
@@ -383,7 +406,7 @@ def main() -> int:
     results["summary"] = summarize(results["seeds"], results["mean"])
     print_table(results["mean"], f"zoo {args.suite}/{args.size}, mean of seeds {seeds} [min..max of norm]")
     print("\nsummary: " + json.dumps(results["summary"], indent=2))
-    results["seconds"] = time.perf_counter() - started + results.get("seconds_before_resume", 0.0)
+    results["seconds"] = sum(run.get("benchmark_seconds", 0.0) for run in results["seeds"].values())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     out.with_suffix(".partial.json").unlink(missing_ok=True)
