@@ -204,7 +204,12 @@ def model_card(config: MergeConfig, report: MinMergingReport) -> str:
         f"- tasks: {', '.join(r['tasks'])}",
         f"- router held-out accuracy: {r['router_accuracy']:.4f} (chance {1 / len(r['tasks']):.4f}); "
         f"OOD threshold {r['threshold']:.4f}"
-        + (f"; OOD detection {r['ood_detection_rate']:.4f}" if "ood_detection_rate" in r else ""),
+        + (f"; OOD detection {r['ood_detection_rate']:.4f}" if "ood_detection_rate" in r else "")
+        + (
+            f"; reads θ₀ after {int(r['router_layer'])} layer(s) (chosen on held-out accuracy)"
+            if "router_layer" in r
+            else ""
+        ),
         f"- storage: θ_shared {st['shared_bytes']:,} B, patches {st['patch_bytes']:,} B, "
         f"router {st['router_bytes']:,} B; the fine-tunes {st['finetunes_bytes']:,} B",
     ]
