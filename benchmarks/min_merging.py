@@ -245,7 +245,7 @@ def measure_row(
     routed = RoutedModel.load(tmp / "m")
     row = routed_report(evaluator, routed, "test", finetuned)
     # The ceiling a perfect router gives: each input goes to its true task's experts.
-    oracle = routed_report(evaluator, routed, "test", finetuned, oracle=True)
+    oracle = routed_report(evaluator, routed, "test", finetuned, oracle=True, out_of_domain=False)
     row["oracle"] = {k: oracle[k] for k in ("scores", "normalized", "average_normalized", "strict")}
     row["oracle"]["strict_average_normalized"] = oracle["strict_average_normalized"]
     routed_ms, static_ms = latency(routed, ctx["sample"])
