@@ -65,10 +65,8 @@ def routed_report(
             confusion[task][r.task or OUT_OF_DOMAIN] += 1
     ood = {}
     for task in evaluator.out_of_domain() if out_of_domain else []:
-        ood_feats = {
-            s: torch.stack([r.features for r in routed_run(routed, evaluator, task, s)])
-            for s in ("train", "validation", split)
-        }
+        runs = {s: routed_run(routed, evaluator, task, s) for s in dict.fromkeys(("train", "validation", split))}
+        ood_feats = {s: torch.stack([r.features for r in results]) for s, results in runs.items()}
         spec = evaluator.tasks[task]
         num_labels = spec.num_labels or int(evaluator.labels(task, "train").max()) + 1
         probe = fit_probe(
@@ -81,7 +79,7 @@ def routed_report(
         )
         merged_probe = score(spec.metric, probe.predict(ood_feats[split]), evaluator.labels(task, split))
         base_probe = evaluator.score_head(evaluator.base, task, evaluator.probe(evaluator.base, task), split)
-        routes = routed_run(routed, evaluator, task, split)
+        routes = runs[split]
         flagged = sum(r.task is None for r in routes)
         confusion[task] = {name: 0 for name in [*routed.router.tasks, OUT_OF_DOMAIN]}
         for r in routes:
