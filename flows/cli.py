@@ -7,6 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
+from flows.cli_cache import add_cache_parser
 from merging.errors import MergeflowError
 from merging.untrusted import redact_text
 
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PostgreSQL server for MLflow's and Prefect's databases (default $MERGEFLOW_POSTGRES_URL; none: sqlite)",
     )
     st.set_defaults(func=cmd_stack)
+    add_cache_parser(sub)
     return parser
 
 

@@ -100,7 +100,38 @@ def summary(result: PipelineResult) -> dict[str, Any]:
 @flow(name="mergeflow-scheduled-merge", log_prints=True, persist_result=True, result_serializer="json")
 def scheduled_merge(config: str, workdir: str | None = None) -> dict[str, Any]:
     """Returns the summary of one pipeline run on the config at `config` (path or s3:// URI)."""
-    return summary(run_pipeline(read_config(config), workdir))
+    cfg = read_config(config)
+    try:
+        return summary(run_pipeline(cfg, workdir))
+    finally:
+        collect_cache(cfg)
+
+
+def collect_cache(cfg: MergeConfig) -> dict[str, Any] | None:
+    """Returns the cache gc report after a deployed merge (`pipeline.cache_gc`); a failed gc is a warning."""
+    from merging.writer import parse_size
+    from tasks.cache import gc
+
+    policy = cfg.pipeline.cache_gc
+    if not policy.enabled or (policy.keep_days is None and policy.max_size is None):
+        return None
+    logger = run_logger()
+    try:
+        max_size = parse_size(policy.max_size, "pipeline.cache_gc.max_size") if policy.max_size else None
+        report = gc(None, policy.keep_days, max_size, policy.grace_hours * 3600)
+    except (OSError, MergeflowError) as exc:
+        logger.warning("cache gc failed (the merge itself is unaffected): %s", exc)
+        return None
+    logger.info(
+        "cache gc: removed %d entries and %d unlinked blobs (%d bytes); %d kept in use; cache %d → %d bytes",
+        len(report.removed),
+        report.blobs_removed,
+        report.freed_bytes,
+        len(report.skipped_in_use),
+        report.bytes_before,
+        report.bytes_after,
+    )
+    return report.to_json()
 
 
 @flow(name="mergeflow-remerge", log_prints=True, persist_result=True, result_serializer="json")
@@ -124,4 +155,7 @@ def remerge(config: str, finetune: str, name: str | None = None, workdir: str | 
         raise ConfigError(f"re-merge: the new fine-tune's name {label!r} is already taken by another input")
     models.append(ModelEntry(model=finetune, name=label))
     merged = cfg.model_copy(update={"base_model": base, "models": models})
-    return {"skipped": False, **summary(run_pipeline(merged, workdir))}
+    try:
+        return {"skipped": False, **summary(run_pipeline(merged, workdir))}
+    finally:
+        collect_cache(cfg)

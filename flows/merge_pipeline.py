@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from merging.merge import MergeReport, model_labels
 from merging.model_card import InputRecord
 from merging.staged import LayerResult, StagedPlan
 from merging.untrusted import split_credentials
+from tasks.cache import in_use
 from tasks.calibrate import (
     calibrate_router,
     choose_neuron_ratio_task,
@@ -138,6 +140,12 @@ def _run_slug() -> str:
 
 @flow(name="mergeflow-pipeline", log_prints=True, persist_result=False)
 def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri: str | None = None) -> PipelineResult:
+    """Returns the pipeline's result; the cache entries it uses stay locked until it ends (`mergeflow cache gc`)."""
+    with ExitStack() as held:
+        return _pipeline(config, workdir, tracking_uri, held)
+
+
+def _pipeline(config: MergeConfig, workdir: str | None, tracking_uri: str | None, held: ExitStack) -> PipelineResult:
     """Returns the pipeline's result; reads like the DAG it runs."""
     work = Path(workdir or config.pipeline.workdir or DEFAULT_WORKDIR).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -158,6 +166,7 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
     # 1. download (a local folder is used in place)
     refs = [config.base_model] + [e.model for e in config.fine_tunes()]
     fetched: list[FetchedModel] = download_model.map(refs, unmapped(config.storage), unmapped(tracking)).result()
+    held.enter_context(in_use("models", [f.path.name for f in fetched if f.kind != "local"]))
     local = localize(config, fetched)
     if local.evaluation is not None:
         evaluation_tasks(local)  # bad evaluation input fails here, before any merging
@@ -181,6 +190,7 @@ def merge_pipeline(config: MergeConfig, workdir: str | None = None, tracking_uri
             enhancement = enhance_task(local, calib, enhanced_dir)
             to_merge = shared_merge_config(local, enhancement)
         staged: StagedPlan = plan_task(to_merge)
+        held.enter_context(in_use("layers", [staged.key]))
         layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(staged), staged.groups).result()
         merged_dir = work / "merged" / staged.key[:16]
         assembled: MergeReport = assemble_task(to_merge, staged, layers, merged_dir)

@@ -176,6 +176,28 @@ class WatchConfig(BaseModel):
         return self
 
 
+class CacheGcConfig(BaseModel):
+    """What the deployed flows remove from the download and layer caches after each merge."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    enabled: bool = True
+    keep_days: float | None = Field(default=14.0, ge=0)  # entries unused this long go
+    max_size: str | None = None  # then least recently used entries above this size go (e.g. "50GB")
+    grace_hours: float = Field(default=1.0, ge=0)  # max_size never removes entries used this recently
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            from merging.writer import parse_size
+
+            try:
+                parse_size(v, "pipeline.cache_gc.max_size")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
 class PipelineConfig(BaseModel):
     """How the pipeline runs: its working folder and the task runner of the per-layer fan-out."""
 
@@ -184,6 +206,7 @@ class PipelineConfig(BaseModel):
     runner: Literal["threads", "sequential", "dask"] = "threads"
     max_workers: int = Field(default=2, ge=1)
     dask_address: str | None = None
+    cache_gc: CacheGcConfig = Field(default_factory=CacheGcConfig)  # run by the deployed flows after each merge
 
 
 class MergeConfig(BaseModel):

@@ -36,17 +36,17 @@ _UNITS = {
 }
 
 
-def parse_size(text: str | int) -> int:
-    """Returns a byte count from `5GB`, `500MB`, `2GiB` or a plain integer."""
+def parse_size(text: str | int, what: str = "out-shard-size") -> int:
+    """Returns a byte count from `5GB`, `500MB`, `2GiB` or a plain integer (`what` names it in errors)."""
     if isinstance(text, int):
         value = text
     else:
         m = _SIZE.match(str(text))
         if not m:
-            raise ConfigError(f"out-shard-size: cannot read {text!r} (use bytes, or e.g. 5GB, 500MB)")
+            raise ConfigError(f"{what}: cannot read {text!r} (use bytes, or e.g. 5GB, 500MB)")
         value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
     if value <= 0:
-        raise ConfigError(f"out-shard-size: must be positive, got {text!r}")
+        raise ConfigError(f"{what}: must be positive, got {text!r}")
     return value
 
 

@@ -148,6 +148,15 @@ def test_killed_layer_moves_no_alias_and_rerun_merges_only_the_rest(
     run_merge(load_config_from(data, tmp_path), tmp_path / "one", MergeOptions(progress=False))
     assert folder_bytes(result.merged_dir) == folder_bytes(tmp_path / "one")
     assert result.registration is not None and result.registration.version == "1"
+    # The run held its layers while it ran (lock stamped); once it is over, gc may take them as one entry.
+    from tasks.cache import entries, gc
+
+    assert (tmp_path / "cache" / "inuse" / f"layers-{result.merge_key}.lock").exists()
+    mine = [e for e in entries() if e.area == "layers" and e.key == result.merge_key]
+    groups = len(result.layers_merged) + len(result.layers_reused)
+    assert len(mine) == 1 and len(mine[0].paths) == 2 * groups + 2  # layers and metadata, statistics, assembly
+    assert result.merge_key in {r["key"] for r in gc(keep_days=0, grace_seconds=0).removed}
+    assert not [p for p in layer_cache().iterdir() if not p.name.startswith(".")]  # nothing of it is left
 
 
 def test_validation_search_picks_lambda_and_reports_test_only(prefect_harness, family, tmp_path: Path):
