@@ -196,10 +196,14 @@ def gate_decision(
     )
 
 
-def _save_mlflow_model(merged_dir: Path, out: Path, pipeline_task: str) -> None:
-    """Saves the merged model in MLflow's transformers flavor, plus its heads, model card and a manifest.
+def _save_mlflow_model(
+    merged_dir: Path, out: Path, pipeline_task: str, tasks: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Saves the merged model for the registry, with its model card and a manifest of its files.
 
-    A routed (MIN-Merging) folder is saved as a self-contained pyfunc model that predicts from text.
+    An encoder merge with task heads is a multi-task classifier pyfunc (`tasks/classifier_model.py`);
+    a routed (MIN-Merging) folder is a pyfunc that routes raw text; both are "models from code".
+    Anything else (causal LMs, encoders without heads) keeps MLflow's transformers flavor.
     """
     import mlflow
     import transformers
@@ -214,6 +218,15 @@ def _save_mlflow_model(merged_dir: Path, out: Path, pipeline_task: str) -> None:
         (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
         return
 
+    if list((merged_dir / "heads").glob("*.safetensors")) and pipeline_task != "text-generation":
+        from tasks.classifier_model import save_classifier_model
+
+        save_classifier_model(merged_dir, out, tasks or {})
+        if (merged_dir / "README.md").exists():
+            shutil.copy2(merged_dir / "README.md", out / "README.md")
+        (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
+        return
+
     pipe = transformers.pipeline(
         pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir), trust_remote_code=False
     )
@@ -225,6 +238,19 @@ def _save_mlflow_model(merged_dir: Path, out: Path, pipeline_task: str) -> None:
         if (merged_dir / side).exists():
             shutil.copy2(merged_dir / side, out / side)
     (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
+
+
+def task_metadata(config: MergeConfig) -> dict[str, dict[str, Any]]:
+    """Returns task name → label names and max_length from the evaluation config ({} without one)."""
+    if config.evaluation is None:
+        return {}
+    from tasks.evaluate import evaluation_tasks
+
+    try:
+        specs = evaluation_tasks(config)
+    except MergeflowError:
+        return {}
+    return {t.name: {"label_names": t.label_names, "max_length": t.max_length} for t in specs}
 
 
 def _version(package: str) -> str:
@@ -301,7 +327,9 @@ def register_merge(
             mlflow.log_dict(lineage, "lineage.json")
             with tempfile.TemporaryDirectory(dir=workdir, prefix=".mlflow-model-") as tmp:
                 saved = Path(tmp) / "model"
-                _save_mlflow_model(merged_dir, saved, pipeline_task_for(merged_dir, registry.pipeline_task))
+                _save_mlflow_model(
+                    merged_dir, saved, pipeline_task_for(merged_dir, registry.pipeline_task), task_metadata(config)
+                )
                 mlflow.log_artifacts(str(saved), "model")
         with promotion_lock(tracking_uri, registry.model_name):
             champion_before, champion_value = _champion_value(client, registry.model_name, registry.gate.metric)
