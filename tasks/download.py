@@ -281,7 +281,8 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
                     raise
                 raise MergeflowError(f"{ref}: cannot download the model's artifacts ({exc.error_code})") from None
             weights = _hf_folder(local)
-            manifest_file = next(iter(local.rglob(MANIFEST)), None)
+            manifests = sorted(local.rglob(MANIFEST), key=lambda p: len(p.parts))
+            manifest_file = manifests[0] if manifests else None  # the logged model's own, at its root
             recorded = _recorded_files(manifest_file, ref)
             chosen = {p.relative_to(weights).as_posix(): p for p in weights.rglob("*") if p.is_file()}
             for name, path in chosen.items():
@@ -294,9 +295,16 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
             files = {}
             for name, path in chosen.items():
                 digest = file_sha256(path)
-                want = recorded.get(name)
-                if want and (want[1] != digest or want[0] != path.stat().st_size):
-                    raise IntegrityError(f"{ref}: file {name} does not match the sha256 recorded when it was logged")
+                if recorded:  # the manifest names files relative to the logged model's root, where it lies
+                    assert manifest_file is not None
+                    logged = path.relative_to(manifest_file.parent).as_posix()
+                    want = recorded.get(logged)
+                    if want is None:
+                        raise IntegrityError(f"{ref}: file {logged} is not in the {MANIFEST} written at logging")
+                    if want[1] != digest or want[0] != path.stat().st_size:
+                        raise IntegrityError(
+                            f"{ref}: file {logged} does not match the sha256 recorded when it was logged"
+                        )
                 files[name] = store.add_blob(path, digest)
             detail["manifest"] = "yes" if recorded else "no"
             folder = store.publish(key, files, {"reference": ref, "kind": "mlflow", "detail": detail})

@@ -106,3 +106,32 @@ def test_loading_needs_only_the_logged_folder(saved, tmp_path: Path):
         assert len(model.predict(pd.DataFrame({"task": ["two"], "text": ["merge the model"]}))) == 1
     finally:
         shutil.move(str(moved), merged)
+
+
+def test_registry_fetch_checks_every_file_against_the_logged_manifest(saved, tmp_path: Path):
+    import mlflow
+
+    from tasks.download import fetch_model
+    from tasks.register import _save_mlflow_model
+    from tasks.storage import IntegrityError
+
+    _root, merged, _out, _tasks = saved
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    experiment = mlflow.create_experiment("fetch", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        _save_mlflow_model(merged, tmp_path / "saved", "feature-extraction", {"two": {"max_length": 8}})
+        mlflow.log_artifacts(str(tmp_path / "saved"), "model")
+    ref = f"runs:/{run.info.run_id}/model"
+    fetched = fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache")
+    assert fetched.detail["manifest"] == "yes"
+    assert (fetched.path / "config.json").exists() and (fetched.path / "heads" / "two.safetensors").exists()
+    weights = next((tmp_path / "art").rglob("artifacts/model/model.safetensors"))
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one byte changed after logging
+    with pytest.raises(IntegrityError, match=r"artifacts/model/model\.safetensors does not match the sha256"):
+        fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache2")
+    weights.write_bytes(original)
+    (weights.parent / "added.json").write_text("{}")  # a file slipped in after logging
+    with pytest.raises(IntegrityError, match="not in the mergeflow-manifest.json"):
+        fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache3")

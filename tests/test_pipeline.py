@@ -98,12 +98,13 @@ def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, fa
     run = client.get_run(reg.run_id)
     assert run.data.params["merge_method"] == "task_arithmetic"
     assert run.data.metrics["average_normalized"] == pytest.approx(result.metrics["average_normalized"])
-    # The registered model loads through pyfunc and predicts from raw text.
+    # The registered model is a multi-task classifier: a task and a text in, that task's label out.
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
-    out = model.predict(pd.DataFrame({"text": ["merge model", "the neuron"]}))
-    assert len(out) > 0
+    out = model.predict(pd.DataFrame({"task": ["two", "three"], "text": ["merge model", "the neuron"]}))
+    assert list(out["task"]) == ["two", "three"] and out["label_index"].iloc[0] in (0, 1)
+    assert len(out["probabilities"].iloc[1]) == 3
 
     # A second run whose gate demands a margin it cannot have: candidate moves, champion stays.
     gated = dict(data, registry={**data["registry"], "gate": {"metric": "average_normalized", "min_margin": 0.05}})
