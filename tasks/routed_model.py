@@ -1,7 +1,8 @@
 """The routed (MIN-Merging) model as an MLflow pyfunc model that predicts from raw text.
 
 The logged artifact is self-contained: the routed folder (θ_shared, patches, router, heads) with
-θ₀ copied inside it, since the router reads θ₀'s features.
+θ₀ copied inside it, since the router reads θ₀'s features. The model is logged as "models from
+code" (this file), so loading it unpickles nothing.
 """
 
 from __future__ import annotations
@@ -76,15 +77,17 @@ def signature() -> Any:
 def requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "pandas")] + ["mergeflow"]
+    return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "pandas", "mergeflow")]
 
 
 def _pyfunc_kwargs(staged: Path) -> dict[str, Any]:
+    # Models from code: MLflow runs this file to load the model, so loading it unpickles nothing.
     return {
-        "python_model": RoutedPyfunc(),
+        "python_model": str(Path(__file__).resolve()),
         "artifacts": {"routed": str(staged)},
         "pip_requirements": requirements(),
         "signature": signature(),
+        "input_example": pd.DataFrame({"text": ["an example input"]}),
     }
 
 
@@ -105,3 +108,6 @@ def log_routed_model(routed_dir: Path, workdir: Path, name: str = "model") -> An
         return mlflow.pyfunc.log_model(name=name, **_pyfunc_kwargs(staged))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+mlflow.models.set_model(RoutedPyfunc())

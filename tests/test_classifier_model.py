@@ -133,5 +133,5 @@ def test_registry_fetch_checks_every_file_against_the_logged_manifest(saved, tmp
         fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache2")
     weights.write_bytes(original)
     (weights.parent / "added.json").write_text("{}")  # a file slipped in after logging
-    with pytest.raises(IntegrityError, match="not in the mergeflow-manifest.json"):
+    with pytest.raises(IntegrityError, match=r"not in the mergeflow-manifest\.json"):
         fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache3")

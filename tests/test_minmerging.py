@@ -528,6 +528,9 @@ def test_routed_model_as_mlflow_pyfunc_predicts_from_text(tmp_path: Path):
     with mlflow.start_run(experiment_id=experiment):
         info = log_routed_model(tmp_path / "min", tmp_path)
     shutil.rmtree(tmp_path / "fam")  # the logged model must not need the original folders
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
+    assert not list(local.rglob("*.pkl")) and "model_code_path" in (local / "MLmodel").read_text()  # code, no pickle
+    assert any(r.startswith("mergeflow==") for r in (local / "requirements.txt").read_text().split())
     model = mlflow.pyfunc.load_model(info.model_uri)
     out = model.predict(pd.DataFrame({"text": ["merge the model", "task vectors", "a neuron"]}))
     assert list(out.columns) == ["task", "label", "confidence", "experts"] and len(out) == 3
