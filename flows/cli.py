@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flows.cli_cache import add_cache_parser
+from flows.cli_predict import add_predict_parser
 from merging.errors import MergeflowError
 from merging.untrusted import redact_text
 
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(func=cmd_stack)
     add_cache_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 

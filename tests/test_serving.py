@@ -1,0 +1,205 @@
+"""Registered champions served over HTTP by `mlflow models serve` (and `mlflow models predict` in batch):
+the answers equal in-process predictions. Servers run on free loopback ports and are stopped with their
+whole process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from merging.config import MergeConfig
+from merging.merge import MergeOptions, run_merge
+from tests.helpers import build_tiny_tasks
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def server_env(tracking: str) -> dict[str, str]:
+    """The environment of `mlflow models serve|predict`: this venv first on PATH (it execs uvicorn)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(model_uri: str, tracking: str, log: Path) -> Iterator[str]:
+    """Runs `mlflow models serve` for `model_uri` on a free loopback port until the block ends."""
+    port = free_port()
+    env = server_env(tracking)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # generous: the suite must pass on a loaded machine
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow models serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow models serve did not answer /ping:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def invoke(url: str, frame: pd.DataFrame) -> pd.DataFrame:
+    body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
+    request = urllib.request.Request(
+        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        answer = json.loads(r.read())
+    return pd.DataFrame(answer["predictions"])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    """A sqlite registry with two champions: a static classifier merge and a routed MIN-Merging model."""
+    import mlflow
+    import torch
+
+    from merging.evaluation.heads import Head
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+    from merging.minmerging.router import RouterOptions
+    from tasks.register import _save_mlflow_model
+    from tasks.routed_model import log_routed_model
+
+    root = tmp_path_factory.mktemp("serve")
+    base, fts, _tasks = build_tiny_tasks(root / "tiny")
+    merged = root / "merged"
+    config = MergeConfig(
+        merge_method="task_arithmetic",
+        base_model=str(base),
+        models=[{"model": str(fts[0]), "name": "two"}, {"model": str(fts[1]), "name": "three"}],  # type: ignore[list-item]
+        parameters={"lambda": 0.5},
+    )
+    run_merge(config, merged, MergeOptions(progress=False))
+    calibration = {"two": ["merge the model", "a neuron", "the base"], "three": ["task vectors", "of the fine", "a"]}
+    heads = {"two": Head(torch.randn(2, 32), torch.zeros(2)), "three": Head(torch.randn(3, 32), torch.zeros(3))}
+    options = MinMergingOptions(importance="norm", neuron_ratio=0.2, router=RouterOptions(holdout=0.34))
+    build_min_merging(base, {"two": fts[0], "three": fts[1]}, calibration, root / "routed", options, heads)
+
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    experiment = mlflow.create_experiment("serve", artifact_location=(root / "art").as_uri())
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    with mlflow.start_run(experiment_id=experiment):
+        _save_mlflow_model(merged, root / "saved", "feature-extraction", {"two": {"label_names": ["no", "yes"]}})
+        mlflow.log_artifacts(str(root / "saved"), "model")
+        static_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
+    with mlflow.start_run(experiment_id=experiment):
+        routed_uri = log_routed_model(root / "routed", root).model_uri
+    for name, uri in (("static", static_uri), ("routed", routed_uri)):
+        version = mlflow.register_model(uri, name)
+        client.set_registered_model_alias(name, "champion", version.version)
+    return root, tracking
+
+
+def test_static_merge_champion_served_over_http_equals_in_process(registry):
+    import mlflow
+
+    root, tracking = registry
+    frame = pd.DataFrame({"task": ["two", "three", "two"], "text": ["merge the model", "task vectors", "a neuron"]})
+    mlflow.set_tracking_uri(tracking)
+    local = mlflow.pyfunc.load_model("models:/static@champion").predict(frame)
+    with served("models:/static@champion", tracking, root / "serve-static.log") as url:
+        remote = invoke(url, frame)
+        bad = pd.DataFrame({"task": ["nope"], "text": ["x"]})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            invoke(url, bad)
+        assert "no head for task(s) ['nope']" in info.value.read().decode()
+    assert list(remote["task"]) == list(local["task"]) and list(remote["label"]) == list(local["label"])
+    assert list(remote["label_index"]) == list(local["label_index"])
+    assert remote["score"].tolist() == pytest.approx(local["score"].tolist(), abs=1e-6)
+    for a, b in zip(remote["probabilities"], local["probabilities"]):
+        assert list(a) == pytest.approx(list(b), abs=1e-6)
+
+
+def test_routed_champion_served_over_http_equals_in_process(registry):
+    import mlflow
+
+    root, tracking = registry
+    frame = pd.DataFrame({"text": ["merge the model", "task vectors", "of the fine tune"]})
+    mlflow.set_tracking_uri(tracking)
+    local = mlflow.pyfunc.load_model("models:/routed@champion").predict(frame)
+    with served("models:/routed@champion", tracking, root / "serve-routed.log") as url:
+        remote = invoke(url, frame)
+    assert list(remote["task"]) == list(local["task"]) and list(remote["experts"]) == list(local["experts"])
+    assert [x if x == x else None for x in remote["label"]] == [x if x == x else None for x in local["label"]]
+
+
+def test_batch_scoring_mlflow_models_predict_on_csv_and_mergeflow_predict_on_parquet(registry, tmp_path: Path):
+    import mlflow
+
+    from flows.cli import main
+
+    _root, tracking = registry
+    frame = pd.DataFrame({"task": ["three", "two", "two"], "text": ["the base", "a neuron of the model", "merge"]})
+    mlflow.set_tracking_uri(tracking)
+    local = mlflow.pyfunc.load_model("models:/static@champion").predict(frame)
+    # MLflow's own batch command reads JSON and CSV.
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    command = [MLFLOW, "models", "predict", "-m", "models:/static@champion", "-i", str(tmp_path / "in.csv")]
+    subprocess.run(
+        [*command, "-t", "csv", "-o", str(tmp_path / "out.json"), "--env-manager", "local"],
+        check=True,
+        env=server_env(tracking),
+        capture_output=True,
+        timeout=600,
+    )
+    answer = json.loads((tmp_path / "out.json").read_text())
+    batch = pd.DataFrame(answer["predictions"] if isinstance(answer, dict) else answer)
+    assert list(batch["label_index"]) == list(local["label_index"])
+    # Parquet in and out, in batches, the inputs kept beside the predictions.
+    frame.to_parquet(tmp_path / "in.parquet")
+    rc = main(
+        [
+            "predict",
+            "models:/static@champion",
+            str(tmp_path / "in.parquet"),
+            str(tmp_path / "out.parquet"),
+            "--batch-size",
+            "2",
+            "--tracking-uri",
+            tracking,
+        ]
+    )
+    assert rc == 0
+    scored = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(scored["text"]) == list(frame["text"]) and list(scored["label_index"]) == list(local["label_index"])
+    assert main(["predict", "models:/static@champion", str(tmp_path / "in.txt"), str(tmp_path / "o.parquet")]) == 2
