@@ -231,7 +231,10 @@ def _save_mlflow_model(
         pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir), trust_remote_code=False
     )
     requirements = [f"torch=={_version('torch')}", f"transformers=={transformers.__version__}"]
-    mlflow.transformers.save_model(pipe, str(out), pip_requirements=requirements)
+    extra: dict[str, Any] = {"input_example": "an example input"}
+    if pipeline_task == "text-generation":  # greedy and bounded by default: a served champion answers alike
+        extra = {"input_example": "Merged models keep", "model_config": {"max_new_tokens": 32, "do_sample": False}}
+    mlflow.transformers.save_model(pipe, str(out), pip_requirements=requirements, **extra)
     if (merged_dir / "heads").is_dir():
         shutil.copytree(merged_dir / "heads", out / "heads")
     for side in ("README.md", "mergeflow_config.yml"):

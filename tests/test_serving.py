@@ -22,6 +22,7 @@ import pytest
 
 from merging.config import MergeConfig
 from merging.merge import MergeOptions, run_merge
+from merging.synthetic import build_family, write_bert_vocab
 from tests.helpers import build_tiny_tasks
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -124,7 +125,22 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
         static_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
     with mlflow.start_run(experiment_id=experiment):
         routed_uri = log_routed_model(root / "routed", root).model_uri
-    for name, uri in (("static", static_uri), ("routed", routed_uri)):
+    # A causal LM keeps MLflow's transformers flavor (text-generation), with an input example.
+    llama_base, llama_fts = build_family(root / "llama", "llama", 2, scale=0.2)
+    llm = root / "llm"
+    llm_config = MergeConfig(
+        merge_method="task_arithmetic",
+        base_model=str(llama_base),
+        models=[{"model": str(f)} for f in llama_fts],  # type: ignore[misc]
+        parameters={"lambda": 0.5},
+    )
+    run_merge(llm_config, llm, MergeOptions(progress=False))
+    write_bert_vocab(llm, 64)  # the generated Llama has no tokenizer of its own
+    with mlflow.start_run(experiment_id=experiment):
+        _save_mlflow_model(llm, root / "saved-llm", "text-generation")
+        mlflow.log_artifacts(str(root / "saved-llm"), "model")
+        llm_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
+    for name, uri in (("static", static_uri), ("routed", routed_uri), ("llm", llm_uri)):
         version = mlflow.register_model(uri, name)
         client.set_registered_model_alias(name, "champion", version.version)
     return root, tracking
@@ -161,6 +177,24 @@ def test_routed_champion_served_over_http_equals_in_process(registry):
         remote = invoke(url, frame)
     assert list(remote["task"]) == list(local["task"]) and list(remote["experts"]) == list(local["experts"])
     assert [x if x == x else None for x in remote["label"]] == [x if x == x else None for x in local["label"]]
+
+
+def test_causal_lm_champion_served_over_http_equals_in_process(registry):
+    import mlflow
+
+    root, tracking = registry
+    prompts = ["merge the model", "a neuron of"]
+    mlflow.set_tracking_uri(tracking)
+    local = mlflow.pyfunc.load_model("models:/llm@champion").predict(prompts)
+    assert (root / "saved-llm" / "input_example.json").exists()
+    with served("models:/llm@champion", tracking, root / "serve-llm.log") as url:
+        body = json.dumps({"inputs": prompts}).encode()
+        request = urllib.request.Request(
+            f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=120) as r:
+            remote = json.loads(r.read())["predictions"]
+    assert list(remote) == list(local) and all(isinstance(t, str) and t for t in remote)
 
 
 def test_batch_scoring_mlflow_models_predict_on_csv_and_mergeflow_predict_on_parquet(registry, tmp_path: Path):
