@@ -333,6 +333,48 @@ def print_table(result: dict[str, Any], title: str) -> None:
         line(f"NeuroMerging {name}", row)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """Returns README's table from a results file: task scores and normalized scores as means over the seeds
+    [min–max], OOD retention of the first seed (the only one that measures it), the λ chosen on validation."""
+    mean, seeds = results["mean"], results["seeds"]
+    first = seeds[min(seeds, key=int)]
+    tasks = list(mean["finetuned"])
+
+    def pct(x: Any) -> str:
+        return f"{100 * x:.1f}" if isinstance(x, int | float) and x == x else ""
+
+    def span(row: dict[str, Any], key: str) -> str:
+        if f"{key}_min" in row and row[f"{key}_min"] != row[f"{key}_max"]:
+            return f"{pct(row[key])} [{pct(row[key + '_min'])}–{pct(row[key + '_max'])}]"
+        return pct(row.get(key))
+
+    head = "| row | " + " | ".join(tasks) + " | norm (own heads) | norm (refit heads) | OOD | λ |"
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 4)]
+
+    def add(name: str, row: dict[str, Any], ood: Any = None, lam: str = "") -> None:
+        cells = " | ".join(pct(row["scores"][t]) for t in tasks)
+        refit = span(row, "refit_average_normalized") if "refit_average_normalized" in row else ""
+        lines.append(f"| {name} | {cells} | {span(row, 'average_normalized')} | {refit} | {pct(ood)} | {lam} |")
+
+    add("base encoder + linear probe", mean["base_probe"])
+    add("fine-tuned (each on its own task)", {"scores": mean["finetuned"], "average_normalized": 1.0})
+    labels = {
+        "without_validation": "w/o validation",
+        "with_validation": "λ on validation, own heads",
+        "refit_with_validation": "λ on validation, refit heads",
+    }
+    for kind in KINDS:
+        for key, row in mean[kind].items():
+            one = first[kind].get(key, {})
+            lam = json.dumps(one["search"]["best"], sort_keys=True) if "search" in one else ""
+            n = len(row.get("seeds", row.get("dare_seeds", [])) or [0])
+            name = f"{NAMES[key]} ({labels[kind]})" + ("" if n > 1 else " ¹")
+            add(name, row, one.get("ood_retention"), lam)
+    for name, row in first.get("ablation", {}).items():
+        add(f"ablation: {name} ¹", row, row.get("ood_retention"))
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="sentences", choices=["sentences", "lexicon"])
@@ -355,8 +397,12 @@ def main() -> int:
         action="store_true",
         help="seeds after the first use the λ the first seed chose on validation (no sweep of their own)",
     )
+    parser.add_argument("--markdown", action="store_true", help="print README's table from <out> and stop")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return 0
     seeds = [int(x) for x in args.seeds.split(",")]
     results: dict[str, Any] = {"suite": args.suite, "size": args.size, "head": args.head, "seeds": {}}
     partial = out.with_suffix(".partial.json")
