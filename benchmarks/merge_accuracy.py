@@ -86,6 +86,11 @@ FIRST_SEED_ONLY = {"dare_ties", "neuromerging_full"}
 PROBE_TRAIN_LIMIT = 1000
 SEARCH_TRAIN_LIMIT = 500
 KINDS = ("without_validation", "with_validation", "refit_with_validation")
+KIND_LABELS = {  # (the printed table's, README's)
+    "without_validation": ("w/o validation", "w/o validation"),
+    "with_validation": ("validation", "λ on validation, own heads"),
+    "refit_with_validation": ("refit val.", "λ on validation, refit heads"),
+}
 
 
 def merged_row(
@@ -320,15 +325,10 @@ def print_table(result: dict[str, Any], title: str) -> None:
     for name, row in result.get("cross", {}).items():
         cross = {"scores": row, "average_normalized": statistics.mean(row[t] / result["finetuned"][t] for t in tasks)}
         line(f"  fine-tune {name} on every task", cross)
-    labels = {
-        "without_validation": "w/o validation",
-        "with_validation": "validation",
-        "refit_with_validation": "refit val.",
-    }
     for kind in KINDS:
         for key, row in result[kind].items():
             extra = f"  {row['search']['best']}" if "search" in row else ""
-            line(f"{NAMES[key]} ({labels[kind]})", row, extra)
+            line(f"{NAMES[key]} ({KIND_LABELS[kind][0]})", row, extra)
     for name, row in result.get("ablation", {}).items():
         line(f"NeuroMerging {name}", row)
 
@@ -358,17 +358,12 @@ def markdown(results: dict[str, Any]) -> str:
 
     add("base encoder + linear probe", mean["base_probe"])
     add("fine-tuned (each on its own task)", {"scores": mean["finetuned"], "average_normalized": 1.0})
-    labels = {
-        "without_validation": "w/o validation",
-        "with_validation": "λ on validation, own heads",
-        "refit_with_validation": "λ on validation, refit heads",
-    }
     for kind in KINDS:
         for key, row in mean[kind].items():
             one = first[kind].get(key, {})
             lam = json.dumps(one["search"]["best"], sort_keys=True) if "search" in one else ""
             n = len(row.get("seeds", row.get("dare_seeds", [])) or [0])
-            name = f"{NAMES[key]} ({labels[kind]})" + ("" if n > 1 else " ¹")
+            name = f"{NAMES[key]} ({KIND_LABELS[kind][1]})" + ("" if n > 1 else " ¹")
             add(name, row, one.get("ood_retention"), lam)
     for name, row in first.get("ablation", {}).items():
         add(f"ablation: {name} ¹", row, row.get("ood_retention"))
