@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,18 @@ STATE = "stack.json"
 
 class StackError(RuntimeError):
     """A stack service could not be started, checked or stopped."""
+
+
+class PortTaken(StackError):
+    """A port the stack was told to use is taken by a process it did not start (nothing was started)."""
+
+    def __init__(self, service: str, port: int):
+        super().__init__(
+            f"{service}: port {port} on {HOST} is taken by a process this stack did not start; "
+            f"stop it or choose another port (--{service}-port)"
+        )
+        self.service = service
+        self.port = port
 
 
 @dataclass
@@ -89,10 +101,16 @@ class Service:
 # -- processes --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def free_port(avoid: Collection[int] = ()) -> int:
+    """Returns a loopback port nothing listens on now, never one of `avoid` (ports promised to a server
+    that has not bound them yet: the kernel may hand out a free port twice)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise StackError(f"no free port on {HOST} outside {len(avoid)} reserved ones")
 
 
 def port_open(port: int) -> bool:
@@ -342,8 +360,14 @@ class Stack:
         previous = self._state().get("s3")
         old = previous.ports if previous else {}
 
+        # Promised to our own servers; the internal ports must never be one of them.
+        taken = {c.s3_port, c.mlflow_port, c.prefect_port}
+
         def port(key: str) -> int:  # the same internal ports across restarts, so the data folder stays valid
-            return old[key] if key in old and not port_open(old[key]) else free_port()
+            chosen = old[key] if key in old and old[key] not in taken and not port_open(old[key]) else None
+            chosen = chosen if chosen is not None else free_port(avoid=taken)
+            taken.add(chosen)
+            return chosen
 
         ports = {f: port(f) for f in ("master", "volume", "filer", "admin", "webdav")}
         grpc = {f: port(f"{f}.grpc") for f in ("master", "volume", "filer", "s3", "admin")}
@@ -358,6 +382,9 @@ class Stack:
             "-webdav=false",
             "-master.telemetry=false",
             f"-s3.port={c.s3_port}",
+            # Off: their default ports are fixed (8181, 9101), so two stacks on one machine would collide.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
         command += [f"-{name}.port={port}" for name, port in ports.items()]
         command += [f"-{name}.port={port}" for name, port in debug.items()]
@@ -434,17 +461,20 @@ class Stack:
         services = self._state()
         starters = {"s3": self._start_s3, "mlflow": self._start_mlflow, "prefect": self._start_prefect}
         ports = {"s3": self.config.s3_port, "mlflow": self.config.mlflow_port, "prefect": self.config.prefect_port}
+        to_start = []
         for name in SERVICES:
             known = services.get(name)
             if known is not None and alive(known.pid, known.command) and self.healthy(name):
                 continue
             if known is not None and alive(known.pid, known.command):
                 stop_pid(known.pid)  # ours but not answering: restart it
+            to_start.append(name)
+        for name in to_start:  # every port checked before anything starts: a refusal starts nothing
             if port_open(ports[name]):
-                raise StackError(
-                    f"{name}: port {ports[name]} on {HOST} is taken by a process this stack did not start; "
-                    f"stop it or choose another port (--{name}-port)"
-                )
+                raise PortTaken(name, ports[name])
+        for name in to_start:
+            if port_open(ports[name]):  # taken while an earlier service started
+                raise PortTaken(name, ports[name])
             try:
                 services[name] = starters[name]()
             finally:

@@ -86,7 +86,9 @@ def register_finetune(tracking_uri: str, name: str, folder: Path, task: str) -> 
 def test_stack_up_is_idempotent_status_env_and_down_stops_only_its_own(tmp_path: Path):
     from flows.cli import main as cli_main
 
-    ports = {"s3_port": free_port(), "mlflow_port": free_port(), "prefect_port": free_port()}
+    s3 = free_port()
+    mlflow = free_port(avoid={s3})
+    ports = {"s3_port": s3, "mlflow_port": mlflow, "prefect_port": free_port(avoid={s3, mlflow})}
     args = ["--data", str(tmp_path / "stack"), "--s3-port", str(ports["s3_port"]), "--mlflow-port"]
     args += [str(ports["mlflow_port"]), "--prefect-port", str(ports["prefect_port"])]
     assert cli_main(["stack", "up", *args]) == 0  # sqlite backend: no PostgreSQL URL given
@@ -117,6 +119,35 @@ def test_stack_up_is_idempotent_status_env_and_down_stops_only_its_own(tmp_path:
         assert cli_main(["stack", "status", "--data", str(tmp_path / "stack")]) == 1
     finally:
         Stack(StackConfig.for_folder(tmp_path / "stack")).down()
+
+
+def test_a_taken_port_of_a_later_service_refuses_before_anything_starts(tmp_path: Path):
+    """The CI failure of 2026-11-29: MLflow's port was taken after S3 had started. Every port is now
+    checked before the first server starts, and SeaweedFS's internal ports never take ours."""
+    import socket
+
+    from infra.stack import PortTaken
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        s3 = free_port(avoid={taken})
+        config = StackConfig(
+            data=tmp_path / "stack", s3_port=s3, mlflow_port=taken, prefect_port=free_port(avoid={s3, taken})
+        )
+        stack = Stack(config)
+        with pytest.raises(PortTaken, match=f"mlflow: port {taken} .*did not start") as info:
+            stack.up()
+        assert (info.value.service, info.value.port) == ("mlflow", taken)
+        assert stack.down() == []  # S3 was never started
+        assert not (tmp_path / "stack" / "s3").exists()
+    # Ports handed out while others are promised but not yet bound never repeat a promised one.
+    promised: set[int] = set()
+    for _ in range(200):
+        port = free_port(avoid=promised)
+        assert port not in promised
+        promised.add(port)
 
 
 def test_full_stack_runs_on_postgresql(full_stack: Stack):

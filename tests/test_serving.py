@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from infra.stack import free_port
 from merging.config import MergeConfig
 from merging.merge import MergeOptions, run_merge
 from merging.synthetic import build_family, write_bert_vocab
@@ -34,48 +34,63 @@ def server_env(tracking: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_server(model_uri: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Starts `mlflow models serve` on a free loopback port and waits for /ping.
+
+    A free port is only free until someone binds it; when the server exits because its port was taken
+    meanwhile, it is started again on a fresh port (three tries). Any other exit is a failure."""
+    for _ in range(3):
+        port = free_port()
+        command = [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*command, "-h", "127.0.0.1", "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180  # generous: the suite must pass on a loaded machine
+        while True:
+            if proc.poll() is not None:
+                text = log.read_text()
+                if "address already in use" in text.lower():
+                    break  # lost the port to another process: a fresh one
+                raise AssertionError(f"mlflow models serve exited ({proc.returncode}):\n{text[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        return proc, url
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                stop_server(proc)
+                raise AssertionError(f"mlflow models serve did not answer /ping:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow models serve lost its port three times:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @contextmanager
 def served(model_uri: str, tracking: str, log: Path) -> Iterator[str]:
     """Runs `mlflow models serve` for `model_uri` on a free loopback port until the block ends."""
-    port = free_port()
-    env = server_env(tracking)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [MLFLOW, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(model_uri, server_env(tracking), log)
     try:
-        deadline = time.monotonic() + 180  # generous: the suite must pass on a loaded machine
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow models serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow models serve did not answer /ping:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def invoke(url: str, frame: pd.DataFrame) -> pd.DataFrame:
