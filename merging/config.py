@@ -87,6 +87,9 @@ class RegistryConfig(BaseModel):
     model_name: str = Field(min_length=1)
     gate: GateConfig = Field(default_factory=GateConfig)
     pipeline_task: str | None = None  # transformers pipeline of the logged model; default from the architecture
+    # With `storage` set: "reference" logs a model that loads the published files (one copy of the weights,
+    # each file checked against the manifest recorded at registration); "copy" logs the weights again.
+    weights: Literal["reference", "copy"] = "reference"
 
 
 class StorageConfig(BaseModel):

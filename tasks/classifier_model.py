@@ -2,7 +2,9 @@
 
 MLflow runs this file to load the model, so loading a registered version unpickles nothing. The
 model's one artifact is the merged folder (encoder, tokenizer, `heads/<task>.safetensors`, and
-`tasks.json` with each task's label names and max_length when the pipeline knew them).
+`tasks.json` with each task's label names and max_length when the pipeline knew them), or, when the
+folder was published to storage, `tasks.json` and a reference to the published copy
+(`tasks/published_weights.py`): one copy of the weights per version.
 
 predict(DataFrame with `task` and `text` columns) → one row per input: `task`, `label` (the
 label's name when known, else its index), `label_index`, `score` (its probability) and
@@ -28,11 +30,13 @@ class MultiTaskClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-
     def load_context(self, context: Any) -> None:
         from merging.evaluation.encoder import load_encoder
         from merging.evaluation.heads import load_head
+        from tasks.published_weights import resolve
 
-        root = Path(context.artifacts["model"])
+        logged = Path(context.artifacts["model"])
+        root = resolve(logged)  # the published folder when the weights were registered by reference
         self.encoder = load_encoder(root)
         self.heads = {p.stem: load_head(p) for p in sorted((root / "heads").glob("*.safetensors"))}
-        meta = json.loads((root / TASKS_FILE).read_text()) if (root / TASKS_FILE).is_file() else {}
+        meta = json.loads((logged / TASKS_FILE).read_text()) if (logged / TASKS_FILE).is_file() else {}
         self.tasks: dict[str, dict[str, Any]] = {t: dict(meta.get(t) or {}) for t in self.heads}
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints
@@ -95,19 +99,27 @@ def requirements() -> list[str]:
     return [*pinned, f"mergeflow=={version('mergeflow')}"]
 
 
-def save_classifier_model(merged_dir: Path, out: Path, tasks: dict[str, dict[str, Any]]) -> Path:
+def save_classifier_model(
+    merged_dir: Path, out: Path, tasks: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None
+) -> Path:
     """Saves the merged encoder and its heads as the multi-task classifier at `out` (models from code).
 
     `tasks` gives label names and max_length per head task (from the evaluation config); the rest use
-    the head's class indices and DEFAULT_MAX_LENGTH.
+    the head's class indices and DEFAULT_MAX_LENGTH. With `reference` (uri, manifest, storage of the
+    published folder) the model holds `published.json` instead of the weights.
     """
     import shutil
     import tempfile
 
+    from tasks.published_weights import write_reference
+
     heads = sorted(p.stem for p in (merged_dir / "heads").glob("*.safetensors"))
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-classifier-") as tmp:
         staged = Path(tmp) / "model"
-        shutil.copytree(merged_dir, staged)
+        if reference is None:
+            shutil.copytree(merged_dir, staged)
+        else:
+            write_reference(staged, **reference)
         meta = {t: {k: v for k, v in (tasks.get(t) or {}).items() if v is not None} for t in heads}
         (staged / TASKS_FILE).write_text(json.dumps(meta, indent=1))
         example = pd.DataFrame({"task": [heads[0]], "text": ["an example input"]})

@@ -28,6 +28,7 @@ from merging.config import StorageConfig
 from merging.errors import CheckpointError, ConfigError, MergeflowError
 from merging.untrusted import UnsafeInputError, file_entries, inside, relative_name, sha256_hex
 from merging.writer import remove_stale_temporaries, temporary_sibling
+from tasks.published_weights import REFERENCE
 from tasks.storage import (
     MANIFEST,
     PUBLISHED_MARK,
@@ -280,10 +281,13 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
                 if is_transient(exc):
                     raise
                 raise MergeflowError(f"{ref}: cannot download the model's artifacts ({exc.error_code})") from None
-            weights = _hf_folder(local)
             manifests = sorted(local.rglob(MANIFEST), key=lambda p: len(p.parts))
             manifest_file = manifests[0] if manifests else None  # the logged model's own, at its root
             recorded = _recorded_files(manifest_file, ref)
+            reference = next(iter(sorted(local.rglob(REFERENCE), key=lambda p: len(p.parts))), None)
+            if reference is not None:  # one copy per version: the weights are the published folder
+                return _fetch_referenced(ref, store, reference, manifest_file, recorded, detail)
+            weights = _hf_folder(local)
             chosen = {p.relative_to(weights).as_posix(): p for p in weights.rglob("*") if p.is_file()}
             for name, path in chosen.items():
                 inside(local, path, f"{ref}: artifact {name}")
@@ -309,6 +313,30 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
             detail["manifest"] = "yes" if recorded else "no"
             folder = store.publish(key, files, {"reference": ref, "kind": "mlflow", "detail": detail})
         return _from_snapshot(ref, "mlflow", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+
+
+def _fetch_referenced(
+    ref: str,
+    store: Snapshots,
+    reference: Path,
+    manifest_file: Path | None,
+    recorded: dict[str, tuple[int, str]],
+    detail: dict[str, str],
+) -> FetchedModel:
+    """Returns the published folder a registered model references, every file checked against the record."""
+    from tasks.published_weights import read_reference, resolve
+
+    if not recorded or manifest_file is None:
+        raise IntegrityError(f"{ref}: a model that references published weights must carry its {MANIFEST}")
+    inside(manifest_file.parent, reference, f"{ref}: artifact {REFERENCE}")
+    logged = reference.relative_to(manifest_file.parent).as_posix()
+    want = recorded.get(logged)
+    if want is None or want != (reference.stat().st_size, file_sha256(reference)):
+        raise IntegrityError(f"{ref}: {logged} does not match the sha256 recorded when it was logged")
+    record = read_reference(reference)
+    path = resolve(reference.parent, cache=store.root.parent)
+    sha = {name: digest for name, (_, digest) in record["entries"].items()}
+    return FetchedModel(ref, "mlflow", path, sha, {**detail, "weights": record["uri"], "manifest": "yes"})
 
 
 def _fetch_hub(ref: str, store: Snapshots) -> FetchedModel:

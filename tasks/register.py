@@ -196,48 +196,68 @@ def gate_decision(
     )
 
 
+def published_reference(config: MergeConfig, uri: str | None) -> dict[str, Any] | None:
+    """Returns what a model that references the published folder records (uri, manifest, storage),
+    or None when the weights are to be logged in the MLflow model (no storage, or `weights: copy`)."""
+    if not uri or config.storage is None or config.registry is None or config.registry.weights != "reference":
+        return None
+    from tasks.storage import S3Location, read_manifest
+
+    if uri.startswith("s3://"):
+        manifest = read_manifest(S3Location.parse(uri), config.storage)
+    else:
+        manifest = json.loads((Path(uri) / MANIFEST).read_text())
+    assert manifest is not None
+    return {"uri": uri, "manifest": manifest, "storage": config.storage}
+
+
 def _save_mlflow_model(
-    merged_dir: Path, out: Path, pipeline_task: str, tasks: dict[str, dict[str, Any]] | None = None
+    merged_dir: Path,
+    out: Path,
+    pipeline_task: str,
+    tasks: dict[str, dict[str, Any]] | None = None,
+    reference: dict[str, Any] | None = None,
 ) -> None:
     """Saves the merged model for the registry, with its model card and a manifest of its files.
 
     An encoder merge with task heads is a multi-task classifier pyfunc (`tasks/classifier_model.py`);
     a routed (MIN-Merging) folder is a pyfunc that routes raw text; both are "models from code".
-    Anything else (causal LMs, encoders without heads) keeps MLflow's transformers flavor.
+    Anything else (causal LMs, encoders without heads) keeps MLflow's transformers flavor. With
+    `reference` (the folder was published to storage) the classifier and causal LMs reference the
+    published files instead of holding a second copy; a causal LM is then the generator pyfunc
+    (`tasks/generator_model.py`), since the transformers flavor must hold its weights. A routed
+    model is always self-contained (its MLflow copy also holds θ₀, which is not published).
     """
     import mlflow
     import transformers
 
+    sides = ("README.md", "mergeflow_config.yml")
     if (merged_dir / "routed.json").exists():
         from tasks.routed_model import save_routed_model
 
         save_routed_model(merged_dir, out)
-        for side in ("README.md", "min_merging_report.json"):
-            if (merged_dir / side).exists():
-                shutil.copy2(merged_dir / side, out / side)
-        (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
-        return
-
-    if list((merged_dir / "heads").glob("*.safetensors")) and pipeline_task != "text-generation":
+        sides = ("README.md", "min_merging_report.json")
+    elif list((merged_dir / "heads").glob("*.safetensors")) and pipeline_task != "text-generation":
         from tasks.classifier_model import save_classifier_model
 
-        save_classifier_model(merged_dir, out, tasks or {})
-        if (merged_dir / "README.md").exists():
-            shutil.copy2(merged_dir / "README.md", out / "README.md")
-        (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
-        return
+        save_classifier_model(merged_dir, out, tasks or {}, reference)
+        sides = ("README.md",)
+    elif reference is not None and pipeline_task == "text-generation":
+        from tasks.generator_model import save_generator_model
 
-    pipe = transformers.pipeline(
-        pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir), trust_remote_code=False
-    )
-    requirements = [f"torch=={_version('torch')}", f"transformers=={transformers.__version__}"]
-    extra: dict[str, Any] = {"input_example": "an example input"}
-    if pipeline_task == "text-generation":  # greedy and bounded by default: a served champion answers alike
-        extra = {"input_example": "Merged models keep", "model_config": {"max_new_tokens": 32, "do_sample": False}}
-    mlflow.transformers.save_model(pipe, str(out), pip_requirements=requirements, **extra)
-    if (merged_dir / "heads").is_dir():
-        shutil.copytree(merged_dir / "heads", out / "heads")
-    for side in ("README.md", "mergeflow_config.yml"):
+        save_generator_model(out, reference)
+    else:
+        pipe = transformers.pipeline(
+            pipeline_task, model=str(merged_dir), tokenizer=str(merged_dir), trust_remote_code=False
+        )
+        requirements = [f"torch=={_version('torch')}", f"transformers=={transformers.__version__}"]
+        extra: dict[str, Any] = {"input_example": "an example input"}
+        if pipeline_task == "text-generation":  # greedy and bounded by default: a served champion answers alike
+            extra = {"input_example": "Merged models keep", "model_config": {"max_new_tokens": 32, "do_sample": False}}
+        mlflow.transformers.save_model(pipe, str(out), pip_requirements=requirements, **extra)
+        if (merged_dir / "heads").is_dir():
+            shutil.copytree(merged_dir / "heads", out / "heads")
+    for side in sides:
         if (merged_dir / side).exists():
             shutil.copy2(merged_dir / side, out / side)
     (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
@@ -307,6 +327,7 @@ def register_merge(
     version: str | None = None
     run = client.create_run(experiment_id, run_name=lineage.get("flow_run_name") or config.name)
     run_id = run.info.run_id
+    reference_uri = lineage.get("storage_uri")
     try:
         params = flatten(redact(config.model_dump(mode="json", exclude_none=True)))
         lineage = redact(lineage)
@@ -331,7 +352,11 @@ def register_merge(
             with tempfile.TemporaryDirectory(dir=workdir, prefix=".mlflow-model-") as tmp:
                 saved = Path(tmp) / "model"
                 _save_mlflow_model(
-                    merged_dir, saved, pipeline_task_for(merged_dir, registry.pipeline_task), task_metadata(config)
+                    merged_dir,
+                    saved,
+                    pipeline_task_for(merged_dir, registry.pipeline_task),
+                    task_metadata(config),
+                    published_reference(config, reference_uri),
                 )
                 mlflow.log_artifacts(str(saved), "model")
         with promotion_lock(tracking_uri, registry.model_name):

@@ -73,6 +73,22 @@ def count_objects(s3, bucket: str, prefix: str) -> int:
         return 0
 
 
+def all_objects(s3) -> dict[tuple[str, str], tuple[int, str]]:
+    """Returns every object in every bucket: (bucket, key) → (size, ETag)."""
+    c = client(s3)
+    out = {}
+    for bucket in c.list_buckets()["Buckets"]:
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+            for obj in page.get("Contents", []):
+                out[(bucket["Name"], obj["Key"])] = (int(obj["Size"]), obj["ETag"])
+    return out
+
+
+def written_between(before: dict, after: dict) -> int:
+    """Returns the bytes of the objects that are new or changed in `after`."""
+    return sum(size for k, (size, etag) in after.items() if before.get(k, (None, None))[1] != etag)
+
+
 def test_publish_then_download_from_s3_verified_and_shared(s3_env, family, tmp_path: Path):
     _, base, _ = family
     manifest = publish(base, "s3://models/tiny/base")
@@ -169,8 +185,14 @@ def test_pipeline_on_the_servers(prefect_harness, stack, s3_env, ci_zoo, tmp_pat
     data["registry"] = {"model_name": "zoo-stack", "tracking_uri": mlflow_server.url}
     data["storage"] = {"uri": "s3://merged/zoo"}
     data["pipeline"] = {"workdir": str(tmp_path / "work")}
+    before = all_objects(s3)
     first = run_pipeline(parse_config(data, "stack.yml"))
     assert first.registration is not None and first.registration.aliases == ["candidate", "champion"]
+    # One copy of the weights per version: what the run wrote to object storage (the published folder
+    # and every MLflow artifact, both in this S3) is at most 1.1x the model's size.
+    model_bytes = sum(p.stat().st_size for p in first.merged_dir.rglob("*") if p.is_file())
+    written = written_between(before, all_objects(s3))
+    assert model_bytes <= written <= 1.1 * model_bytes, (written, model_bytes)
     assert first.inputs["base"]["kind"] == "s3" and first.inputs[first_task.name]["kind"] == "s3"
     # The merged weights equal the ones merged from the local folders.
     run_merge(config, tmp_path / "one", MergeOptions(progress=False))
@@ -197,6 +219,16 @@ def test_pipeline_on_the_servers(prefect_harness, stack, s3_env, ci_zoo, tmp_pat
     fetched = fetch_model("models:/zoo-stack@champion", tracking_uri=mlflow_server.url, cache=tmp_path / "cache")
     assert fetched.kind == "mlflow" and fetched.detail["version"] == "1" and fetched.detail["manifest"] == "yes"
     assert (fetched.path / "config.json").exists() and list(fetched.path.glob("*.safetensors"))
+    assert fetched.detail["weights"] == first.published  # the registered version's one copy
+    # Its answers equal the classifier built from the local merged folder.
+    from tasks.classifier_model import save_classifier_model
+
+    local_model = tmp_path / "local-classifier"
+    save_classifier_model(first.merged_dir, local_model, {})
+    frame = pd.DataFrame({"task": [task, task], "text": ["a wonderful day", "terrible news"]})
+    expected = mlflow.pyfunc.load_model(str(local_model)).predict(frame)
+    assert list(out["label_index"]) == list(expected["label_index"])
+    assert [round(x, 6) for x in out["score"]] == [round(x, 6) for x in expected["score"]]
 
     # A second, worse merge (λ far too large): registered as candidate; the gate keeps champion.
     worse = dict(data, parameters={"lambda": 3.0})
@@ -209,6 +241,24 @@ def test_pipeline_on_the_servers(prefect_harness, stack, s3_env, ci_zoo, tmp_pat
         "candidate": "2",
         "champion": "1",
     }
+
+    # Someone with write access to the bucket replaces a head of the published champion, manifest
+    # and object metadata included: the registered version refuses to load it.
+    from tasks.published_weights import PublishedWeightsError
+
+    head = next(iter(sorted(p.name for p in (first.merged_dir / "heads").glob("*.safetensors"))))
+    import shutil
+
+    altered = tmp_path / "altered"
+    shutil.copytree(first.merged_dir, altered)
+    blob = bytearray((altered / "heads" / head).read_bytes())
+    blob[-4] ^= 0x5A
+    (altered / "heads" / head).write_bytes(bytes(blob))
+    publish(altered, first.published or "")
+    with pytest.raises(PublishedWeightsError, match="differ from what was registered"):
+        mlflow.pyfunc.load_model("models:/zoo-stack@champion")
+    with pytest.raises(PublishedWeightsError, match="differ from what was registered"):
+        fetch_model("models:/zoo-stack@champion", tracking_uri=mlflow_server.url, cache=tmp_path / "cache2")
 
 
 def test_killed_run_on_the_servers_then_rerun(prefect_harness, stack, s3_env, family, tmp_path: Path, monkeypatch):

@@ -134,13 +134,28 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
     mlflow.set_tracking_uri(tracking)
     experiment = mlflow.create_experiment("serve", artifact_location=(root / "art").as_uri())
     client = mlflow.MlflowClient(tracking_uri=tracking)
-    with mlflow.start_run(experiment_id=experiment):
-        _save_mlflow_model(merged, root / "saved", "feature-extraction", {"two": {"label_names": ["no", "yes"]}})
-        mlflow.log_artifacts(str(root / "saved"), "model")
-        static_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
+    from tasks.storage import publish
+
+    def logged(folder: Path, saved: str, task: str, labels: dict | None = None, published: str | None = None) -> str:
+        """Returns the runs:/ URI of `folder` saved as the registry saves it (by reference when published)."""
+        reference = None
+        if published:
+            manifest = publish(folder, str(root / "store" / published))
+            reference = {"uri": str(root / "store" / published), "manifest": manifest, "storage": None}
+        with mlflow.start_run(experiment_id=experiment):
+            _save_mlflow_model(folder, root / saved, task, labels, reference)
+            mlflow.log_artifacts(str(root / saved), "model")
+            return f"runs:/{mlflow.active_run().info.run_id}/model"
+
+    # The static champion as the pipeline registers it when storage is configured: one copy of the
+    # weights, in the published folder; the MLflow model references it. "static-copy" holds them itself.
+    labels = {"two": {"label_names": ["no", "yes"]}}
+    static_uri = logged(merged, "saved", "feature-extraction", labels, published="static")
+    static_copy_uri = logged(merged, "saved-copy", "feature-extraction", labels)
     with mlflow.start_run(experiment_id=experiment):
         routed_uri = log_routed_model(root / "routed", root).model_uri
-    # A causal LM keeps MLflow's transformers flavor (text-generation), with an input example.
+    # A causal LM keeps MLflow's transformers flavor (text-generation), with an input example;
+    # "llm-ref" is the same model published to storage, registered by reference (the generator pyfunc).
     llama_base, llama_fts = build_family(root / "llama", "llama", 2, scale=0.2)
     llm = root / "llm"
     llm_config = MergeConfig(
@@ -151,11 +166,11 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
     )
     run_merge(llm_config, llm, MergeOptions(progress=False))
     write_bert_vocab(llm, 64)  # the generated Llama has no tokenizer of its own
-    with mlflow.start_run(experiment_id=experiment):
-        _save_mlflow_model(llm, root / "saved-llm", "text-generation")
-        mlflow.log_artifacts(str(root / "saved-llm"), "model")
-        llm_uri = f"runs:/{mlflow.active_run().info.run_id}/model"
-    for name, uri in (("static", static_uri), ("routed", routed_uri), ("llm", llm_uri)):
+    llm_uri = logged(llm, "saved-llm", "text-generation")
+    llm_ref_uri = logged(llm, "saved-llm-ref", "text-generation", published="llm")
+    champions = {"static": static_uri, "static-copy": static_copy_uri, "routed": routed_uri}
+    champions.update({"llm": llm_uri, "llm-ref": llm_ref_uri})
+    for name, uri in champions.items():
         version = mlflow.register_model(uri, name)
         client.set_registered_model_alias(name, "champion", version.version)
     return root, tracking
@@ -179,6 +194,47 @@ def test_static_merge_champion_served_over_http_equals_in_process(registry):
     assert remote["score"].tolist() == pytest.approx(local["score"].tolist(), abs=1e-6)
     for a, b in zip(remote["probabilities"], local["probabilities"]):
         assert list(a) == pytest.approx(list(b), abs=1e-6)
+
+
+def weights_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+
+
+def test_one_copy_per_version_the_referenced_models_answer_like_the_copies(registry):
+    """With storage, the registered model holds a reference to the published folder and no weights;
+    it loads them from there (checked against the manifest recorded at registration) and answers
+    exactly as the model that holds them; a published file changed later is refused."""
+    import mlflow
+    import transformers
+
+    from tasks.published_weights import PublishedWeightsError
+
+    root, tracking = registry
+    assert weights_in(root / "saved") == [] and weights_in(root / "saved-llm-ref") == []
+    assert weights_in(root / "saved-copy")  # the copy holds the encoder and heads itself
+    mlflow.set_tracking_uri(tracking)
+    frame = pd.DataFrame({"task": ["two", "three", "two"], "text": ["merge the model", "task vectors", "a neuron"]})
+    referenced = mlflow.pyfunc.load_model("models:/static@champion").predict(frame)
+    copied = mlflow.pyfunc.load_model("models:/static-copy@champion").predict(frame)
+    assert referenced.drop(columns="probabilities").equals(copied.drop(columns="probabilities"))
+    assert list(referenced["label"][:1]) == [copied["label"][0]] and copied["label"][0] in ("no", "yes")
+    # The causal LM: the generator pyfunc continues prompts as the transformers pipeline does, greedily.
+    prompts = ["merge the model", "a neuron of"]
+    generated = mlflow.pyfunc.load_model("models:/llm-ref@champion").predict(pd.DataFrame({"prompt": prompts}))
+    pipe = transformers.pipeline("text-generation", model=str(root / "llm"), tokenizer=str(root / "llm"))
+    want = [pipe(p, max_new_tokens=32, do_sample=False, return_full_text=False)[0]["generated_text"] for p in prompts]
+    assert list(generated["prompt"]) == prompts and list(generated["generated_text"]) == want
+    # A published file changed after registration (same size, one byte): refused, never served.
+    head = root / "store" / "static" / "heads" / "two.safetensors"
+    original = head.read_bytes()
+    changed = bytearray(original)
+    changed[-3] ^= 0x21
+    head.write_bytes(bytes(changed))
+    try:
+        with pytest.raises(PublishedWeightsError, match=r"heads/two\.safetensors differs from what was registered"):
+            mlflow.pyfunc.load_model("models:/static@champion")
+    finally:
+        head.write_bytes(original)
 
 
 def test_routed_champion_served_over_http_equals_in_process(registry):
