@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,16 @@ def _pipeline(config: MergeConfig, workdir: str | None, tracking_uri: str | None
     # 6. publish to storage (manifest last), when the config names one
     published = None
     if config.storage is not None:
-        published = publish_task(model_dir, storage_uri(config, work, key, routed is not None), config.storage)
+        uri = storage_uri(config, work, key, routed is not None)
+        if routed is None:
+            published = publish_task(model_dir, uri, config.storage)
+        else:  # published self-contained (θ₀ inside, hard-linked here): it loads anywhere, one copy per version
+            from tasks.routed_model import self_contained
+
+            with tempfile.TemporaryDirectory(dir=work, prefix=".publish-routed-") as tmp:
+                published = publish_task(
+                    self_contained(model_dir, Path(tmp) / "routed", link=True), uri, config.storage
+                )
 
     # 7. register and promote
     inputs = lineage_inputs(original_inputs(local) if routed is not None else staged.inputs, fetched)

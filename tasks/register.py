@@ -226,7 +226,7 @@ def _save_mlflow_model(
     `reference` (the folder was published to storage) the classifier and causal LMs reference the
     published files instead of holding a second copy; a causal LM is then the generator pyfunc
     (`tasks/generator_model.py`), since the transformers flavor must hold its weights. A routed
-    model is always self-contained (its MLflow copy also holds θ₀, which is not published).
+    model references its published self-contained folder (θ₀ inside, as the router needs it).
     """
     import mlflow
     import transformers
@@ -235,7 +235,7 @@ def _save_mlflow_model(
     if (merged_dir / "routed.json").exists():
         from tasks.routed_model import save_routed_model
 
-        save_routed_model(merged_dir, out)
+        save_routed_model(merged_dir, out, reference)
         sides = ("README.md", "min_merging_report.json")
     elif list((merged_dir / "heads").glob("*.safetensors")) and pipeline_task != "text-generation":
         from tasks.classifier_model import save_classifier_model
@@ -261,6 +261,43 @@ def _save_mlflow_model(
         if (merged_dir / side).exists():
             shutil.copy2(merged_dir / side, out / side)
     (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
+
+
+DESCRIPTION_LIMIT = 5000  # MLflow's model version description column
+
+
+def version_description(report: dict[str, Any] | None, gate_reason: str, card: str | None) -> str:
+    """Returns the registered version's description: the evaluation table (per task: base probe,
+    fine-tune, merged, normalized; out-of-domain rows: probe retention), the gate's reason, then the
+    model card, cut to MLflow's 5000 characters (the full card is the run's README.md artifact)."""
+    lines: list[str] = []
+    if report is not None and "merged" in report.get("models", {}):
+        from tasks.evaluate import results_table
+
+        split = report.get("split", "test")
+        lines += [f"**Evaluation** (split `{split}`; normalized = merged / fine-tuned; OOD: probe retention)", ""]
+        lines += ["| task | role | base probe | fine-tuned | merged | normalized |", "|---|---|---|---|---|---|"]
+
+        def cell(v: Any) -> str:
+            return "" if v is None or v != v else f"{v:.4f}"
+
+        for row in results_table(report):
+            values = " | ".join(cell(row.get(k)) for k in ("base probe", "fine-tuned", "merged", "normalized"))
+            lines.append(f"| {row['task']} | {row['role']} | {values} |")
+        lines.append("")
+    lines += [f"**Gate:** {gate_reason}", ""]
+    text = redact_text("\n".join(lines))
+    if card:
+        room = DESCRIPTION_LIMIT - len(text) - 80
+        card = redact_text(card)
+        if room > 200:
+            cut = (
+                card
+                if len(card) <= room
+                else card[:room].rsplit("\n", 1)[0] + "\n\n… (cut here; the full card is the run's README.md)"
+            )
+            text += "\n---\n\n" + cut
+    return text[:DESCRIPTION_LIMIT]
 
 
 def task_metadata(config: MergeConfig) -> dict[str, dict[str, Any]]:
@@ -395,6 +432,8 @@ def register_merge(
                 client.set_registered_model_alias(registry.model_name, "champion", version)
                 aliases.append("champion")
         client.set_model_version_tag(registry.model_name, version, "mergeflow.gate", reason[:5000])
+        card = (merged_dir / "README.md").read_text() if (merged_dir / "README.md").is_file() else None
+        client.update_model_version(registry.model_name, version, description=version_description(report, reason, card))
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         if version is not None:

@@ -8,6 +8,7 @@ code" (this file), so loading it unpickles nothing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ class RoutedPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     """predict(DataFrame with a `text` column) → one row per input: task, label, confidence, experts."""
 
     def load_context(self, context: Any) -> None:
-        self.model = RoutedModel.load(Path(context.artifacts["routed"]))
+        from tasks.published_weights import resolve
+
+        # The published, self-contained routed folder when the version was registered by reference.
+        self.model = RoutedModel.load(resolve(Path(context.artifacts["routed"])))
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints as a schema
         if isinstance(model_input, pd.DataFrame):
@@ -45,15 +49,27 @@ class RoutedPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         return pd.DataFrame(rows)
 
 
-def self_contained(routed_dir: Path, dest: Path) -> Path:
-    """Returns a copy of the routed folder that holds θ₀ (and θ_shared) inside it, paths made relative."""
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # read-only use: a hard link saves copying the weights
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def self_contained(routed_dir: Path, dest: Path, link: bool = False) -> Path:
+    """Returns a copy of the routed folder that holds θ₀ (and θ_shared) inside it, paths made relative.
+
+    With `link`, files are hard-linked where the file system allows (for a folder that is only read,
+    such as the one published to storage)."""
+    copy = _link_or_copy if link else shutil.copy2
     manifest = json.loads((routed_dir / "routed.json").read_text())
-    shutil.copytree(routed_dir, dest)
+    shutil.copytree(routed_dir, dest, copy_function=copy)
     for role in ("shared", "base"):
         src = routed_dir / manifest[role]
         if not (dest / manifest[role]).exists() or Path(manifest[role]).is_absolute():
-            shutil.copytree(src, dest / role, dirs_exist_ok=True)
+            shutil.copytree(src, dest / role, dirs_exist_ok=True, copy_function=copy)
             manifest[role] = role
+    (dest / "routed.json").unlink()  # may be a hard link to the source's: never write through it
     (dest / "routed.json").write_text(json.dumps(manifest, indent=1))
     return dest
 
@@ -91,9 +107,18 @@ def _pyfunc_kwargs(staged: Path) -> dict[str, Any]:
     }
 
 
-def save_routed_model(routed_dir: Path, out: Path) -> Path:
-    """Saves the routed folder as a self-contained pyfunc model at `out` (for registration by log_artifacts)."""
-    staged = self_contained(routed_dir, out.parent / f".{out.name}-routed")
+def save_routed_model(routed_dir: Path, out: Path, reference: dict[str, Any] | None = None) -> Path:
+    """Saves the routed folder as a self-contained pyfunc model at `out` (for registration by log_artifacts).
+
+    With `reference` (the self-contained folder was published to storage: uri, manifest, storage) the
+    model holds `published.json` instead of the folder."""
+    from tasks.published_weights import write_reference
+
+    staged = out.parent / f".{out.name}-routed"
+    if reference is None:
+        self_contained(routed_dir, staged)
+    else:
+        write_reference(staged, **reference)
     try:
         mlflow.pyfunc.save_model(str(out), **_pyfunc_kwargs(staged))
     finally:

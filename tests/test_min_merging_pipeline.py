@@ -117,9 +117,15 @@ def test_min_merging_flow_calibrates_evaluates_and_registers_the_routed_model(pr
         "patches/two.safetensors",
         "router/router.json",
         "heads/three.safetensors",
+        "base/config.json",  # θ₀ inside: the published routed model loads anywhere
         "mergeflow-manifest.json",
     ):
         assert (store / part).exists(), part
+    assert json.loads((store / "routed.json").read_text())["base"] == "base"
+    # One copy per version: the registered model references the published folder and holds no weights.
+    logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{reg.run_id}/model", dst_path=str(tmp_path / "logged")))
+    assert [p.parent.parent.name for p in logged.rglob("published.json")] == ["artifacts"]
+    assert not list(logged.rglob("*.safetensors"))
 
     # The registered version is a pyfunc that routes raw text and predicts labels with the routed task's head.
     model = mlflow.pyfunc.load_model(f"models:/tiny-routed/{reg.version}")

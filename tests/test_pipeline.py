@@ -95,6 +95,15 @@ def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, fa
     assert mv.tags["mergeflow.merge_key"] == result.merge_key
     assert mv.tags["mergeflow.flow_run_id"]
     assert mv.tags["mergeflow.input.base"].startswith(str(base))
+    # Its description (what the MLflow UI shows) carries the evaluation table and the model card.
+    table = mv.description.split("\n---\n", 1)[0]  # the card (its own tables) follows the rule
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"two", "three", "ood", "average"} <= set(rows)
+    merged = report["models"]["merged"]
+    assert f"{merged['normalized']['two']:.4f}" in rows["two"] and "out-of-domain" in rows["ood"]
+    assert f"{merged['average_normalized']:.4f}" in rows["average"]
+    assert f"**Gate:** {reg.gate_reason}" in mv.description and "## Method and parameters" in mv.description
+    assert len(mv.description) <= 5000
     run = client.get_run(reg.run_id)
     assert run.data.params["merge_method"] == "task_arithmetic"
     assert run.data.metrics["average_normalized"] == pytest.approx(result.metrics["average_normalized"])
@@ -274,3 +283,29 @@ def test_unreadable_tokenizer_fails_before_merging_naming_the_file(prefect_harne
     with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: unreadable tokenizer file"):
         run_pipeline(parse_config(data, "test"))
     assert not (tmp_path / "work" / "merged").exists()  # refused before any layer was merged
+
+
+def test_version_description_keeps_the_table_and_cuts_a_long_card_to_mlflows_limit():
+    from tasks.register import version_description
+
+    report = {
+        "split": "test",
+        "tasks": [{"name": "a", "role": "merge"}, {"name": "o", "role": "ood"}],
+        "base_probe": {"scores": {"a": 0.5}},
+        "finetuned": {"a": 0.9},
+        "models": {
+            "merged": {
+                "scores": {"a": 0.8},
+                "normalized": {"a": 0.8 / 0.9},
+                "average": 0.8,
+                "average_normalized": 0.8 / 0.9,
+                "ood": {"o": {"base_probe": 0.7, "merged_probe": 0.69, "retention": 0.69 / 0.7}},
+            }
+        },
+    }
+    card = "# card\n" + "\n".join(f"line {i} http://user:hunter2@host/x" for i in range(2000))
+    text = version_description(report, "no champion yet", card)
+    assert len(text) <= 5000 and "| a | merge | 0.5000 | 0.9000 | 0.8000 | 0.8889 |" in text
+    assert "| o | out-of-domain | 0.7000 |  | 0.6900 | 0.9857 |" in text
+    assert "the full card is the run's README.md" in text and "hunter2" not in text
+    assert version_description(None, "no champion yet", None) == "**Gate:** no champion yet\n"
