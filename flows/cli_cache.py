@@ -40,7 +40,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"cache {data['root']}: {_bytes(data['bytes'])}")
             for area, a in data["areas"].items():
                 print(
-                    f"  {area:7s} {_bytes(a['bytes']):>9s}  {a['entries']:4d} entries, {a['in_use']} in use; "
+                    f"  {area:8s} {_bytes(a['bytes']):>9s}  {a['entries']:4d} entries, {a['in_use']} in use; "
                     f"oldest use {_age(a['oldest_use'])}, newest {_age(a['newest_use'])}"
                 )
             for name, size in data["not_collected"].items():

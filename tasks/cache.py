@@ -1,9 +1,10 @@
 """Returns the cache's status and collects its garbage: downloaded snapshots and merged-layer results.
 
-Two areas grow with every run. `models/` holds downloads: snapshot folders hard-linked into a
+Three areas grow with every run. `models/` holds downloads: snapshot folders hard-linked into a
 content-addressed blob store. `layers/` holds merged layers: one `.safetensors` per layer group
 with a `.json` beside it, and per merge `<merge key>.stats.json` and `<merge key>.assembled.json`.
-An entry is one snapshot, or one merge key's files.
+`features/` holds evaluation features (`merging/evaluation/feature_cache.py`). An entry is one
+snapshot, one merge key's files, or one feature matrix.
 
 A running flow holds a shared lock on every entry it uses (`in_use`, an flock on
 `<cache>/inuse/<area>-<key>.lock`, whose mtime is also the entry's last use). `gc` removes an entry
@@ -31,7 +32,7 @@ from typing import IO, Any
 from merging.checkpoint import cache_dir
 from merging.errors import ConfigError
 
-AREAS = ("models", "layers")
+AREAS = ("models", "layers", "features")
 MERGE_FILES = (".stats.json", ".assembled.json")  # one per merge key in layers/, beside its layer files
 _KEY = re.compile(r"^[0-9a-f]{16,64}$")
 
@@ -110,10 +111,22 @@ def _layer_entries(root: Path) -> list[Entry]:
     return out
 
 
+def _feature_entries(root: Path) -> list[Entry]:
+    """One entry per cached feature matrix (`<cache>/features/<2 hex>/<key>.safetensors`, its mtime the last
+    use). No lock: a reader that finds its entry gone encodes the texts again."""
+    folder = root / "features"
+    out = []
+    for path in sorted(folder.glob("*/*.safetensors")) if folder.is_dir() else []:
+        if _KEY.match(path.stem) and path.parent.name == path.stem[:2]:
+            out.append(Entry("features", path.stem, [path], _size(path), _mtime(path)))
+    return out
+
+
 def entries(root: Path | None = None) -> list[Entry]:
-    """Returns every cache entry (snapshots and merges' layers), oldest use first."""
+    """Returns every cache entry (snapshots, merges' layers, evaluation features), oldest use first."""
     root = root or cache_dir()
-    return sorted(_snapshot_entries(root) + _layer_entries(root), key=lambda e: (e.last_used, e.area, e.key))
+    found = _snapshot_entries(root) + _layer_entries(root) + _feature_entries(root)
+    return sorted(found, key=lambda e: (e.last_used, e.area, e.key))
 
 
 def _area_bytes(root: Path, area: str) -> int:
@@ -164,6 +177,8 @@ def in_use(area: str, keys: Iterable[str], root: Path | None = None) -> Iterator
 
 
 def _try_exclusive(root: Path, entry: Entry) -> IO[bytes] | None:
+    if entry.area == "features":  # never locked (see _feature_entries): nothing to wait for
+        return open(os.devnull, "ab")  # closed by the caller, like a lock file
     path = _lock_path(root, entry.area, entry.key)
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
@@ -261,7 +276,7 @@ def gc(
             report.skipped_in_use.append(f"{entry.area}/{entry.key}")
             continue
         try:
-            if dry_run or entry.area == "layers":
+            if dry_run or entry.area != "models":
                 freed = entry.bytes  # a dry run counts a snapshot's files as freed (shared blobs may stay)
             else:  # hard links free nothing until their blob goes: only copied files count here
                 freed = sum(_size(p) for p in entry.paths[0].rglob("*") if p.is_file() and p.stat().st_nlink == 1)

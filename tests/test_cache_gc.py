@@ -192,3 +192,24 @@ def test_cache_gc_config_is_validated_and_the_deployed_flows_run_it(tmp_path, mo
     off = parse_config({**base, "pipeline": {"cache_gc": {"enabled": False}}}, "test")
     _layers(root, "f" * 64, 1, 100, 30)
     assert collect_cache(off) is None and (root / "layers" / f"{'f' * 64}.stats.json").exists()
+
+
+def test_evaluation_features_are_counted_and_collected_by_age_and_size(tmp_path: Path):
+    root = tmp_path / "cache"
+    keys = {}
+    for name, days in (("old", 30.0), ("mid", 3.0), ("new", 0.0)):
+        key = hashlib.sha256(name.encode()).hexdigest()
+        path = root / "features" / key[:2] / f"{key}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"f" * 1000)
+        _age(path, days)
+        keys[name] = path
+    (root / "features" / "zz").mkdir()
+    (root / "features" / "zz" / "not-a-key.safetensors").write_bytes(b"?")  # never an entry
+    st = status(root)["areas"]["features"]
+    assert st["entries"] == 3 and st["in_use"] == 0
+    report = gc(root, keep_days=7, grace_seconds=0)
+    assert [(r["area"], r["why"]) for r in report.removed] == [("features", "age")] and not keys["old"].exists()
+    report = gc(root, max_size=1500, grace_seconds=0)  # the least recently used goes first
+    assert not keys["mid"].exists() and keys["new"].exists() and report.freed_bytes == 1000
+    assert not (root / "inuse").exists() or not list((root / "inuse").glob("features-*"))

@@ -317,3 +317,71 @@ def test_head_state_dict_round_trip(tmp_path: Path):
     back = load_head(path)
     torch.testing.assert_close(back.weight, head.weight)
     torch.testing.assert_close(back.bias, head.bias)
+
+
+def test_feature_cache_returns_the_same_bits_once_encoded_and_misses_on_any_change(tiny, tmp_path: Path, monkeypatch):
+    """Features are keyed by the encoder's file contents, the texts in order, max length and batch size."""
+    import shutil
+
+    import merging.evaluation.feature_cache as fc
+
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    _root, base, _fts, _tasks, _merged, _config = tiny
+    calls: list[int] = []
+    real = fc.encode
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fc, "encode", counting)
+    folder = tmp_path / "enc"
+    shutil.copytree(base, folder)
+    encoder = load_encoder(folder)
+    texts = [" ".join(WORDS[i : i + 4]) for i in range(0, 40, 4)]
+    first = fc.encode_cached(encoder, texts, 16, 4)
+    again = fc.encode_cached(load_encoder(folder), texts, 16, 4)
+    assert torch.equal(first, again) and calls == [10]  # the second came from disk, bit for bit
+    assert torch.equal(first, encode(encoder, texts, 16, 4))
+    # Each of these is a different key: encoded again.
+    fc.encode_cached(encoder, list(reversed(texts)), 16, 4)
+    fc.encode_cached(encoder, texts, 8, 4)
+    fc.encode_cached(encoder, texts, 16, 3)
+    assert calls == [10, 10, 10, 10]
+    # The same folder with changed weights (rewritten in place, even with its mtime put back) is a miss.
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    stamp = weights.stat()
+    tensors = load_file(str(weights))
+    name = next(n for n in tensors if n.endswith("attention.self.query.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    import os
+
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    changed = fc.encode_cached(load_encoder(folder), texts, 16, 4)
+    assert calls[-1] == 10 and len(calls) == 5 and not torch.equal(changed, first)
+    # A damaged entry is encoded again and replaced; with the cache off nothing is read or written.
+    entries = sorted((tmp_path / "cache" / "features").glob("*/*.safetensors"))
+    assert len(entries) == 5
+    for entry in entries:
+        entry.write_bytes(b"not safetensors")
+    assert torch.equal(fc.encode_cached(load_encoder(folder), texts, 16, 4), changed) and len(calls) == 6
+    monkeypatch.setenv("MERGEFLOW_FEATURE_CACHE", "0")
+    shutil.rmtree(tmp_path / "cache" / "features")
+    fc.encode_cached(encoder, texts, 16, 4)
+    assert len(calls) == 7 and not (tmp_path / "cache" / "features").exists()
+
+
+def test_the_evaluator_reads_base_and_finetune_features_back_across_runs(tiny, tmp_path: Path, monkeypatch):
+    import merging.evaluation.feature_cache as fc
+
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    _root, base, _fts, tasks, merged, _config = tiny
+    first = Evaluator(tasks, base).evaluate({"merged": merged}, "test").to_json()
+    calls: list[int] = []
+    real = fc.encode
+    monkeypatch.setattr(fc, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = Evaluator(tasks, base).evaluate({"merged": merged}, "test").to_json()
+    assert calls == [] and second == first  # a second run (a new process) encodes nothing

@@ -27,6 +27,7 @@ class Encoder:
     model: torch.nn.Module
     tokenizer: object
     head_module: torch.nn.Linear
+    tokenizer_path: Path | None = None  # where the tokenizer came from, when not `path`
 
     @property
     def feature_dim(self) -> int:
@@ -96,7 +97,8 @@ def load_encoder(path: str | Path, tokenizer_path: str | Path | None = None) -> 
             f"{tokenizer_path or folder}: the tokenizer has {len(tokenizer)} tokens but the encoder at {folder} "
             f"embeds only {vocab}; they do not belong together"
         )
-    return Encoder(folder, model, tokenizer, _head_linear(model, folder))
+    tok = Path(tokenizer_path) if tokenizer_path is not None else None
+    return Encoder(folder, model, tokenizer, _head_linear(model, folder), tok)
 
 
 @torch.inference_mode()

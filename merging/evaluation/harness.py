@@ -29,7 +29,8 @@ import torch
 
 from merging.errors import ConfigError
 from merging.evaluation.data import Split, TaskSpec, load_split
-from merging.evaluation.encoder import Encoder, encode, load_encoder
+from merging.evaluation.encoder import Encoder, load_encoder
+from merging.evaluation.feature_cache import encode_cached
 from merging.evaluation.heads import Head, fit_probe, load_head
 from merging.evaluation.metrics import score
 
@@ -183,7 +184,7 @@ class Evaluator:
                     else self.base,
                 )
             spec = self.tasks[task]
-            self._features[key] = encode(
+            self._features[key] = encode_cached(
                 self._encoder,
                 self.split(task, split).texts,
                 spec.max_length,

@@ -31,9 +31,11 @@ import torch
 import yaml
 
 from merging.checkpoint import cache_dir, file_sha256
+from merging.config import EvaluationConfig
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, load_split
-from merging.evaluation.encoder import Encoder, encode, load_encoder
+from merging.evaluation.encoder import Encoder, load_encoder
+from merging.evaluation.feature_cache import encode_cached
 from merging.evaluation.heads import Head, fit_probe
 from merging.evaluation.metrics import score
 from merging.writer import publish_folder
@@ -44,6 +46,9 @@ from merging.zoo.suites import BUILDERS, DEFAULT_SUITE, suite_tasks
 
 Size = Literal["ci", "full"]
 Protocol = Literal["joint", "frozen"]
+
+# The evaluation's default batch size: the features the build caches are the ones a pipeline run asks for.
+FEATURE_BATCH = EvaluationConfig.model_fields["batch_size"].default
 
 
 @dataclass(frozen=True)
@@ -267,8 +272,11 @@ def _build_task(
         metric=source.metric,  # type: ignore[arg-type]
     )
     splits = {s: load_split(task, s) for s in ("train", "validation", "test")}
+    # Through the feature cache, at the evaluation's batch size: a pipeline run on this zoo reads the
+    # base's and the fine-tunes' features back instead of encoding them again.
     feats = {
-        s: encode(base_encoder, sp.texts, source.max_length, desc=f"{source.name}/{s}") for s, sp in splits.items()
+        s: encode_cached(base_encoder, sp.texts, source.max_length, FEATURE_BATCH, desc=f"{source.name}/{s}")
+        for s, sp in splits.items()
     }
     labels_t = {s: torch.tensor(sp.labels) for s, sp in splits.items()}
     probe = fit_probe(
@@ -320,10 +328,14 @@ def _build_task(
     tuned_scores = Scores(
         validation=score(
             task.metric,
-            own.predict(encode(tuned, splits["validation"].texts, source.max_length)),
+            own.predict(encode_cached(tuned, splits["validation"].texts, source.max_length, FEATURE_BATCH)),
             labels_t["validation"],
         ),
-        test=score(task.metric, own.predict(encode(tuned, splits["test"].texts, source.max_length)), labels_t["test"]),
+        test=score(
+            task.metric,
+            own.predict(encode_cached(tuned, splits["test"].texts, source.max_length, FEATURE_BATCH)),
+            labels_t["test"],
+        ),
     )
     entry.finetune = FineTuneEntry(
         path=f"finetunes/{source.name}",
