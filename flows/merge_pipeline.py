@@ -190,7 +190,7 @@ def _pipeline(config: MergeConfig, workdir: str | None, tracking_uri: str | None
         if calib is not None:
             enhancement = enhance_task(local, calib, enhanced_dir)
             to_merge = shared_merge_config(local, enhancement)
-        staged: StagedPlan = plan_task(to_merge)
+        staged: StagedPlan = plan_task(to_merge, out_parent=work / "merged")
         held.enter_context(in_use("layers", [staged.key]))
         layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(staged), staged.groups).result()
         merged_dir = work / "merged" / staged.key[:16]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig, dump_config
+from merging.diskspace import check_free_space, planned_output_bytes
 from merging.errors import ConfigError, MergeflowError, NonFiniteError
 from merging.memory import PeakMemory
 from merging.methods import REGISTRY
@@ -258,6 +259,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
     with PeakMemory() as memory, ThreadPoolExecutor(max_workers=1) as hasher:
         try:
             plan = build_plan(base, models, config.task_specific, config.transposed, config.allow_dtype_mismatch)
+            check_free_space([(out_dir.parent, planned_output_bytes(config, plan, base, models), "the merged model")])
             hash_cache = HashCache()
             hashes = {f: hasher.submit(hash_cache.sha256, f) for ck in [base, *models] for f in ck.files}
             weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)

@@ -124,8 +124,14 @@ def merge_key(config: MergeConfig, inputs: list[InputRecord]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def plan_merge(config: MergeConfig, cache: Path | None = None, progress: bool = False) -> StagedPlan:
-    """Returns the staged plan: headers checked, inputs hashed, model-wide statistics computed or reused."""
+def plan_merge(
+    config: MergeConfig, cache: Path | None = None, progress: bool = False, out_parent: Path | None = None
+) -> StagedPlan:
+    """Returns the staged plan: headers checked, inputs hashed, model-wide statistics computed or reused.
+
+    With `out_parent` (where the merged folder will be written) free space is checked before any
+    statistics are computed: the layers not in the cache yet, and the merged folder.
+    """
     config.require_static()
     cache = layer_cache(cache)
     base, models = _open(config)
@@ -145,6 +151,8 @@ def plan_merge(config: MergeConfig, cache: Path | None = None, progress: bool = 
             ]
             key = merge_key(config, inputs)
         hashes.save()
+        if out_parent is not None:
+            _check_space(config, plan, [base, *models], cache, out_parent, key)
         stats_file = cache / f"{key}.stats.json"
         stats: ModelStats | None = None
         if stats_file.exists():
@@ -180,9 +188,28 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _check_space(
+    config: MergeConfig, plan: MergePlan, checkpoints: list[Checkpoint], cache: Path, out_parent: Path, key: str
+) -> None:
+    """Raises DiskSpaceError unless the layers not cached yet and the merged folder fit on their file systems."""
+    from merging.diskspace import check_free_space, planned_output_bytes
+    from merging.merge import output_dtype
+
+    missing = 0
+    for group, tensors in plan.groups().items():
+        if not (cache / f"{_layer_key(key, group)}.safetensors").exists():
+            missing += sum(t.numel * output_dtype(config, t).itemsize for t in tensors)
+    needs = [(out_parent, planned_output_bytes(config, plan, checkpoints[0], checkpoints[1:]), "the merged model")]
+    check_free_space([*needs, (cache, missing, "merged layers (layer cache)")])
+
+
 def layer_key(staged: StagedPlan, group: str) -> str:
     """Returns the cache key of one layer group's result."""
-    return hashlib.sha256(f"{staged.key}\0{group}".encode()).hexdigest()
+    return _layer_key(staged.key, group)
+
+
+def _layer_key(merge_key: str, group: str) -> str:
+    return hashlib.sha256(f"{merge_key}\0{group}".encode()).hexdigest()
 
 
 def cached_layer(staged: StagedPlan, group: str, cache: Path | None = None) -> LayerResult | None:
@@ -372,6 +399,6 @@ def assemble(
 
 def staged_merge(config: MergeConfig, out_dir: str | Path, cache: Path | None = None) -> MergeReport:
     """Returns the report of a staged merge run in one process (what a pipeline does, without the pipeline)."""
-    staged = plan_merge(config, cache)
+    staged = plan_merge(config, cache, out_parent=Path(out_dir).resolve().parent)
     layers = [merge_layer(config, staged, g, cache) for g in staged.groups]
     return assemble(config, staged, layers, out_dir, MergeOptions(progress=False, overwrite=True), cache)

@@ -23,9 +23,9 @@ class InjectedFault(MergeflowError):
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(config: MergeConfig, cache: Path | None = None) -> StagedPlan:
-    """Returns the staged plan (validates every header before any layer is merged)."""
-    staged = plan_merge(config, cache)
+def plan_task(config: MergeConfig, cache: Path | None = None, out_parent: Path | None = None) -> StagedPlan:
+    """Returns the staged plan (validates every header, and free space for `out_parent`, before any layer is merged)."""
+    staged = plan_merge(config, cache, out_parent=out_parent)
     run_logger().info("plan: %d layer groups, merge key %s", len(staged.groups), staged.key[:16])
     return staged
 

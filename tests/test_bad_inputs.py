@@ -482,7 +482,9 @@ def test_leftover_temporaries_of_dead_runs_are_removed(tmp_path):
 # -- hardening: a full disk is a one-line error and leaves nothing ------------------------------------------
 
 
-def test_disk_full_is_a_clear_error_and_leaves_no_partial_output(tmp_path, capsys):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root; skipped where it cannot be mounted)."""
     import subprocess
 
     disk = tmp_path / "small-disk"
@@ -491,17 +493,65 @@ def test_disk_full_is_a_clear_error_and_leaves_no_partial_output(tmp_path, capsy
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:
-        big = {"model.layers.0.mlp.up_proj.weight": torch.randn(512, 256), "model.norm.weight": torch.ones(256)}
-        base = _save(tmp_path / "base", big)
-        fts = [_save(tmp_path / f"ft{i}", {k: v + 0.1 * (i + 1) for k, v in big.items()}) for i in range(2)]
-        cfg = write_config(tmp_path / "m.yml", "task_arithmetic", base, fts)
-        code = main(["merge", str(cfg), str(disk / "merged"), "--no-progress"])
-        err = capsys.readouterr().err
-        assert code == 2, err
-        assert "no space left on the device" in err and "Traceback" not in err
-        assert list(disk.iterdir()) == []  # no output, no temporary folder
+        yield disk
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def _too_big_for_the_small_disk(tmp_path):
+    big = {"model.layers.0.mlp.up_proj.weight": torch.randn(512, 256), "model.norm.weight": torch.ones(256)}
+    base = _save(tmp_path / "base", big)
+    fts = [_save(tmp_path / f"ft{i}", {k: v + 0.1 * (i + 1) for k, v in big.items()}) for i in range(2)]
+    return write_config(tmp_path / "m.yml", "task_arithmetic", base, fts)
+
+
+def test_a_merge_that_cannot_fit_fails_before_writing_naming_the_folder_and_bytes(tmp_path, small_disk, capsys):
+    cfg = _too_big_for_the_small_disk(tmp_path)
+    code = main(["merge", str(cfg), str(small_disk / "merged"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    # 512x256 float32 weights + the norm + the card margin; the tmpfs has 256 KiB.
+    assert f"not enough free space: the merged model in {small_disk}" in err and "Traceback" not in err
+    import re
+
+    needed = int(re.search(r"the merged model in \S+: [\d.]+ \w+ \((\d+) bytes\)", err).group(1))
+    assert 512 * 256 * 4 + 256 * 4 < needed < 512 * 256 * 4 + 256 * 4 + 128 * 1024  # weights + side files + card
+    assert "Nothing was written" in err
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_full_while_writing_is_a_clear_error_and_leaves_no_partial_output(
+    tmp_path, small_disk, capsys, monkeypatch
+):
+    # The check passed (here: turned off) but the disk fills while the merge writes.
+    monkeypatch.setenv("MERGEFLOW_SKIP_SPACE_CHECK", "1")
+    cfg = _too_big_for_the_small_disk(tmp_path)
+    code = main(["merge", str(cfg), str(small_disk / "merged"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "no space left on the device" in err and "Traceback" not in err
+    assert list(small_disk.iterdir()) == []  # no output, no temporary folder
+
+
+def test_the_staged_merge_checks_the_layer_cache_and_the_output_together(tmp_path, small_disk):
+    """Each fits alone on the small disk; together they do not. A re-run with the layers cached needs less."""
+    from merging.config import load_config
+    from merging.diskspace import DiskSpaceError
+    from merging.staged import plan_merge
+
+    layer = {"model.layers.0.mlp.up_proj.weight": torch.randn(128, 256), "model.norm.weight": torch.ones(256)}
+    base = _save(tmp_path / "base", layer)
+    fts = [_save(tmp_path / f"ft{i}", {k: v + 0.1 * (i + 1) for k, v in layer.items()}) for i in range(2)]
+    config = load_config(write_config(tmp_path / "m.yml", "task_arithmetic", base, fts))
+    plan_merge(config, tmp_path / "cache", out_parent=small_disk)  # output on the disk, cache elsewhere: fits
+    with pytest.raises(DiskSpaceError) as info:
+        plan_merge(config, small_disk / "cache", out_parent=small_disk)
+    message = str(info.value)
+    assert (
+        f"the merged model in {small_disk}" in message
+        and f"merged layers (layer cache) in {small_disk}/cache" in message
+    )
+    assert list(small_disk.iterdir()) == []
 
 
 # -- hardening: Ctrl-C mid-merge is one line and leaves nothing -------------------------------------------
