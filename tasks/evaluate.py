@@ -18,6 +18,7 @@ from merging.config import MergeConfig
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
 from merging.evaluation.harness import Evaluator
+from merging.evaluation.lm import LmEvaluator
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import search_validation, with_parameters
 from merging.merge import model_labels
@@ -54,10 +55,47 @@ def evaluation_tasks(config: MergeConfig) -> list[TaskSpec]:
     return out
 
 
+LM_BATCH = 8  # windows per forward for perplexity: logits are batch x tokens x vocabulary floats
+
+
+def is_lm_evaluation(config: MergeConfig) -> bool:
+    """Returns whether the evaluation scores a causal LM on text domains (perplexity tasks)."""
+    ev = config.evaluation
+    if ev is None:
+        return False
+    tasks = evaluation_tasks(config)
+    kinds = {t.metric == "perplexity" for t in tasks}
+    if kinds == {True, False}:
+        lm = sorted(t.name for t in tasks if t.metric == "perplexity")
+        raise ConfigError(f"evaluation: tasks {lm} are perplexity tasks and the others are not; use one kind")
+    if kinds == {True}:
+        if ev.objective != "average_normalized":
+            raise ConfigError(
+                "evaluation.objective: with perplexity tasks the search maximizes `average_normalized` "
+                "(the share of the fine-tunes' NLL gains kept); `average` is a mean perplexity, lower is better"
+            )
+        if ev.heads != "own":
+            raise ConfigError("evaluation.heads: `refit` applies to encoder heads, not to perplexity tasks")
+        return True
+    return False
+
+
 def make_evaluator(config: MergeConfig) -> Evaluator:
+    """Returns the encoder evaluator of the config's classification tasks."""
     ev = config.evaluation
     assert ev is not None
+    if is_lm_evaluation(config):
+        raise ConfigError("evaluation: perplexity tasks score a causal LM; this step needs classification tasks")
     return Evaluator(evaluation_tasks(config), config.base_model, batch_size=ev.batch_size, seed=ev.seed)
+
+
+def make_scorer(config: MergeConfig) -> Evaluator | LmEvaluator:
+    """Returns the evaluator of the config's tasks: per-domain perplexity for causal LMs, else the encoder's."""
+    ev = config.evaluation
+    assert ev is not None
+    if is_lm_evaluation(config):
+        return LmEvaluator(evaluation_tasks(config), config.base_model, batch_size=min(ev.batch_size, LM_BATCH))
+    return make_evaluator(config)
 
 
 @task(name="choose-parameters", cache_policy=NO_CACHE)
@@ -65,7 +103,7 @@ def choose_parameters(config: MergeConfig, workdir: Path) -> tuple[MergeConfig, 
     """Returns (the config at the grid point best on validation, the search record)."""
     ev = config.evaluation
     assert ev is not None and ev.search
-    evaluator = make_evaluator(config)
+    evaluator = make_scorer(config)
     objective = ("refit_" if ev.heads == "refit" else "") + ev.objective
     result = search_validation(
         config,
@@ -106,6 +144,12 @@ def metrics_of(report: dict[str, Any], name: str = "merged") -> dict[str, float]
         out["base_probe.average_normalized"] = report["base_probe"]["average_normalized"]
     for task_name, value in report["base_probe"]["scores"].items():
         out[f"base_probe.{task_name}.score"] = value
+    for task_name, value in report.get("nll", {}).get(name, {}).items():  # perplexity tasks
+        out[f"task.{task_name}.nll"] = value
+    for task_name, entry in model.get("ood", {}).items():
+        if "merged_nll" in entry:
+            out[f"ood.{task_name}.perplexity"] = entry["merged_probe"]
+            out[f"ood.{task_name}.retention"] = entry["retention"]
     out["finetuned.average"] = statistics.mean(report["finetuned"].values())
     return out
 
@@ -159,8 +203,11 @@ def evaluate_merge(config: MergeConfig, merged_dir: Path, out_dir: Path, search:
     """Returns the evaluation report of the merged model; writes results.json, scores.png and a table artifact."""
     ev = config.evaluation
     assert ev is not None
-    evaluator = make_evaluator(config)
+    evaluator = make_scorer(config)
     report = evaluator.evaluate({"merged": merged_dir}, ev.split).to_json()
+    if isinstance(evaluator, LmEvaluator):  # scores are perplexities; the NLLs behind the normalized scores too
+        report["metric"] = "perplexity"
+        report["nll"] = evaluator.nll_table({"merged": merged_dir}, ev.split)
     if search is not None:
         report["search"] = search
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,10 +36,12 @@ class TaskSpec(BaseModel):
     splits: dict[str, str] = Field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    # `perplexity`: a text domain for a causal LM (no labels); scored by per-token NLL, lower is better
+    metric: Literal["accuracy", "macro_f1", "perplexity"] = "accuracy"
     num_labels: int | None = Field(default=None, ge=2)
     label_names: list[str] | None = None
-    max_length: int = Field(default=64, ge=2)
+    max_length: int = Field(default=64, ge=2)  # tokens per input (perplexity: per scored window)
+    max_texts: int | None = Field(default=None, ge=1)  # perplexity: score at most the split's first N texts
     model: str | None = Field(default=None, description="the fine-tune trained on this task; none = out-of-domain")
 
     @model_validator(mode="after")
@@ -129,6 +131,34 @@ def _rows(task: TaskSpec, split: str, base_dir: Path | None) -> tuple[list[dict[
             f"datasets.load_dataset failed (offline?): {exc}"
         ) from exc
     return _hf_rows(loaded), f"{task.dataset}[{name}]"
+
+
+def tasks_by_name(tasks: list[TaskSpec]) -> dict[str, TaskSpec]:
+    """Returns the tasks by name; an error when there are none or a name repeats."""
+    if not tasks:
+        raise ConfigError("evaluation: no tasks are configured")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"evaluation: task names repeat: {names}")
+    return {t.name: t for t in tasks}
+
+
+def load_texts(task: TaskSpec, split: str, base_dir: Path | None = None) -> list[str]:
+    """Returns a text domain's split (at most `max_texts`), checked: the column present, text, not empty."""
+    rows, where = _rows(task, split, base_dir)
+    if not rows:
+        raise ConfigError(f"task {task.name}: split `{split}` of {where} is empty")
+    if task.text_column not in rows[0]:
+        raise ConfigError(
+            f"task {task.name}: {where} has no column {task.text_column!r} (columns: {', '.join(sorted(rows[0]))})"
+        )
+    texts = []
+    for number, row in enumerate(rows[: task.max_texts]):
+        text = row[task.text_column]
+        if not isinstance(text, str):
+            raise ConfigError(f"task {task.name}: {where} row {number}: `{task.text_column}` is not text: {text!r}")
+        texts.append(text)
+    return texts
 
 
 def load_split(task: TaskSpec, split: str, base_dir: Path | None = None, limit: int | None = None) -> Split:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from merging.errors import ConfigError
-from merging.evaluation.data import Split, TaskSpec, load_split
+from merging.evaluation.data import Split, TaskSpec, load_split, tasks_by_name
 from merging.evaluation.encoder import Encoder, load_encoder
 from merging.evaluation.feature_cache import encode_cached
 from merging.evaluation.heads import Head, fit_probe, load_head
@@ -136,12 +136,7 @@ class Evaluator:
     ):
         """`train_limit` fits probes (base, refit, out-of-domain) on the first N train texts only: a cheaper
         search; final scores use the whole train split."""
-        if not tasks:
-            raise ConfigError("evaluation: no tasks are configured")
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"evaluation: task names repeat: {names}")
-        self.tasks = {t.name: t for t in tasks}
+        self.tasks = tasks_by_name(tasks)
         self.base = Path(base)
         self.batch_size = batch_size
         self.progress = progress

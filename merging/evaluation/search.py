@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from merging.config import MergeConfig
 from merging.errors import ConfigError
 from merging.evaluation.harness import Evaluator
+from merging.evaluation.lm import LmEvaluator
 from merging.merge import MergeOptions, run_merge
 from merging.methods import REGISTRY
 
@@ -89,7 +90,7 @@ def with_parameters(config: MergeConfig, point: Mapping[str, Any]) -> MergeConfi
 def search_validation(
     config: MergeConfig,
     grid: Mapping[str, Sequence[Any]],
-    evaluator: Evaluator,
+    evaluator: Evaluator | LmEvaluator,
     workdir: str | Path,
     objective: Objective = "average",
     options: MergeOptions | None = None,

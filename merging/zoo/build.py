@@ -292,7 +292,7 @@ def _build_task(
         name=source.name,
         role="merge" if merge else "out_of_domain",
         label_names=source.label_names,
-        metric=task.metric,
+        metric=source.metric,  # type: ignore[arg-type]
         max_length=source.max_length,
         data=f"data/{source.name}",
         counts={s: len(sp) for s, sp in splits.items()},  # type: ignore[misc]
