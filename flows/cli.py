@@ -18,7 +18,7 @@ def _mib(n: int) -> str:
 
 
 def print_report(report: object) -> None:
-    from merging.merge import MergeReport
+    from merging.output import MergeReport
 
     assert isinstance(report, MergeReport)
     print(f"merged {report.tensors} tensors with {report.method} into {report.out_dir}")

@@ -30,8 +30,9 @@ from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig, StorageConfig, load_config
 from merging.errors import ConfigError
 from merging.evaluation.encoder import load_tokenizer
-from merging.merge import MergeReport, model_labels
+from merging.labels import model_labels
 from merging.model_card import InputRecord
+from merging.output import MergeReport
 from merging.staged import LayerResult, StagedPlan
 from merging.untrusted import split_credentials
 from tasks.cache import in_use

@@ -8,36 +8,34 @@ at any point removes the temporary folder, so no partial output is ever visible.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from merging.checkpoint import Checkpoint, HashCache
-from merging.config import MergeConfig, dump_config
+from merging.config import MergeConfig
 from merging.diskspace import check_free_space, planned_output_bytes
 from merging.errors import ConfigError, MergeflowError, NonFiniteError
+from merging.labels import model_labels
 from merging.memory import PeakMemory
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
-from merging.model_card import InputRecord, render_model_card
-from merging.plan import BASE_HEAD, MergePlan, Role, TensorPlan, build_plan
+from merging.output import (
+    MergeReport,
+    check_output_folder,
+    finish_output,
+    input_records,
+    output_dtype,
+)
+from merging.plan import MergePlan, Role, TensorPlan, build_plan
 from merging.trim import ModelThreshold, TensorTrimL1, chunks
 from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-SKIP_SIDE_FILES = {"README.md", ".gitattributes"}
 
 
 @dataclass
@@ -49,24 +47,6 @@ class MergeOptions:
     overwrite: bool = False
 
 
-@dataclass
-class MergeReport:
-    """What a merge did: output, timing, bytes read, memory, and the statistics it used."""
-
-    out_dir: Path
-    method: str
-    tensors: int
-    seconds: float
-    bytes_read: int
-    bytes_written: int
-    peak_rss_bytes: int
-    peak_anon_bytes: int
-    stats: ModelStats
-    heads: dict[str, list[str]] = field(default_factory=dict)
-    inputs: list[InputRecord] = field(default_factory=list)
-    reused: bool = False  # a staged merge found this exact output already assembled
-
-
 def resolve_device(device: str) -> torch.device:
     """Returns the torch device for `cpu`, `cuda` or `auto` (CUDA when present)."""
     if device == "auto":
@@ -76,19 +56,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: expected cpu, cuda or auto, got {device!r}")
     return torch.device(device)
-
-
-def model_labels(config: MergeConfig) -> list[str]:
-    """Returns a unique, file-name-safe label per fine-tune (its `name`, else its folder name)."""
-    labels: list[str] = []
-    for entry in config.fine_tunes():
-        raw = entry.name or Path(entry.model.rstrip("/")).name or "model"
-        label = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw)
-        base, n = label, 2
-        while label in labels or label == BASE_HEAD:
-            label, n = f"{base}-{n}", n + 1
-        labels.append(label)
-    return labels
 
 
 class TensorSource:
@@ -206,39 +173,6 @@ def compute_stats(
     return ModelStats(trimmed_l1_fraction=tuple(a.sigma() for a in l1))
 
 
-def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
-    """Returns the dtype a tensor is written in: out_dtype, else dtype, else the base's."""
-    if not plan.dtype.is_floating_point:
-        return plan.dtype
-    name = config.out_dtype or config.dtype
-    return TORCH_DTYPES[name] if name else plan.dtype
-
-
-def check_output_folder(out_dir: Path, inputs: list[str], overwrite: bool) -> None:
-    """Raises unless `out_dir` may be written: new, or (with overwrite) not an input, the cwd or home.
-
-    Replacing `out_dir` deletes it: it must not be, contain or lie inside any input model, and
-    must not be the current folder, the home folder, or a folder above either.
-    """
-    out = out_dir.resolve()
-    if not out.exists():
-        return
-    if not overwrite:
-        raise ConfigError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    if not out.is_dir():
-        raise ConfigError(f"--overwrite: {out} is a file, not a merged model folder; refusing to replace it")
-    protected = {"the current folder": Path.cwd().resolve(), "your home folder": Path.home().resolve()}
-    for what, path in protected.items():
-        if out == path or out in path.parents:
-            raise ConfigError(f"--overwrite: refusing to delete {out}: it is {what} or holds it")
-    for ref in inputs:
-        if "://" in ref or ref.startswith(("models:/", "runs:/")):
-            continue
-        src = Path(ref).expanduser().resolve()
-        if out == src or out in src.parents or src in out.parents:
-            raise ConfigError(f"--overwrite: refusing to delete {out}: it is, holds or lies inside input {src}")
-
-
 def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | None = None) -> MergeReport:
     """Returns the report of merging `config` into `out_dir` (written atomically)."""
     options = options or MergeOptions()
@@ -295,40 +229,6 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = memory.peak_rss_bytes
     report.peak_anon_bytes = memory.peak_anon_bytes
-    return report
-
-
-def finish_output(
-    config: MergeConfig,
-    plan: MergePlan,
-    base: Checkpoint,
-    models: list[Checkpoint],
-    folder: Path,
-    out_dir: Path,
-    stats: ModelStats,
-    inputs: list[InputRecord],
-    bytes_read: int,
-    bytes_written: int,
-) -> MergeReport:
-    """Returns the report after writing what follows the weights: heads, side files, config and model card."""
-    bytes_written += write_heads(plan, base, models, folder)
-    copy_side_files(base, config, folder)
-    (folder / "mergeflow_config.yml").write_text(dump_config(config))
-    report = MergeReport(
-        out_dir=out_dir,
-        method=config.merge_method,
-        tensors=len(plan.tensors),
-        seconds=0.0,
-        bytes_read=bytes_read,
-        bytes_written=bytes_written,
-        peak_rss_bytes=0,
-        peak_anon_bytes=0,
-        stats=stats,
-        heads=plan.heads,
-        inputs=inputs,
-    )
-    method = REGISTRY[config.merge_method]
-    (folder / "README.md").write_text(render_model_card(config, method, config.method_params(), report))
     return report
 
 
@@ -401,46 +301,3 @@ def _write_model(
         writer.abort()
         raise
     return writer.total_size
-
-
-def write_heads(plan: MergePlan, base: Checkpoint, models: list[Checkpoint], folder: Path) -> int:
-    """Writes each model's task-specific tensors, unmerged, to heads/<label>.safetensors (the base's: base)."""
-    written = 0
-    for model in [base, *models]:
-        names = plan.heads.get(model.label)
-        if not names:
-            continue
-        heads_dir = folder / "heads"
-        heads_dir.mkdir(exist_ok=True)
-        infos = [model.infos[n] for n in names]
-        writer = ShardedWriter(heads_dir, [(i.name, i.dtype, i.shape) for i in infos], 1 << 62, prefix=model.label)
-        for name in names:
-            writer.write(name, model.tensor(name))
-        writer.close()
-        written += writer.total_size
-    return written
-
-
-def copy_side_files(base: Checkpoint, config: MergeConfig, folder: Path) -> None:
-    """Copies the base's config.json and tokenizer files; records the output dtype in config.json."""
-    for f in base.side_files():
-        if f.name in SKIP_SIDE_FILES or f.name.startswith("."):
-            continue
-        shutil.copy2(f, folder / f.name)
-    cfg = folder / "config.json"
-    out_name = config.out_dtype or config.dtype
-    if cfg.exists() and out_name:
-        data = json.loads(cfg.read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in data:
-                data[key] = out_name
-        cfg.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def input_records(
-    base: Checkpoint, models: list[Checkpoint], entries: list, hashes: dict[Path, Future[str]]
-) -> list[InputRecord]:
-    records = [InputRecord("base", str(base.path), {f.name: hashes[f].result() for f in base.files})]
-    for model in models:
-        records.append(InputRecord(model.label, str(model.path), {f.name: hashes[f].result() for f in model.files}))
-    return records

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 import merging
+from merging.labels import model_labels
 
 if TYPE_CHECKING:
     from merging.config import MergeConfig
-    from merging.merge import MergeReport
     from merging.methods.base import MergeMethod, MethodParams
+    from merging.output import MergeReport
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,6 @@ def render_model_card(config: MergeConfig, method: MergeMethod, params: MethodPa
 
 
 def _labels(config: MergeConfig) -> list[str]:
-    from merging.merge import model_labels  # merging.merge imports this module
-
     return model_labels(config)
 
 

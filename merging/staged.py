@@ -28,21 +28,13 @@ import merging
 from merging.checkpoint import Checkpoint, HashCache, cache_dir, file_sha256
 from merging.config import MergeConfig, dump_config
 from merging.errors import MergeflowError
+from merging.labels import model_labels
 from merging.memory import PeakMemory
-from merging.merge import (
-    MergeOptions,
-    MergeReport,
-    TensorSource,
-    compute_stats,
-    finish_output,
-    merge_tensor,
-    model_labels,
-    output_dtype,
-    resolve_device,
-)
+from merging.merge import MergeOptions, TensorSource, compute_stats, merge_tensor, resolve_device
 from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
 from merging.model_card import InputRecord
+from merging.output import MergeReport, finish_output, output_dtype
 from merging.plan import MergePlan, build_plan
 from merging.writer import ShardedWriter, publish_folder, temporary_sibling
 
@@ -193,7 +185,6 @@ def _check_space(
 ) -> None:
     """Raises DiskSpaceError unless the layers not cached yet and the merged folder fit on their file systems."""
     from merging.diskspace import check_free_space, planned_output_bytes
-    from merging.merge import output_dtype
 
     missing = 0
     for group, tensors in plan.groups().items():

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from merging.config import MergeConfig
 from merging.errors import ConfigError
 from merging.evaluation.heads import Head, load_head
-from merging.merge import model_labels
+from merging.labels import model_labels
 from merging.minmerging.build import Enhancement, MinMergingOptions, MinMergingReport, calibrate, enhance
 from merging.minmerging.calibration import CalibrationSet, calibration_set
 from merging.minmerging.params import MinMergingParams

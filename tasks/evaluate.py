@@ -21,7 +21,7 @@ from merging.evaluation.harness import Evaluator
 from merging.evaluation.lm import LmEvaluator
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import search_validation, with_parameters
-from merging.merge import model_labels
+from merging.labels import model_labels
 from tasks.logs import run_logger
 
 

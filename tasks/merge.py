@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from merging.config import MergeConfig
 from merging.errors import MergeflowError
-from merging.merge import MergeOptions, MergeReport
+from merging.merge import MergeOptions
+from merging.output import MergeReport
 from merging.staged import LayerResult, StagedPlan, assemble, merge_layer, plan_merge
 from tasks.logs import run_logger
 

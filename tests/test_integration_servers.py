@@ -192,6 +192,7 @@ def test_pipeline_on_the_servers(prefect_harness, stack, s3_env, ci_zoo, tmp_pat
     # and every MLflow artifact, both in this S3) is at most 1.1x the model's size.
     model_bytes = sum(p.stat().st_size for p in first.merged_dir.rglob("*") if p.is_file())
     written = written_between(before, all_objects(s3))
+    print(f"object storage writes of one run: {written} bytes for a {model_bytes}-byte model")
     assert model_bytes <= written <= 1.1 * model_bytes, (written, model_bytes)
     assert first.inputs["base"]["kind"] == "s3" and first.inputs[first_task.name]["kind"] == "s3"
     # The merged weights equal the ones merged from the local folders.

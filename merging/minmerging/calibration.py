@@ -17,7 +17,7 @@ from pathlib import Path
 from merging.config import CalibrationConfig, CalibrationSource, MergeConfig
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, _rows
-from merging.merge import model_labels
+from merging.labels import model_labels
 
 
 @dataclass
