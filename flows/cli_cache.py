@@ -11,11 +11,9 @@ from typing import Any
 
 
 def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    from merging.diskspace import human  # one way of printing sizes (KiB, MiB, ...); parse_size reads both kinds
+
+    return human(n)
 
 
 def _age(stamp: float | None) -> str:
