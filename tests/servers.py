@@ -13,7 +13,9 @@ import os
 import secrets
 from pathlib import Path
 
-from infra.stack import PortTaken, Stack, StackConfig, drop_database, free_port
+from infra.postgres import drop_database
+from infra.processes import PortTaken, free_port
+from infra.stack import Stack, StackConfig
 
 ACCESS_KEY = "mergeflow-test-key"
 SECRET_KEY = "mergeflow-test-secret-0123456789"

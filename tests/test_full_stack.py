@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.stack import Stack, StackConfig, alive, free_port, stop_pid
+from infra.processes import alive, free_port, stop_pid
+from infra.stack import Stack, StackConfig
 from tests.helpers import build_tiny_tasks
 from tests.servers import POSTGRES_URL
 
@@ -126,7 +127,7 @@ def test_a_taken_port_of_a_later_service_refuses_before_anything_starts(tmp_path
     checked before the first server starts, and SeaweedFS's internal ports never take ours."""
     import socket
 
-    from infra.stack import PortTaken
+    from infra.processes import PortTaken
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -153,7 +154,7 @@ def test_a_taken_port_of_a_later_service_refuses_before_anything_starts(tmp_path
 def test_full_stack_runs_on_postgresql(full_stack: Stack):
     import psycopg2
 
-    from infra.stack import database_url
+    from infra.postgres import database_url
 
     services = full_stack.up()
     assert POSTGRES_URL.startswith("postgresql")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from infra.stack import free_port
+from infra.processes import free_port
 from merging.config import MergeConfig
 from merging.merge import MergeOptions, run_merge
 from merging.synthetic import build_family, write_bert_vocab
