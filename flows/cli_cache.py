@@ -9,11 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _bytes(n: float) -> str:
-    from merging.diskspace import human  # one way of printing sizes (KiB, MiB, ...); parse_size reads both kinds
-
-    return human(n)
+from merging.diskspace import human  # sizes in KiB, MiB, ... (parse_size reads both kinds)
 
 
 def _age(stamp: float | None) -> str:
@@ -35,14 +31,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(data, indent=1))
                 return 0
-            print(f"cache {data['root']}: {_bytes(data['bytes'])}")
+            print(f"cache {data['root']}: {human(data['bytes'])}")
             for area, a in data["areas"].items():
                 print(
-                    f"  {area:8s} {_bytes(a['bytes']):>9s}  {a['entries']:4d} entries, {a['in_use']} in use; "
+                    f"  {area:8s} {human(a['bytes']):>9s}  {a['entries']:4d} entries, {a['in_use']} in use; "
                     f"oldest use {_age(a['oldest_use'])}, newest {_age(a['newest_use'])}"
                 )
             for name, size in data["not_collected"].items():
-                print(f"  {name:7s} {_bytes(size):>9s}  (not collected: remove zoo builds by hand)")
+                print(f"  {name:7s} {human(size):>9s}  (not collected: remove zoo builds by hand)")
             return 0
         if args.keep_days is None and args.max_size is None:
             raise ConfigError("cache gc: give --keep-days N, --max-size SIZE, or both")
@@ -56,12 +52,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if report.dry_run else "removed"
     for r in report.removed:
-        print(f"  {verb} {r['area']}/{r['key'][:16]} ({_bytes(r['bytes'])}, {r['why']})")
+        print(f"  {verb} {r['area']}/{r['key'][:16]} ({human(r['bytes'])}, {r['why']})")
     for key in report.skipped_in_use:
         print(f"  kept {key[:24]} (in use by a running flow)")
     print(
         f"cache gc: {verb} {len(report.removed)} entries and {report.blobs_removed} unlinked blobs, "
-        f"{_bytes(report.freed_bytes)} freed; {_bytes(report.bytes_before)} → {_bytes(report.bytes_after)}"
+        f"{human(report.freed_bytes)} freed; {human(report.bytes_before)} → {human(report.bytes_after)}"
     )
     return 0
 

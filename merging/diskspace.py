@@ -20,7 +20,7 @@ from pathlib import Path
 from merging.checkpoint import Checkpoint
 from merging.config import MergeConfig
 from merging.errors import MergeflowError
-from merging.output import output_dtype
+from merging.output import output_bytes
 from merging.plan import MergePlan
 
 SKIP_ENV = "MERGEFLOW_SKIP_SPACE_CHECK"
@@ -42,8 +42,7 @@ def human(n: float) -> str:
 def planned_output_bytes(config: MergeConfig, plan: MergePlan, base: Checkpoint, models: Sequence[Checkpoint]) -> int:
     """Returns the bytes the merged folder will take: merged tensors in their output dtype, the heads
     copied unmerged, the base's side files (tokenizer, config) and a margin for the card and index."""
-
-    weights = sum(t.numel * output_dtype(config, t).itemsize for t in plan.tensors)
+    weights = output_bytes(config, plan.tensors)
     by_label = {m.label: m for m in [base, *models]}
     heads = 0
     for label, names in plan.heads.items():

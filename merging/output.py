@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,11 @@ def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
         return plan.dtype
     name = config.out_dtype or config.dtype
     return TORCH_DTYPES[name] if name else plan.dtype
+
+
+def output_bytes(config: MergeConfig, tensors: Iterable[TensorPlan]) -> int:
+    """Returns the bytes the tensors take once written in their output dtypes."""
+    return sum(t.numel * output_dtype(config, t).itemsize for t in tensors)
 
 
 def check_output_folder(out_dir: Path, inputs: list[str], overwrite: bool) -> None:

@@ -34,7 +34,7 @@ from merging.merge import MergeOptions, TensorSource, compute_stats, merge_tenso
 from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
 from merging.model_card import InputRecord
-from merging.output import MergeReport, finish_output, output_dtype
+from merging.output import MergeReport, finish_output, output_bytes, output_dtype
 from merging.plan import MergePlan, build_plan
 from merging.writer import ShardedWriter, publish_folder, temporary_sibling
 
@@ -186,10 +186,11 @@ def _check_space(
     """Raises DiskSpaceError unless the layers not cached yet and the merged folder fit on their file systems."""
     from merging.diskspace import check_free_space, planned_output_bytes
 
-    missing = 0
-    for group, tensors in plan.groups().items():
-        if not (cache / f"{_layer_key(key, group)}.safetensors").exists():
-            missing += sum(t.numel * output_dtype(config, t).itemsize for t in tensors)
+    missing = sum(
+        output_bytes(config, tensors)
+        for group, tensors in plan.groups().items()
+        if not (cache / f"{_layer_key(key, group)}.safetensors").exists()
+    )
     needs = [(out_parent, planned_output_bytes(config, plan, checkpoints[0], checkpoints[1:]), "the merged model")]
     check_free_space([*needs, (cache, missing, "merged layers (layer cache)")])
 

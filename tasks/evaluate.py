@@ -58,12 +58,13 @@ def evaluation_tasks(config: MergeConfig) -> list[TaskSpec]:
 LM_BATCH = 8  # windows per forward for perplexity: logits are batch x tokens x vocabulary floats
 
 
-def is_lm_evaluation(config: MergeConfig) -> bool:
-    """Returns whether the evaluation scores a causal LM on text domains (perplexity tasks)."""
+def is_lm_evaluation(config: MergeConfig, tasks: list[TaskSpec] | None = None) -> bool:
+    """Returns whether the evaluation scores a causal LM on text domains (perplexity tasks); `tasks`: the
+    config's evaluation tasks when the caller already has them."""
     ev = config.evaluation
     if ev is None:
         return False
-    tasks = evaluation_tasks(config)
+    tasks = evaluation_tasks(config) if tasks is None else tasks
     kinds = {t.metric == "perplexity" for t in tasks}
     if kinds == {True, False}:
         lm = sorted(t.name for t in tasks if t.metric == "perplexity")
@@ -82,20 +83,20 @@ def is_lm_evaluation(config: MergeConfig) -> bool:
 
 def make_evaluator(config: MergeConfig) -> Evaluator:
     """Returns the encoder evaluator of the config's classification tasks."""
-    ev = config.evaluation
-    assert ev is not None
-    if is_lm_evaluation(config):
+    scorer = make_scorer(config)
+    if isinstance(scorer, LmEvaluator):
         raise ConfigError("evaluation: perplexity tasks score a causal LM; this step needs classification tasks")
-    return Evaluator(evaluation_tasks(config), config.base_model, batch_size=ev.batch_size, seed=ev.seed)
+    return scorer
 
 
 def make_scorer(config: MergeConfig) -> Evaluator | LmEvaluator:
     """Returns the evaluator of the config's tasks: per-domain perplexity for causal LMs, else the encoder's."""
     ev = config.evaluation
     assert ev is not None
-    if is_lm_evaluation(config):
-        return LmEvaluator(evaluation_tasks(config), config.base_model, batch_size=min(ev.batch_size, LM_BATCH))
-    return make_evaluator(config)
+    tasks = evaluation_tasks(config)
+    if is_lm_evaluation(config, tasks):
+        return LmEvaluator(tasks, config.base_model, batch_size=min(ev.batch_size, LM_BATCH))
+    return Evaluator(tasks, config.base_model, batch_size=ev.batch_size, seed=ev.seed)
 
 
 @task(name="choose-parameters", cache_policy=NO_CACHE)

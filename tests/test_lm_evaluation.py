@@ -81,6 +81,18 @@ def _tasks(root: Path, fts: dict[str, Path]) -> list[TaskSpec]:
     ]
 
 
+def _merge_config(root: Path, base: Path, fts: dict[str, Path]) -> tuple[dict, list[dict]]:
+    """Returns (a Task Arithmetic config of the two fine-tunes, the perplexity tasks as config entries)."""
+    tasks = [t.model_dump(mode="json", exclude_none=True, exclude={"model"}) for t in _tasks(root, fts)]
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(fts[n]), "name": n} for n in ("alpha", "beta")],
+        "parameters": {"lambda": 0.5},
+    }
+    return data, tasks
+
+
 def test_normalized_nll_by_hand():
     assert normalized_nll(3.0, 2.0, 2.5) == pytest.approx(0.5)  # half the fine-tune's gain kept
     assert normalized_nll(3.0, 2.0, 2.0) == pytest.approx(1.0)
@@ -122,12 +134,8 @@ def test_pipeline_chooses_lambda_on_validation_and_gates_on_mean_perplexity(pref
 
     root, base, fts = domains
     work = tmp_path / "work"
-    tasks = [t.model_dump(mode="json", exclude_none=True, exclude={"model"}) for t in _tasks(root, fts)]
-    data = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(base),
-        "models": [{"model": str(fts[n]), "name": n} for n in ("alpha", "beta")],
-        "parameters": {"lambda": 0.5},
+    data, tasks = _merge_config(root, base, fts)
+    data |= {
         "evaluation": {"tasks": tasks, "search": {"lambda": [0.1, 1.0]}},
         "registry": {
             "model_name": "tiny-lm",
@@ -170,13 +178,7 @@ def test_perplexity_tasks_config_errors_name_the_problem(domains, tmp_path):
     from tasks.evaluate import make_scorer
 
     root, base, fts = domains
-    lm_tasks = [t.model_dump(mode="json", exclude_none=True, exclude={"model"}) for t in _tasks(root, fts)]
-    data = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(base),
-        "models": [{"model": str(fts[n]), "name": n} for n in ("alpha", "beta")],
-        "parameters": {"lambda": 0.5},
-    }
+    data, lm_tasks = _merge_config(root, base, fts)
     mixed = dict(data, evaluation={"tasks": [*lm_tasks, {"name": "cls", "dataset": str(root / "x")}]})
     with pytest.raises(ConfigError, match=r"tasks \['alpha', 'beta', 'gamma'\] are perplexity tasks"):
         make_scorer(parse_config(mixed, "m.yml"))

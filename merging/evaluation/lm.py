@@ -99,25 +99,23 @@ class LmEvaluator:
         self, model_path: str | Path, split: str, out_of_domain: bool = True, heads: Any = None
     ) -> ModelScores:
         """Returns perplexity per domain, normalized NLL per fine-tuned domain, and OOD retention."""
+        domains = self.in_domain() + (self.out_of_domain() if out_of_domain else [])
+        # Model by model (one load each, as `score` keeps one model loaded): this one, the base, the fine-tunes.
+        mine = {name: self.score(model_path, name, split) for name in domains}
+        base = {name: self.score(self.base, name, split) for name in domains}
+        tuned = {n: self.score(t.model, n, split) for n, t in self.tasks.items() if t.model is not None}
         scores, normalized, ood = {}, {}, {}
         for name in self.in_domain():
-            spec = self.tasks[name]
-            assert spec.model is not None
-            mine = self.score(model_path, name, split)
-            base = self.score(self.base, name, split)
-            tuned = self.score(spec.model, name, split)
-            scores[name] = mine["perplexity"]
-            normalized[name] = normalized_nll(base["nll"], tuned["nll"], mine["nll"])
-        if out_of_domain:
-            for name in self.out_of_domain():
-                mine, base = self.score(model_path, name, split), self.score(self.base, name, split)
-                ood[name] = {
-                    "base_probe": base["perplexity"],
-                    "merged_probe": mine["perplexity"],
-                    "retention": base["perplexity"] / mine["perplexity"],
-                    "base_nll": base["nll"],
-                    "merged_nll": mine["nll"],
-                }
+            scores[name] = mine[name]["perplexity"]
+            normalized[name] = normalized_nll(base[name]["nll"], tuned[name]["nll"], mine[name]["nll"])
+        for name in self.out_of_domain() if out_of_domain else []:
+            ood[name] = {
+                "base_probe": base[name]["perplexity"],
+                "merged_probe": mine[name]["perplexity"],
+                "retention": base[name]["perplexity"] / mine[name]["perplexity"],
+                "base_nll": base[name]["nll"],
+                "merged_nll": mine[name]["nll"],
+            }
         return ModelScores(scores, normalized, ood)
 
     def evaluate(self, models: Mapping[str, str | Path], split: str = "test", cross: bool = False) -> EvaluationReport:
