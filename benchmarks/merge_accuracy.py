@@ -86,7 +86,7 @@ FIRST_SEED_ONLY = {"dare_ties", "neuromerging_full"}
 PROBE_TRAIN_LIMIT = 1000
 SEARCH_TRAIN_LIMIT = 500
 KINDS = ("without_validation", "with_validation", "refit_with_validation")
-KIND_LABELS = {  # (the printed table's, README's)
+KIND_LABELS = {  # (the printed table's, docs/benchmarks.md's)
     "without_validation": ("w/o validation", "w/o validation"),
     "with_validation": ("validation", "λ on validation, own heads"),
     "refit_with_validation": ("refit val.", "λ on validation, refit heads"),
@@ -334,7 +334,7 @@ def print_table(result: dict[str, Any], title: str) -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """Returns README's table from a results file: task scores and normalized scores as means over the seeds
+    """Returns docs/benchmarks.md's table from a results file: task scores and normalized scores as means over the seeds
     [min–max], OOD retention of the first seed (the only one that measures it), the λ chosen on validation."""
     mean, seeds = results["mean"], results["seeds"]
     first = seeds[min(seeds, key=int)]
@@ -392,7 +392,7 @@ def main() -> int:
         action="store_true",
         help="seeds after the first use the λ the first seed chose on validation (no sweep of their own)",
     )
-    parser.add_argument("--markdown", action="store_true", help="print README's table from <out> and stop")
+    parser.add_argument("--markdown", action="store_true", help="print docs/benchmarks.md's table from <out> and stop")
     args = parser.parse_args()
     out = Path(args.out)
     if args.markdown:

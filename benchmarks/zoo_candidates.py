@@ -1,6 +1,6 @@
 """Screens zoo v2's candidate tasks: which ones does fine-tuning improve over a linear probe, on validation?
 
-The rule that chose the `full` zoo's merge tasks (README, "The offline model zoo"): a candidate is a
+The rule that chose the `full` zoo's merge tasks (docs/evaluation.md, "How the tasks were chosen"): a candidate is a
 merge task when a fine-tuning run (seed 0, the `full` recipe, learning rate 5e-5; a candidate short
 of the bar gets a second run at 1e-4 and the better run counts) beats the base's linear probe on the
 candidate's *validation* split by at least 5 points; the test split is not read. Candidates that

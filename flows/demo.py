@@ -1,4 +1,4 @@
-"""The README's main command on the embedded default: the pipeline on the offline `ci` zoo, no servers.
+"""The main command (`make demo`) on the embedded default: the pipeline on the offline `ci` zoo, no servers.
 
 It builds (or reuses) the zoo, writes one pipeline config per method into the work folder, and runs
 the Prefect flow for each: Prefect in ephemeral mode, MLflow on sqlite in the work folder, a local

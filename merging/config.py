@@ -379,6 +379,10 @@ def resolve_paths(config: MergeConfig, root: Path) -> MergeConfig:
                 "ood": [t.model_copy(update={"dataset": resolve(t.dataset)}) for t in cal.ood],
             }
         )
+    if config.storage is not None and "://" not in config.storage.uri:
+        # A local store is recorded in the registry (published.json): absolute, wherever the run started.
+        folder = Path(config.storage.uri).expanduser()
+        update["storage"] = config.storage.model_copy(update={"uri": str(folder.resolve())})
     return config.model_copy(update=update)
 
 
