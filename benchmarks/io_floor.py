@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from merging.safetensors_format import header_bytes, tensor_bytes
+from merging.io.safetensors_format import header_bytes, tensor_bytes
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from merging.engine.merge import MergeOptions, run_merge  # noqa: E402
 from merging.evaluation.harness import Evaluator  # noqa: E402
 from merging.evaluation.search import search_validation, with_parameters  # noqa: E402
-from merging.merge import MergeOptions, run_merge  # noqa: E402
 from merging.zoo import zoo_merge_config, zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
 

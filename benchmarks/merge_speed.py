@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from merging.checkpoint import Checkpoint
+from merging.io.checkpoint import Checkpoint
+from merging.io.writer import ShardedWriter
 from merging.synthetic import task_vector_like
-from merging.writer import ShardedWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=2816, vocab_size=32000)

@@ -18,7 +18,7 @@ def _mib(n: int) -> str:
 
 
 def print_report(report: object) -> None:
-    from merging.output import MergeReport
+    from merging.engine.output import MergeReport
 
     assert isinstance(report, MergeReport)
     print(f"merged {report.tensors} tensors with {report.method} into {report.out_dir}")
@@ -32,8 +32,8 @@ def print_report(report: object) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from merging.config import load_config
-    from merging.merge import MergeOptions, run_merge
-    from merging.writer import parse_size
+    from merging.engine.merge import MergeOptions, run_merge
+    from merging.io.writer import parse_size
 
     config = load_config(args.config)
     options = MergeOptions(

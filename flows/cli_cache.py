@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from merging.diskspace import human  # sizes in KiB, MiB, ... (parse_size reads both kinds)
+from merging.io.diskspace import human  # sizes in KiB, MiB, ... (parse_size reads both kinds)
 
 
 def _age(stamp: float | None) -> str:
@@ -21,7 +21,7 @@ def _age(stamp: float | None) -> str:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from merging.errors import ConfigError
-    from merging.writer import parse_size
+    from merging.io.writer import parse_size
     from tasks.cache import gc, status
 
     root = Path(args.cache_dir) if args.cache_dir else None

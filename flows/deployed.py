@@ -109,7 +109,7 @@ def scheduled_merge(config: str, workdir: str | None = None) -> dict[str, Any]:
 
 def collect_cache(cfg: MergeConfig) -> dict[str, Any] | None:
     """Returns the cache gc report after a deployed merge (`pipeline.cache_gc`); a failed gc is a warning."""
-    from merging.writer import parse_size
+    from merging.io.writer import parse_size
     from tasks.cache import gc
 
     policy = cfg.pipeline.cache_gc

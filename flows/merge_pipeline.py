@@ -26,14 +26,14 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import merging
-from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig, StorageConfig, load_config
+from merging.engine.labels import model_labels
+from merging.engine.model_card import InputRecord
+from merging.engine.output import MergeReport
+from merging.engine.staged import LayerResult, StagedPlan
 from merging.errors import ConfigError
 from merging.evaluation.encoder import load_tokenizer
-from merging.labels import model_labels
-from merging.model_card import InputRecord
-from merging.output import MergeReport
-from merging.staged import LayerResult, StagedPlan
+from merging.io.checkpoint import Checkpoint, HashCache
 from merging.untrusted import split_credentials
 from tasks.cache import in_use
 from tasks.calibrate import (

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merging.engine.plan import DEFAULT_TASK_SPECIFIC
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams
 from merging.minmerging.params import MinMergingParams
-from merging.plan import DEFAULT_TASK_SPECIFIC
 from merging.untrusted import redact
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
@@ -192,7 +192,7 @@ class CacheGcConfig(BaseModel):
     @classmethod
     def _size(cls, v: str | None) -> str | None:
         if v is not None:
-            from merging.writer import parse_size
+            from merging.io.writer import parse_size
 
             try:
                 parse_size(v, "pipeline.cache_gc.max_size")

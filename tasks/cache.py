@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from merging.checkpoint import cache_dir
 from merging.errors import ConfigError
+from merging.io.checkpoint import cache_dir
 
 AREAS = ("models", "layers", "features")
 MERGE_FILES = (".stats.json", ".assembled.json")  # one per merge key in layers/, beside its layer files

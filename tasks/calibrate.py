@@ -20,9 +20,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from merging.config import MergeConfig
+from merging.engine.labels import model_labels
 from merging.errors import ConfigError
 from merging.evaluation.heads import Head, load_head
-from merging.labels import model_labels
 from merging.minmerging.build import Enhancement, MinMergingOptions, MinMergingReport, calibrate, enhance
 from merging.minmerging.calibration import CalibrationSet, calibration_set
 from merging.minmerging.params import MinMergingParams

@@ -15,13 +15,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from merging.config import MergeConfig
+from merging.engine.labels import model_labels
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
 from merging.evaluation.harness import Evaluator
 from merging.evaluation.lm import LmEvaluator
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import search_validation, with_parameters
-from merging.labels import model_labels
 from tasks.logs import run_logger
 
 

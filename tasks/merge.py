@@ -9,10 +9,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from merging.config import MergeConfig
+from merging.engine.merge import MergeOptions
+from merging.engine.output import MergeReport
+from merging.engine.staged import LayerResult, StagedPlan, assemble, merge_layer, plan_merge
 from merging.errors import MergeflowError
-from merging.merge import MergeOptions
-from merging.output import MergeReport
-from merging.staged import LayerResult, StagedPlan, assemble, merge_layer, plan_merge
 from tasks.logs import run_logger
 
 # Fault injection for the tests of interrupted runs: the named layer group fails as a killed worker would.

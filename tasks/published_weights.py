@@ -119,7 +119,7 @@ def resolve(folder: Path, cache: Path | None = None) -> Path:
 
 
 def _check_local(root: Path, expected: dict[str, tuple[int, str]]) -> Path:
-    from merging.checkpoint import file_sha256
+    from merging.io.checkpoint import file_sha256
     from tasks.storage import MANIFEST
 
     if not root.is_dir():

@@ -105,7 +105,7 @@ def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
     """
     from filelock import FileLock
 
-    from merging.checkpoint import cache_dir
+    from merging.io.checkpoint import cache_dir
 
     slug = hashlib.sha256(f"{redact_text(tracking_uri)}\0{model_name}".encode()).hexdigest()[:24]
     locks = cache_dir() / "locks"

@@ -23,11 +23,11 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 import merging
-from merging.checkpoint import file_sha256
 from merging.config import StorageConfig
 from merging.errors import MergeflowError
+from merging.io.checkpoint import file_sha256
+from merging.io.writer import publish_folder, temporary_sibling
 from merging.untrusted import file_entries
-from merging.writer import publish_folder, temporary_sibling
 
 MANIFEST = "mergeflow-manifest.json"
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}

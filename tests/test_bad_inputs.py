@@ -376,7 +376,7 @@ def test_overwrite_refuses_to_delete_inputs(tmp_path, capsys, monkeypatch, targe
 
 
 def test_file_rewritten_with_mtime_restored_is_hashed_again(tmp_path):
-    from merging.checkpoint import HashCache
+    from merging.io.checkpoint import HashCache
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 64)
@@ -391,7 +391,7 @@ def test_file_rewritten_with_mtime_restored_is_hashed_again(tmp_path):
 
 def test_staged_rerun_verifies_inputs_before_reusing_layers(tmp_path):
     from merging.config import load_config
-    from merging.staged import plan_merge
+    from merging.engine.staged import plan_merge
 
     case = Case(tmp_path)
     cache = tmp_path / "cache"
@@ -536,8 +536,8 @@ def test_disk_full_while_writing_is_a_clear_error_and_leaves_no_partial_output(
 def test_the_staged_merge_checks_the_layer_cache_and_the_output_together(tmp_path, small_disk):
     """Each fits alone on the small disk; together they do not. A re-run with the layers cached needs less."""
     from merging.config import load_config
-    from merging.diskspace import DiskSpaceError
-    from merging.staged import plan_merge
+    from merging.engine.staged import plan_merge
+    from merging.io.diskspace import DiskSpaceError
 
     layer = {"model.layers.0.mlp.up_proj.weight": torch.randn(128, 256), "model.norm.weight": torch.ones(256)}
     base = _save(tmp_path / "base", layer)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from merging.config import MergeConfig
+from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
-from merging.merge import MergeOptions, run_merge
 from tests.helpers import build_tiny_tasks
 
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from flows.cli import main
-from merging.checkpoint import file_sha256
 from merging.config import load_config
-from merging.merge import MergeOptions, run_merge
+from merging.engine.merge import MergeOptions, run_merge
+from merging.io.checkpoint import file_sha256
 from merging.synthetic import build_family
 from tests.helpers import METHODS, write_config
 
@@ -121,8 +121,8 @@ def test_tied_weights_are_merged_once_and_stay_equal(tmp_path):
 
 
 def test_gpt2_conv1d_weights_are_transposed_for_neuromerging(tmp_path):
-    from merging.checkpoint import Checkpoint
-    from merging.plan import build_plan
+    from merging.engine.plan import build_plan
+    from merging.io.checkpoint import Checkpoint
 
     g = torch.Generator().manual_seed(0)
     tensors = {"h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g), "h.0.ln_1.weight": torch.ones(8)}

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 from merging.config import MergeConfig
+from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation import Evaluator, Head, TaskSpec, accuracy, fit_probe, load_head, load_split, macro_f1
 from merging.evaluation.causal import lm_eval_scores, load_causal_lm, perplexity
 from merging.evaluation.encoder import encode, load_encoder
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import grid_points, search_validation, with_parameters
-from merging.merge import MergeOptions, run_merge
 from merging.synthetic import WORDS, build_family
 from merging.zoo.build import write_parquet
 from tests.helpers import build_tiny_tasks

@@ -515,7 +515,7 @@ def test_dask_runner_on_two_worker_processes_matches_threads(stack_env, full_sta
     # Same downloads, but no cached layers: the dask run really merges every layer on its workers.
     import shutil
 
-    from merging.staged import layer_cache
+    from merging.engine.staged import layer_cache
 
     shutil.rmtree(layer_cache())
     dask = run_pipeline(config("dask"))

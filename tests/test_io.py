@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging.checkpoint import Checkpoint
 from merging.config import load_config
+from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
-from merging.merge import MergeOptions, run_merge
-from merging.writer import ShardedWriter, parse_size
+from merging.io.checkpoint import Checkpoint
+from merging.io.writer import ShardedWriter, parse_size
 from tests.helpers import write_config
 
 
@@ -97,7 +97,7 @@ def test_parse_size():
 def test_hash_cache_reuses_and_invalidates(tmp_path):
     import os
 
-    from merging.checkpoint import HashCache, file_sha256
+    from merging.io.checkpoint import HashCache, file_sha256
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 1000)
@@ -122,7 +122,7 @@ def test_reads_legacy_pickle_format(tmp_path):
 def test_stale_temporaries_are_those_of_dead_processes_or_older_than_this_one(tmp_path):
     import os
 
-    from merging.writer import remove_stale_temporaries, temporary_sibling
+    from merging.io.writer import remove_stale_temporaries, temporary_sibling
 
     dest = tmp_path / "out"
     dead = tmp_path / ".out.tmp-999999999-aaaa"

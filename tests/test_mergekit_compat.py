@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from merging.config import load_config
-from merging.merge import MergeOptions, run_merge
+from merging.engine.merge import MergeOptions, run_merge
 from merging.synthetic import build_family
 
 ROOT = Path(__file__).resolve().parents[1]

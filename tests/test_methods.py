@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from merging.engine.plan import Role
 from merging.methods import get_method
 from merging.methods.base import ModelStats, TensorInputs, tensor_seed
 from merging.methods.neuromerging import neuron_merge
-from merging.plan import Role
-from merging.trim import topk_mask
+from merging.methods.trim import topk_mask
 from tests import reference as ref
 
 
@@ -37,12 +37,12 @@ def random_family(rng, shape, t, dtype=torch.float64, scale=0.1):
 @pytest.fixture(params=["kernel", "torch"])
 def ties_path(request, monkeypatch):
     """Runs a test through the fused CPU kernel and through the torch formulation."""
-    import merging.kernels
+    import merging.methods.kernels
 
     if request.param == "torch":
-        monkeypatch.setattr(merging.kernels, "available", lambda *tensors: False)
+        monkeypatch.setattr(merging.methods.kernels, "available", lambda *tensors: False)
     else:
-        assert merging.kernels.available(torch.zeros(1))
+        assert merging.methods.kernels.available(torch.zeros(1))
     return request.param
 
 

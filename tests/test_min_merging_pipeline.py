@@ -306,7 +306,7 @@ def test_bad_calibration_fails_before_any_merging(prefect_harness, family, tmp_p
 
 
 def test_static_merge_cannot_take_a_routed_method(family, tmp_path):
-    from merging.merge import MergeOptions, run_merge
+    from merging.engine.merge import MergeOptions, run_merge
 
     root, base, fts, _ = family
     config = parse_config(min_config(root, base, fts, tmp_path), "test")

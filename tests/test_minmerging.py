@@ -171,7 +171,7 @@ def routed_family(tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoModel
 
     from merging.config import MergeConfig
-    from merging.merge import MergeOptions, run_merge
+    from merging.engine.merge import MergeOptions, run_merge
 
     root = tmp_path_factory.mktemp("routed")
     base_dir, fts = build_family(root, "bert", 2, scale=0.5)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merging.config import load_config
-from merging.merge import MergeOptions, run_merge
+from merging.engine.merge import MergeOptions, run_merge
 from merging.synthetic import build_family
 from tests import reference as ref
 from tests.helpers import write_config

@@ -11,9 +11,9 @@ import yaml
 from flows.cli import main as cli_main
 from flows.merge_pipeline import run_pipeline
 from merging.config import load_config, parse_config
+from merging.engine.merge import MergeOptions, run_merge
+from merging.engine.staged import layer_cache
 from merging.errors import CheckpointError, ConfigError, MergeflowError
-from merging.merge import MergeOptions, run_merge
-from merging.staged import layer_cache
 from tasks.download import fetch_model, reference_kind
 from tasks.storage import MANIFEST, is_transient
 from tests.helpers import build_tiny_tasks

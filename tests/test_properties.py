@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merging.methods.neuromerging import merge_in_basis, neuron_merge, singular_basis
-from merging.trim import ModelThreshold
+from merging.methods.trim import ModelThreshold
 from tests import reference as ref
 
 dims = st.tuples(st.integers(1, 6), st.integers(1, 8), st.integers(1, 12))  # (T, rows, d)
@@ -115,7 +115,7 @@ def test_model_threshold_on_large_gaussian_tensors():
 @settings(max_examples=200, deadline=None)
 @given(value_arrays, st.floats(0.001, 1.0))
 def test_topk_mask_keeps_exactly_k_largest(arrays, density):
-    from merging.trim import topk_mask
+    from merging.methods.trim import topk_mask
 
     values = torch.tensor([v for a in arrays for v in a], dtype=torch.float32)
     k = max(1, int(density * values.numel())) if density < 1 else values.numel()
@@ -135,20 +135,20 @@ def test_topk_mask_keeps_exactly_k_largest(arrays, density):
 @settings(max_examples=100, deadline=None)
 @given(value_arrays, st.floats(0.001, 0.999))
 def test_kernel_and_torch_selection_agree(arrays, density):
-    import merging.kernels
-    from merging.trim import keep_count, kth_largest, threshold_form, topk_mask, trim_rules
+    import merging.methods.kernels
+    from merging.methods.trim import keep_count, kth_largest, threshold_form, topk_mask, trim_rules
 
     values = torch.tensor([v for a in arrays for v in a], dtype=torch.float32)
     k = keep_count(density, values.numel())
     fast = kth_largest(values, k)
     rule = trim_rules(values.unsqueeze(0), (density,), None)[0]
     fast_form = threshold_form(values.clone(), rule)
-    original = merging.kernels.available
+    original = merging.methods.kernels.available
     try:
-        merging.kernels.available = lambda *tensors: False
+        merging.methods.kernels.available = lambda *tensors: False
         assert kth_largest(values, k) == fast
         assert threshold_form(values.clone(), rule) == fast_form
         slow_mask = topk_mask(values, density)
     finally:
-        merging.kernels.available = original
+        merging.methods.kernels.available = original
     assert torch.equal(topk_mask(values, density), slow_mask)

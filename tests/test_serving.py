@@ -21,7 +21,7 @@ import pytest
 
 from infra.processes import free_port
 from merging.config import MergeConfig
-from merging.merge import MergeOptions, run_merge
+from merging.engine.merge import MergeOptions, run_merge
 from merging.synthetic import build_family, write_bert_vocab
 from tests.helpers import build_tiny_tasks
 

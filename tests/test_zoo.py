@@ -14,9 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from flows.cli import main
+from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation import Evaluator, load_head
-from merging.merge import MergeOptions, run_merge
 from merging.zoo import zoo_merge_config, zoo_tasks
 from merging.zoo.build import SIZES, build_zoo
 from merging.zoo.finetune import Job, length_batches, train_once

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging.checkpoint import HashCache, cache_dir
 from merging.evaluation.encoder import Encoder, encode
+from merging.io.checkpoint import HashCache, cache_dir
 
 # Files of a model folder that do not change its features.
 IGNORED = {"README.md", "mergeflow-manifest.json", "mergeflow_config.yml", "tasks.json", "routed.json"}

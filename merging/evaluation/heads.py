@@ -58,7 +58,7 @@ def head_from_tensors(tensors: dict[str, torch.Tensor], where: str) -> Head:
 
 def load_head(path: str | Path) -> Head:
     """Returns the head stored in a fine-tune folder, a checkpoint file, or a merged model's heads/<task> file."""
-    from merging.checkpoint import Checkpoint
+    from merging.io.checkpoint import Checkpoint
 
     suffixes = tuple(f"{h}.{p}" for h in HEAD_NAMES for p in ("weight", "bias"))
     with Checkpoint(Path(path)) as ckpt:

@@ -18,10 +18,10 @@ from typing import Any, Literal, get_args
 from pydantic import ValidationError
 
 from merging.config import MergeConfig
+from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation.harness import Evaluator
 from merging.evaluation.lm import LmEvaluator
-from merging.merge import MergeOptions, run_merge
 from merging.methods import REGISTRY
 
 Objective = Literal["average", "average_normalized", "refit_average", "refit_average_normalized"]

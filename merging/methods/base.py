@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merging.plan import Role
+from merging.engine.plan import Role
 
 
 class MethodParams(BaseModel):

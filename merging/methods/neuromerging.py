@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from merging.engine.plan import Role
 from merging.methods.base import (
     ModelStats,
     StatsRequest,
@@ -42,9 +43,8 @@ from merging.methods.base import (
     broadcast_weights,
     register_method,
 )
-from merging.plan import Role
-from merging.ties_core import disjoint_mean, elect_sign
-from merging.trim import trim_
+from merging.methods.ties_core import disjoint_mean, elect_sign
+from merging.methods.trim import trim_
 
 ZERO_NORM2 = 1e-30
 CHUNK_BYTES = 8 * 1024 * 1024

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merging import kernels
+from merging.methods import kernels
 from merging.methods.base import (
     ModelStats,
     StatsRequest,
@@ -13,8 +13,8 @@ from merging.methods.base import (
     TrimParams,
     register_method,
 )
-from merging.ties_core import disjoint_mean, elect_sign
-from merging.trim import CHUNK, TrimRule, apply_trim_, chunks, threshold_form, trim_rules
+from merging.methods.ties_core import disjoint_mean, elect_sign
+from merging.methods.trim import CHUNK, TrimRule, apply_trim_, chunks, threshold_form, trim_rules
 
 
 class TiesParams(TrimParams):

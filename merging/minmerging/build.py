@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 
 from merging.config import MergeConfig
+from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation.heads import Head
-from merging.merge import MergeOptions, run_merge
 from merging.minmerging.importance import (
     activation_importance,
     norm_importance,

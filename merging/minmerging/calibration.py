@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merging.config import CalibrationConfig, CalibrationSource, MergeConfig
+from merging.engine.labels import model_labels
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, _rows
-from merging.labels import model_labels
 
 
 @dataclass

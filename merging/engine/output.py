@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoint import Checkpoint
 from merging.config import MergeConfig, dump_config
+from merging.engine.model_card import InputRecord, render_model_card
+from merging.engine.plan import MergePlan, TensorPlan
 from merging.errors import ConfigError
+from merging.io.checkpoint import Checkpoint
+from merging.io.writer import ShardedWriter
 from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
-from merging.model_card import InputRecord, render_model_card
-from merging.plan import MergePlan, TensorPlan
-from merging.writer import ShardedWriter
 
 TORCH_DTYPES = {
     "float32": torch.float32,

@@ -25,18 +25,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import merging
-from merging.checkpoint import Checkpoint, HashCache, cache_dir, file_sha256
 from merging.config import MergeConfig, dump_config
+from merging.engine.labels import model_labels
+from merging.engine.memory import PeakMemory
+from merging.engine.merge import MergeOptions, TensorSource, compute_stats, merge_tensor, resolve_device
+from merging.engine.model_card import InputRecord
+from merging.engine.output import MergeReport, finish_output, output_bytes, output_dtype
+from merging.engine.plan import MergePlan, build_plan
 from merging.errors import MergeflowError
-from merging.labels import model_labels
-from merging.memory import PeakMemory
-from merging.merge import MergeOptions, TensorSource, compute_stats, merge_tensor, resolve_device
+from merging.io.checkpoint import Checkpoint, HashCache, cache_dir, file_sha256
+from merging.io.writer import ShardedWriter, publish_folder, temporary_sibling
 from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
-from merging.model_card import InputRecord
-from merging.output import MergeReport, finish_output, output_bytes, output_dtype
-from merging.plan import MergePlan, build_plan
-from merging.writer import ShardedWriter, publish_folder, temporary_sibling
 
 CACHE_FORMAT = 1
 
@@ -184,7 +184,7 @@ def _check_space(
     config: MergeConfig, plan: MergePlan, checkpoints: list[Checkpoint], cache: Path, out_parent: Path, key: str
 ) -> None:
     """Raises DiskSpaceError unless the layers not cached yet and the merged folder fit on their file systems."""
-    from merging.diskspace import check_free_space, planned_output_bytes
+    from merging.io.diskspace import check_free_space, planned_output_bytes
 
     missing = sum(
         output_bytes(config, tensors)

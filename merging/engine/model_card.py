@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 import merging
-from merging.labels import model_labels
+from merging.engine.labels import model_labels
 
 if TYPE_CHECKING:
     from merging.config import MergeConfig
+    from merging.engine.output import MergeReport
     from merging.methods.base import MergeMethod, MethodParams
-    from merging.output import MergeReport
 
 
 @dataclass(frozen=True)

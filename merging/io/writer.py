@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from merging.errors import ConfigError
-from merging.safetensors_format import dtype_itemsize, header_bytes, tensor_bytes
+from merging.io.safetensors_format import dtype_itemsize, header_bytes, tensor_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

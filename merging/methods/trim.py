@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from merging import kernels
+from merging.methods import kernels
 
 HIGH_BINS = 1 << 15  # sign bit is 0 for |x|, so high halves are < 2**15
 LOW_BINS = 1 << 16

@@ -18,24 +18,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from merging.checkpoint import Checkpoint, HashCache
 from merging.config import MergeConfig
-from merging.diskspace import check_free_space, planned_output_bytes
-from merging.errors import ConfigError, MergeflowError, NonFiniteError
-from merging.labels import model_labels
-from merging.memory import PeakMemory
-from merging.methods import REGISTRY
-from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
-from merging.output import (
+from merging.engine.labels import model_labels
+from merging.engine.memory import PeakMemory
+from merging.engine.output import (
     MergeReport,
     check_output_folder,
     finish_output,
     input_records,
     output_dtype,
 )
-from merging.plan import MergePlan, Role, TensorPlan, build_plan
-from merging.trim import ModelThreshold, TensorTrimL1, chunks
-from merging.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
+from merging.engine.plan import MergePlan, Role, TensorPlan, build_plan
+from merging.errors import ConfigError, MergeflowError, NonFiniteError
+from merging.io.checkpoint import Checkpoint, HashCache
+from merging.io.diskspace import check_free_space, planned_output_bytes
+from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
+from merging.methods import REGISTRY
+from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
+from merging.methods.trim import ModelThreshold, TensorTrimL1, chunks
 
 
 @dataclass

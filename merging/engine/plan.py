@@ -23,8 +23,8 @@ from enum import StrEnum
 
 import torch
 
-from merging.checkpoint import Checkpoint
 from merging.errors import PlanError
+from merging.io.checkpoint import Checkpoint
 
 DEFAULT_TASK_SPECIFIC = ["classifier.*", "*.classifier.*", "score.*", "qa_outputs.*", "pre_classifier.*"]
 # A pretraining head (masked-LM `cls.*`, RoBERTa's `lm_head.*`) that no fine-tune kept: the base's own head.

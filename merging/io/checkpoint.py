@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from merging.errors import CheckpointError
-from merging.safetensors_format import MappedFile, TensorInfo, read_header
+from merging.io.safetensors_format import MappedFile, TensorInfo, read_header
 from merging.untrusted import UnsafeInputError, inside, relative_name
 
 SAFE_INDEX = "model.safetensors.index.json"

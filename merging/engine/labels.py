@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merging.plan import BASE_HEAD
+from merging.engine.plan import BASE_HEAD
 
 if TYPE_CHECKING:
     from merging.config import MergeConfig

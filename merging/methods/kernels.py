@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from merging.checkpoint import cache_dir
+from merging.io.checkpoint import cache_dir
 
 # Compiled kernels are cached in mergeflow's cache folder, not beside the installed package
 # (which may be read-only); an explicit NUMBA_CACHE_DIR wins.

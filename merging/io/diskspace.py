@@ -17,11 +17,11 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from merging.checkpoint import Checkpoint
 from merging.config import MergeConfig
+from merging.engine.output import output_bytes
+from merging.engine.plan import MergePlan
 from merging.errors import MergeflowError
-from merging.output import output_bytes
-from merging.plan import MergePlan
+from merging.io.checkpoint import Checkpoint
 
 SKIP_ENV = "MERGEFLOW_SKIP_SPACE_CHECK"
 CARD_MARGIN = 64 * 2**10  # the model card, the written config, the shard index (a few KiB each)

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: the safetensors format, checkpoints, the sharded writer, free space."""
