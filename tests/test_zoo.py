@@ -211,7 +211,7 @@ def test_rotten_tomatoes_labels_follow_the_file():
 
 
 def test_seinfeld_parser_on_the_corpus_format(tmp_path: Path):
-    from merging.zoo.sentences import seinfeld_segments
+    from merging.zoo.dialogue import seinfeld_segments
 
     episode = tmp_path / "Seinfeld.S01E01.Test.merged"
     episode.write_text(

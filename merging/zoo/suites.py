@@ -11,9 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from merging.errors import ConfigError
-from merging.zoo.sentences import SENTENCE_BUILDERS
+from merging.zoo import dialogue, sentences
 from merging.zoo.sources import LEXICON_BUILDERS, TaskSource
 
+SENTENCE_BUILDERS: dict[str, Callable[[], TaskSource]] = {
+    "movie_review": sentences.movie_review,
+    "tweet_sentiment": sentences.tweet_sentiment,
+    "headline_match": sentences.headline_match,
+    "dialogue_next_line": dialogue.dialogue_next_line,
+    "speech_continuation": sentences.speech_continuation,
+    "review_same_movie": sentences.review_same_movie,
+    "seinfeld_laugh": dialogue.seinfeld_laugh,
+    "news_same_article": sentences.news_same_article,
+    "bbc_topic": sentences.bbc_topic,
+    "convention_party": sentences.convention_party,
+    "debate_party": sentences.debate_party,
+    "chat_language": dialogue.chat_language,
+}
 BUILDERS: dict[str, Callable[[], TaskSource]] = {**LEXICON_BUILDERS, **SENTENCE_BUILDERS}
 
 # suite → size → (merge tasks, out-of-domain tasks)
