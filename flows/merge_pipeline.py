@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import merging
-from merging.config import MergeConfig, StorageConfig, load_config
+from merging.config import MergeConfig, load_config
 from merging.engine.labels import model_labels
 from merging.engine.model_card import InputRecord
 from merging.engine.output import MergeReport
@@ -34,6 +34,7 @@ from merging.engine.staged import LayerResult, StagedPlan
 from merging.errors import ConfigError
 from merging.evaluation.encoder import load_tokenizer
 from merging.io.checkpoint import Checkpoint, HashCache
+from merging.pipeline_config import StorageConfig
 from merging.untrusted import split_credentials
 from tasks.cache import in_use
 from tasks.calibrate import (

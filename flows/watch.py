@@ -21,8 +21,9 @@ from prefect.events import emit_event
 from prefect.variables import Variable
 
 from flows.deployed import champion_inputs, label_for, read_config, tracking_uri_of
-from merging.config import MergeConfig, WatchConfig
+from merging.config import MergeConfig
 from merging.errors import ConfigError
+from merging.pipeline_config import WatchConfig
 from tasks.logs import run_logger
 
 EVENT = "mergeflow.finetune.available"

@@ -23,10 +23,10 @@ from typing import Any
 from filelock import FileLock
 from prefect import task
 
-from merging.config import StorageConfig
 from merging.errors import CheckpointError, ConfigError, MergeflowError
 from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import remove_stale_temporaries, temporary_sibling
+from merging.pipeline_config import StorageConfig
 from merging.untrusted import UnsafeInputError, file_entries, inside, relative_name, sha256_hex
 from tasks.published_weights import REFERENCE
 from tasks.storage import (

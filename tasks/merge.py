@@ -9,9 +9,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from merging.config import MergeConfig
+from merging.engine.assemble import assemble
 from merging.engine.merge import MergeOptions
 from merging.engine.output import MergeReport
-from merging.engine.staged import LayerResult, StagedPlan, assemble, merge_layer, plan_merge
+from merging.engine.staged import LayerResult, StagedPlan, merge_layer, plan_merge
 from merging.errors import MergeflowError
 from tasks.logs import run_logger
 

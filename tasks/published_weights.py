@@ -92,7 +92,7 @@ def resolve(folder: Path, cache: Path | None = None) -> Path:
     expected: dict[str, tuple[int, str]] = record["entries"]
     uri = record["uri"]
     if uri.startswith("s3://"):
-        from merging.config import StorageConfig
+        from merging.pipeline_config import StorageConfig
         from tasks.download import fetch_model
         from tasks.storage import StorageError
 

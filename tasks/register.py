@@ -8,15 +8,12 @@ marks the run failed, so a failed run leaves no version and moves no alias.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +22,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import merging
-from merging.config import GateConfig, MergeConfig
+from merging.config import MergeConfig
 from merging.errors import MergeflowError
 from merging.untrusted import redact, redact_text
 from tasks.logs import run_logger
+from tasks.promotion import METRIC_TAG, gate_decision, promotion_lock, read_champion, version_description
 from tasks.storage import MANIFEST, folder_manifest
-
-METRIC_TAG = "mergeflow.metric."
 
 
 @dataclass
@@ -95,50 +91,6 @@ def pipeline_task_for(folder: Path, configured: str | None) -> str:
     return "feature-extraction"  # an encoder whose task heads are kept apart (heads/)
 
 
-@contextmanager
-def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
-    """Holds the right to read the champion and move aliases of one registered model.
-
-    A file lock serializes the runs on this machine; with a Prefect server configured, a global
-    concurrency limit of 1 (created on first use) serializes runs on every machine that uses it.
-    So no two runs compare against the same stale champion or write the alias at once.
-    """
-    from filelock import FileLock
-
-    from merging.io.checkpoint import cache_dir
-
-    slug = hashlib.sha256(f"{redact_text(tracking_uri)}\0{model_name}".encode()).hexdigest()[:24]
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"promote-{slug}.lock"), timeout=1800), _prefect_promotion_limit(slug):
-        yield
-
-
-@contextmanager
-def _prefect_promotion_limit(slug: str) -> Iterator[None]:
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():  # the embedded default: one machine, the file lock is enough
-        yield
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = f"mergeflow-promote-{slug}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:
-                pass
-    with concurrency(name, occupy=1, timeout_seconds=1800, strict=True):
-        yield
-
-
 def check_registry(tracking_uri: str) -> None:
     """Raises a clear MergeflowError now if the MLflow tracking server cannot be reached (before merging).
 
@@ -162,38 +114,6 @@ def check_registry(tracking_uri: str) -> None:
     if response.status_code >= 400:
         msg = f"registry: MLflow at {tracking_uri} answered {response.status_code} to /health; nothing was merged"
         raise MergeflowError(redact_text(msg))
-
-
-def _champion_value(client: Any, name: str, metric: str) -> tuple[str | None, float | None]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None, None
-    raw = (mv.tags or {}).get(METRIC_TAG + metric)
-    if raw is None and mv.run_id:
-        raw = client.get_run(mv.run_id).data.metrics.get(metric)
-    return str(mv.version), float(raw) if raw is not None else None
-
-
-def gate_decision(
-    gate: GateConfig, value: float | None, champion: float | None, has_champion: bool
-) -> tuple[bool, str]:
-    """Returns (whether champion moves, why)."""
-    if not has_champion:
-        return True, "no champion yet"
-    if value is None or math.isnan(value):
-        return False, f"the run has no {gate.metric!r} metric (is evaluation configured?)"
-    if champion is None:
-        return True, f"the champion has no {gate.metric!r} metric to compare with"
-    margin = value - champion if gate.higher_is_better else champion - value
-    verdict = margin >= gate.min_margin
-    word = "passes" if verdict else "fails"
-    return verdict, (
-        f"{gate.metric} {value:.4f} vs champion {champion:.4f}: "
-        f"margin {margin:+.4f} {word} the gate (≥ {gate.min_margin})"
-    )
 
 
 def published_reference(config: MergeConfig, uri: str | None) -> dict[str, Any] | None:
@@ -261,43 +181,6 @@ def _save_mlflow_model(
         if (merged_dir / side).exists():
             shutil.copy2(merged_dir / side, out / side)
     (out / MANIFEST).write_text(json.dumps(folder_manifest(out), indent=1))
-
-
-DESCRIPTION_LIMIT = 5000  # MLflow's model version description column
-
-
-def version_description(report: dict[str, Any] | None, gate_reason: str, card: str | None) -> str:
-    """Returns the registered version's description: the evaluation table (per task: base probe,
-    fine-tune, merged, normalized; out-of-domain rows: probe retention), the gate's reason, then the
-    model card, cut to MLflow's 5000 characters (the full card is the run's README.md artifact)."""
-    lines: list[str] = []
-    if report is not None and "merged" in report.get("models", {}):
-        from tasks.evaluate import results_table
-
-        split = report.get("split", "test")
-        lines += [f"**Evaluation** (split `{split}`; normalized = merged / fine-tuned; OOD: probe retention)", ""]
-        lines += ["| task | role | base probe | fine-tuned | merged | normalized |", "|---|---|---|---|---|---|"]
-
-        def cell(v: Any) -> str:
-            return "" if v is None or v != v else f"{v:.4f}"
-
-        for row in results_table(report):
-            values = " | ".join(cell(row.get(k)) for k in ("base probe", "fine-tuned", "merged", "normalized"))
-            lines.append(f"| {row['task']} | {row['role']} | {values} |")
-        lines.append("")
-    lines += [f"**Gate:** {gate_reason}", ""]
-    text = redact_text("\n".join(lines))
-    if card:
-        room = DESCRIPTION_LIMIT - len(text) - 80
-        card = redact_text(card)
-        if room > 200:
-            cut = (
-                card
-                if len(card) <= room
-                else card[:room].rsplit("\n", 1)[0] + "\n\n… (cut here; the full card is the run's README.md)"
-            )
-            text += "\n---\n\n" + cut
-    return text[:DESCRIPTION_LIMIT]
 
 
 def task_metadata(config: MergeConfig) -> dict[str, dict[str, Any]]:
@@ -397,7 +280,7 @@ def register_merge(
                 )
                 mlflow.log_artifacts(str(saved), "model")
         with promotion_lock(tracking_uri, registry.model_name):
-            champion_before, champion_value = _champion_value(client, registry.model_name, registry.gate.metric)
+            champion_before, champion_value = read_champion(client, registry.model_name, registry.gate.metric)
             try:
                 client.get_registered_model(registry.model_name)
             except MlflowException:

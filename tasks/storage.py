@@ -23,10 +23,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 import merging
-from merging.config import StorageConfig
 from merging.errors import MergeflowError
 from merging.io.checkpoint import file_sha256
 from merging.io.writer import publish_folder, temporary_sibling
+from merging.pipeline_config import StorageConfig
 from merging.untrusted import file_entries
 
 MANIFEST = "mergeflow-manifest.json"

@@ -76,7 +76,7 @@ def test_the_check_names_each_kind_of_drift(edit, problem):
 
 
 def test_a_key_added_to_a_model_without_a_row_is_caught(monkeypatch):
-    from merging.config import StorageConfig
+    from merging.pipeline_config import StorageConfig
 
     fields = dict(StorageConfig.model_fields)
     fields["profile"] = fields["region"]

@@ -301,7 +301,7 @@ def test_s3_killed_during_upload_then_restarted(stack_env, full_stack, tmp_path:
     from prefect import flow
 
     from flows.merge_pipeline import publish_task
-    from merging.config import StorageConfig
+    from merging.pipeline_config import StorageConfig
     from tasks.download import fetch_model
     from tasks.storage import MANIFEST, S3Location, StorageError, list_objects, read_manifest
 

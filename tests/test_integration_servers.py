@@ -13,9 +13,10 @@ import boto3
 import pytest
 
 from flows.merge_pipeline import run_pipeline
-from merging.config import StorageConfig, parse_config
+from merging.config import parse_config
 from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import MergeflowError
+from merging.pipeline_config import StorageConfig
 from merging.zoo import zoo_merge_config
 from tasks.download import fetch_model
 from tasks.storage import (

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation.heads import Head
+from merging.minmerging.features import layer_pooled, mean_pooled
 from merging.minmerging.importance import (
     activation_importance,
     neuron_linears,
@@ -21,7 +22,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import RoutedModel, layer_pooled, mean_pooled, neuron_patch
+from merging.minmerging.routed import RoutedModel, neuron_patch
 from merging.minmerging.router import Router, RouterOptions, ood_threshold, train_router
 from merging.synthetic import build_family
 

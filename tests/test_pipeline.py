@@ -286,7 +286,7 @@ def test_unreadable_tokenizer_fails_before_merging_naming_the_file(prefect_harne
 
 
 def test_version_description_keeps_the_table_and_cuts_a_long_card_to_mlflows_limit():
-    from tasks.register import version_description
+    from tasks.promotion import version_description
 
     report = {
         "split": "test",

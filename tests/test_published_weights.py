@@ -64,7 +64,7 @@ def test_the_reference_never_holds_credentials():
 
 
 def test_a_reference_written_with_a_credentialed_endpoint_keeps_only_the_host(published, tmp_path: Path):
-    from merging.config import StorageConfig
+    from merging.pipeline_config import StorageConfig
 
     _store, manifest = published
     storage = StorageConfig(uri="s3://b/p", endpoint_url="http://AKIA:topsecret@127.0.0.1:9/", credentials_block="k")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from merging.config import load_config
+from merging.engine.assemble import assemble, staged_merge
 from merging.engine.merge import MergeOptions, run_merge
-from merging.engine.staged import assemble, cached_layer, merge_layer, plan_merge, staged_merge
+from merging.engine.staged import cached_layer, merge_layer, plan_merge
 from merging.errors import MergeflowError
 from merging.synthetic import build_family
 from tests.helpers import METHODS, write_config

@@ -28,6 +28,7 @@ from merging.config import MergeConfig
 from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation.heads import Head
+from merging.minmerging.features import layer_pooled
 from merging.minmerging.importance import (
     activation_importance,
     norm_importance,
@@ -35,7 +36,7 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import OodModel, Patch, RoutedModel, layer_pooled, neuron_patch, quiet_transformers
+from merging.minmerging.routed import OodModel, Patch, RoutedModel, neuron_patch, quiet_transformers
 from merging.minmerging.router import Router, RouterOptions, train_router
 
 

@@ -14,10 +14,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merging.config import CalibrationConfig, CalibrationSource, MergeConfig
+from merging.config import MergeConfig
 from merging.engine.labels import model_labels
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, _rows
+from merging.pipeline_config import CalibrationConfig, CalibrationSource
 
 
 @dataclass

@@ -30,7 +30,6 @@ from typing import Literal
 import torch
 import yaml
 
-from merging.config import EvaluationConfig
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, load_split
 from merging.evaluation.encoder import Encoder, load_encoder
@@ -39,6 +38,7 @@ from merging.evaluation.heads import Head, fit_probe
 from merging.evaluation.metrics import score
 from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import publish_folder
+from merging.pipeline_config import EvaluationConfig
 from merging.zoo.finetune import Job, Recipe, finetune_task
 from merging.zoo.manifest import BaseEntry, FineTuneEntry, Scores, TaskEntry, ZooManifest, load_manifest
 from merging.zoo.sources import TaskSource
