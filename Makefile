@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mergeflow demo
 
 test: $(STAMP) $(MKSTAMP)
-	$(VENV)/bin/ruff check merging tasks flows tests benchmarks docs
+	$(VENV)/bin/ruff check merging tasks flows infra tests benchmarks docs
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mkdocs build --strict
 	$(VENV)/bin/python -m pytest -q

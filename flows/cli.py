@@ -9,6 +9,8 @@ from pathlib import Path
 
 from flows.cli_cache import add_cache_parser
 from flows.cli_predict import add_predict_parser
+from flows.cli_stack import add_stack_parser
+from flows.cli_zoo import add_zoo_parsers
 from merging.errors import MergeflowError
 from merging.untrusted import redact_text
 
@@ -151,124 +153,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_zoo_build(args: argparse.Namespace) -> int:
-    from merging.zoo.build import build_zoo, zoo_summary
-
-    root, manifest, built = build_zoo(
-        args.out, args.size, args.head, args.seed, progress=print, force=args.force, suite=args.suite
-    )
-    print(f"\n{'task':22s} {'role':14s} {'classes':>7s} {'train':>6s} {'probe':>6s} {'tuned':>6s} {'margin':>7s}")
-    for row in zoo_summary(manifest):
-        tuned = "     —      —" if row["role"] != "merge" else f"{row['finetune']:6.3f} {row['margin']:+6.1f}"
-        print(f"{row['task']:22s} {row['role']:14s} {row['classes']:7d} {row['train']:6d} {row['probe']:6.3f} {tuned}")
-    state = "built" if built else "already up to date"
-    print(
-        f"\nzoo ({manifest.suite}, {manifest.size}, {manifest.head} heads, seed {manifest.seed}) {state}: {root} "
-        f"(build took {manifest.build_seconds:.0f} s)"
-    )
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from merging.evaluation.harness import Evaluator
-    from merging.evaluation.plot import plot_report
-    from merging.zoo import zoo_tasks
-    from merging.zoo.manifest import load_manifest
-
-    manifest = load_manifest(args.zoo)
-    root = Path(args.zoo).resolve()
-    evaluator = Evaluator(zoo_tasks(root, manifest), root / manifest.base.path, progress=not args.no_progress)
-    merged = {Path(m).name: Path(m) for m in args.merged}
-    report = evaluator.evaluate(merged, args.split, cross=args.cross).to_json()
-    print_evaluation(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"report: {args.json}")
-    if args.plot:
-        print(f"plot: {plot_report(report, args.plot)}")
-    return 0
-
-
-def print_evaluation(report: dict) -> None:
-    """Prints one row per model: per-task scores, average, normalized average, out-of-domain retention."""
-    merge_tasks = [t["name"] for t in report["tasks"] if t["role"] == "merge"]
-    header = (
-        f"{'model':22s} "
-        + " ".join(f"{t[:10]:>10s}" for t in merge_tasks)
-        + f" {'avg':>6s} {'norm':>6s} {'refit':>6s} {'ood':>6s}"
-    )
-    print(header)
-    nan = float("nan")
-
-    def row(name: str, scores: dict, avg: float, norm: float, refit: float, ood: float) -> None:
-        cells = " ".join(f"{scores.get(t, nan):10.3f}" for t in merge_tasks)
-        print(f"{name[:22]:22s} {cells} {avg:6.3f} {norm:6.3f} {refit:6.3f} {ood:6.3f}")
-
-    base = report["base_probe"]
-    base_avg = sum(base["scores"][t] for t in merge_tasks) / len(merge_tasks)
-    row("base (probe)", base["scores"], base_avg, base["average_normalized"], base["average_normalized"], 1.0)
-    row("fine-tuned (own task)", report["finetuned"], report["finetuned_average"], 1.0, nan, nan)
-    for name, s in report["models"].items():
-        row(
-            name,
-            s["scores"],
-            s["average"],
-            s["average_normalized"],
-            s.get("refit_average_normalized", nan),
-            s["ood_retention"],
-        )
-    print(
-        "norm: merged / fine-tuned with each task's own fine-tuned head; refit: with a linear head refitted on "
-        "the model's features (the base's probe is one); ood: probe on the model / probe on the base"
-    )
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    from infra.stack import Stack, StackConfig, StackError
-
-    config = StackConfig.for_folder(
-        args.data,
-        s3_port=args.s3_port,
-        mlflow_port=args.mlflow_port,
-        prefect_port=args.prefect_port,
-        postgres_url=args.postgres_url,
-    )
-    stack = Stack(config)
-    try:
-        if args.stack_command == "up":
-            services = stack.up()
-            for name, s in services.items():
-                print(f"{name:8s} {s.url:28s} pid {s.pid:<8d} log {s.log}")
-            backend = "PostgreSQL" if config.postgres_url else "sqlite"
-            print(f"\nMLflow and Prefect store their state in {backend}; data folder {config.data}")
-            print("\nexport these to use the stack (or: eval $(mergeflow stack env)):")
-            print_env(stack.env())
-        elif args.stack_command == "env":
-            print_env(stack.env())
-        elif args.stack_command == "status":
-            status = stack.status()
-            for name, st in status.items():
-                word = "healthy" if st["healthy"] else ("running, not answering" if st["running"] else "stopped")
-                print(f"{name:8s} {word:24s} {st['url'] or '':28s} pid {st['pid'] or '-'}")
-            return 0 if all(st["healthy"] for st in status.values()) else 1
-        else:
-            stopped = stack.down()
-            print(f"stopped: {', '.join(stopped)}" if stopped else "nothing this stack started is running")
-    except StackError as exc:
-        print(f"mergeflow: stack: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def print_env(env: dict[str, str]) -> None:
-    import shlex
-
-    for key, value in env.items():
-        print(f"export {key}={shlex.quote(value)}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description="Merge fine-tuned models into one.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,48 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the pipeline on the offline ci zoo, embedded default (no servers)")
     d.add_argument("--workdir", default=None, help="work folder (default: ./mergeflow-demo)")
     d.set_defaults(func=cmd_demo)
-    z = sub.add_parser("zoo", help="the offline model zoo (real MiniLM encoder, real labelled tasks)")
-    zsub = z.add_subparsers(dest="zoo_command", required=True)
-    zb = zsub.add_parser("build", help="build (or reuse) the zoo: data, linear probes, one fine-tune per task")
-    zb.add_argument("--size", default="ci", choices=["ci", "full"], help="ci: about a minute; full: the benchmark's")
-    zb.add_argument(
-        "--head", default="joint", choices=["joint", "frozen"], help="train heads with the encoder or keep the probe"
-    )
-    zb.add_argument(
-        "--suite",
-        default="sentences",
-        choices=["sentences", "lexicon"],
-        help="sentences: zoo v2 (sentence and pair tasks); lexicon: zoo v1 (single words)",
-    )
-    zb.add_argument(
-        "--out", default=None, help="zoo folder (default: $MERGEFLOW_CACHE_DIR/zoo/<size>-<head>[-<suite>][-seed<N>])"
-    )
-    zb.add_argument("--seed", type=int, default=0, help="fine-tune seed (the data splits are the same for every seed)")
-    zb.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
-    zb.set_defaults(func=cmd_zoo_build)
-    e = sub.add_parser(
-        "evaluate", help="score merged models on a zoo's tasks against the base probe and the fine-tunes"
-    )
-    e.add_argument("merged", nargs="*", help="merged model folders (each keeps the zoo's heads)")
-    e.add_argument("--zoo", required=True, help="zoo folder (with zoo.yaml)")
-    e.add_argument("--split", default="test", choices=["validation", "test"])
-    e.add_argument("--cross", action="store_true", help="also score every fine-tune on every other task")
-    e.add_argument("--json", default=None, help="write the report here")
-    e.add_argument("--plot", default=None, help="write the per-task bar chart (PNG) here")
-    e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=cmd_evaluate)
-    st = sub.add_parser("stack", help="the local full stack: SeaweedFS S3, mlflow server, Prefect server")
-    st.add_argument("stack_command", choices=["up", "down", "status", "env"])
-    st.add_argument("--data", default="mergeflow-stack", help="data folder (state, logs, sqlite, S3 volumes)")
-    st.add_argument("--s3-port", type=int, default=None, help="S3 API port (default 8333)")
-    st.add_argument("--mlflow-port", type=int, default=None, help="MLflow port (default 5000)")
-    st.add_argument("--prefect-port", type=int, default=None, help="Prefect API and UI port (default 4200)")
-    st.add_argument(
-        "--postgres-url",
-        default=None,
-        help="PostgreSQL server for MLflow's and Prefect's databases (default $MERGEFLOW_POSTGRES_URL; none: sqlite)",
-    )
-    st.set_defaults(func=cmd_stack)
+    add_zoo_parsers(sub)
+    add_stack_parser(sub)
     add_cache_parser(sub)
     add_predict_parser(sub)
     return parser

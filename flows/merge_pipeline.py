@@ -47,11 +47,12 @@ from tasks.calibrate import (
     router_metrics,
     shared_merge_config,
 )
-from tasks.download import FetchedModel, download_model
+from tasks.download import download_model
 from tasks.evaluate import choose_parameters, evaluate_merge, evaluation_tasks, metrics_of
 from tasks.logs import run_logger
 from tasks.merge import assemble_task, merge_layer_task, plan_task
 from tasks.register import Registration, check_registry, git_commit, register_task, sqlite_tracking_uri
+from tasks.snapshots import FetchedModel
 from tasks.storage import check_storage, publish, retry_transient
 
 DEFAULT_WORKDIR = "mergeflow-work"

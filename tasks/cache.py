@@ -68,7 +68,7 @@ def _mtime(path: Path) -> float:
 
 
 def _snapshot_entries(root: Path) -> list[Entry]:
-    from tasks.download import SNAPSHOT_RECORD
+    from tasks.snapshots import SNAPSHOT_RECORD
 
     snapshots = root / "models" / "snapshots"
     out = []

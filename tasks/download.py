@@ -9,26 +9,23 @@ a file lock per snapshot makes two runs fetching the same model at once do the w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from filelock import FileLock
 from prefect import task
 
 from merging.errors import CheckpointError, ConfigError, MergeflowError
-from merging.io.checkpoint import cache_dir, file_sha256
-from merging.io.writer import remove_stale_temporaries, temporary_sibling
+from merging.io.checkpoint import file_sha256
+from merging.io.writer import remove_stale_temporaries
 from merging.pipeline_config import StorageConfig
-from merging.untrusted import UnsafeInputError, file_entries, inside, relative_name, sha256_hex
+from merging.untrusted import file_entries, inside, relative_name, sha256_hex
 from tasks.published_weights import REFERENCE
+from tasks.snapshots import SNAPSHOT_RECORD, FetchedModel, Snapshots, from_snapshot
 from tasks.storage import (
     MANIFEST,
     PUBLISHED_MARK,
@@ -43,21 +40,8 @@ from tasks.storage import (
     s3_client,
 )
 
-SNAPSHOT_RECORD = ".mergeflow-snapshot.json"
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "tokenizer*", "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
-@dataclass(frozen=True)
-class FetchedModel:
-    """A model available locally: where it came from, its folder, and each file's sha256."""
-
-    reference: str
-    kind: str  # local | s3 | mlflow | hub
-    path: Path
-    sha256: dict[str, str] = field(default_factory=dict)
-    detail: dict[str, str] = field(default_factory=dict)  # e.g. the registry version an alias resolved to
-    reused: bool = False
 
 
 def reference_kind(ref: str) -> str:
@@ -73,82 +57,6 @@ def reference_kind(ref: str) -> str:
     if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         return "local"
     return "hub"
-
-
-class Snapshots:
-    """The content-addressed cache: blobs by sha256, snapshot folders of links, a lock per snapshot."""
-
-    def __init__(self, root: Path | None = None):
-        self.root = (root or cache_dir()) / "models"
-        self.blobs = self.root / "blobs"
-        self.snapshots = self.root / "snapshots"
-        self.locks = self.root / "locks"
-        for d in (self.blobs, self.snapshots, self.locks):
-            d.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def key(identity: str) -> str:
-        return hashlib.sha256(identity.encode()).hexdigest()[:32]
-
-    def lock(self, key: str) -> FileLock:
-        return FileLock(str(self.locks / f"{key}.lock"), timeout=3600)
-
-    def find(self, key: str) -> tuple[Path, dict[str, Any]] | None:
-        """Returns a complete snapshot whose files still have their recorded sizes."""
-        folder = self.snapshots / key
-        try:
-            record = json.loads((folder / SNAPSHOT_RECORD).read_text())
-            for name, (size, _) in file_entries(record["files"], str(folder / SNAPSHOT_RECORD)).items():
-                if (folder / name).is_symlink() or (folder / name).stat().st_size != size:
-                    return None
-        except (OSError, ValueError, KeyError, TypeError, UnsafeInputError):
-            return None
-        return folder, record
-
-    def add_blob(self, path: Path, sha256: str | None = None) -> str:
-        """Returns the sha256 of `path` after moving it into the blob store (a blob already there is kept)."""
-        digest = sha256_hex(sha256, f"blob for {path.name}") if sha256 else file_sha256(path)
-        blob = self.blobs / digest
-        if blob.exists() and blob.stat().st_size == path.stat().st_size:
-            path.unlink()
-        else:
-            os.replace(path, blob)
-            blob.chmod(0o444)
-        return digest
-
-    def has_blob(self, sha256: str, size: int) -> bool:
-        blob = self.blobs / sha256_hex(sha256, "blob name")
-        return blob.exists() and blob.stat().st_size == size
-
-    def publish(self, key: str, files: dict[str, str], record: dict[str, Any]) -> Path:
-        """Returns the snapshot folder made of links to `files` ({name: sha256}), its record written last."""
-        folder = self.snapshots / key
-        tmp = temporary_sibling(folder)
-        tmp.mkdir()
-        try:
-            entries = {}
-            for name, digest in files.items():
-                target = tmp / relative_name(name, f"snapshot {key}")
-                blob = self.blobs / sha256_hex(digest, f"snapshot {key}: {name}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(blob, target)
-                except OSError:
-                    shutil.copy2(blob, target)
-                entries[name] = {"sha256": digest, "size": target.stat().st_size}
-            (tmp / SNAPSHOT_RECORD).write_text(json.dumps({**record, "files": entries}, indent=1))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
-
-
-def _from_snapshot(ref: str, kind: str, folder: Path, record: dict[str, Any], reused: bool) -> FetchedModel:
-    sha = {name: e["sha256"] for name, e in record["files"].items()}
-    return FetchedModel(ref, kind, folder, sha, dict(record.get("detail", {})), reused)
 
 
 def fetch_model(
@@ -198,7 +106,7 @@ def _fetch_s3(ref: str, store: Snapshots, storage: StorageConfig | None) -> Fetc
     with store.lock(key):
         found = store.find(key)
         if found:
-            return _from_snapshot(ref, "s3", *found, reused=True)
+            return from_snapshot(ref, "s3", *found, reused=True)
         files = {}
         for name, (size, sha) in expected.items():
             if sha and store.has_blob(sha, size):
@@ -209,7 +117,7 @@ def _fetch_s3(ref: str, store: Snapshots, storage: StorageConfig | None) -> Fetc
             files[name] = store.add_blob(tmp, digest)
         detail = {"manifest": "yes" if manifest is not None else "no (hashes from object metadata or computed)"}
         folder = store.publish(key, files, {"reference": ref, "kind": "s3", "detail": detail})
-        return _from_snapshot(ref, "s3", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+        return from_snapshot(ref, "s3", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
 
 
 def resolve_mlflow(ref: str, tracking_uri: str | None) -> tuple[str, dict[str, str]]:
@@ -269,7 +177,7 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
     with store.lock(key):
         found = store.find(key)
         if found:
-            return _from_snapshot(ref, "mlflow", *found, reused=True)
+            return from_snapshot(ref, "mlflow", *found, reused=True)
         downloads = store.root / "mlflow-download"
         remove_stale_temporaries(downloads)  # what a killed run left (its process is gone)
         with tempfile.TemporaryDirectory(dir=store.root, prefix=f".{downloads.name}.tmp-{os.getpid()}-") as tmp:
@@ -312,7 +220,7 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
                 files[name] = store.add_blob(path, digest)
             detail["manifest"] = "yes" if recorded else "no"
             folder = store.publish(key, files, {"reference": ref, "kind": "mlflow", "detail": detail})
-        return _from_snapshot(ref, "mlflow", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+        return from_snapshot(ref, "mlflow", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
 
 
 def _fetch_referenced(
@@ -363,7 +271,7 @@ def _fetch_hub(ref: str, store: Snapshots) -> FetchedModel:
     with store.lock(key):
         found = store.find(key)
         if found:
-            return _from_snapshot(ref, "hub", *found, reused=True)
+            return from_snapshot(ref, "hub", *found, reused=True)
         files = {}
         for p in sorted(local.rglob("*")):
             if p.is_file():
@@ -371,7 +279,7 @@ def _fetch_hub(ref: str, store: Snapshots) -> FetchedModel:
                 shutil.copyfile(p, copy)
                 files[p.relative_to(local).as_posix()] = store.add_blob(copy)
         folder = store.publish(key, files, {"reference": ref, "kind": "hub", "detail": {"commit": commit}})
-        return _from_snapshot(ref, "hub", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
+        return from_snapshot(ref, "hub", folder, json.loads((folder / SNAPSHOT_RECORD).read_text()), reused=False)
 
 
 download_model = task(

@@ -14,7 +14,7 @@ import pytest
 
 from flows.cli import main
 from tasks.cache import entries, gc, in_use, status
-from tasks.download import Snapshots
+from tasks.snapshots import Snapshots
 
 DAY = 86400.0
 
