@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from merging.evaluation.encoder import encode, load_encoder  # noqa: E402
 from merging.evaluation.heads import fit_probe  # noqa: E402
 from merging.evaluation.metrics import score  # noqa: E402
-from merging.zoo.build import SIZES, base_model_path, split_seed, split_source  # noqa: E402
+from merging.zoo.build import base_model_path  # noqa: E402
 from merging.zoo.finetune import Job, finetune_task, predict  # noqa: E402
+from merging.zoo.splits import SIZES, split_seed, split_source  # noqa: E402
 from merging.zoo.suites import BUILDERS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "zoo_candidates.json"

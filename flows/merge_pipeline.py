@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import merging
+from flows.overrides import apply_overrides
 from merging.config import MergeConfig, load_config
 from merging.engine.labels import model_labels
 from merging.engine.model_card import InputRecord
@@ -35,7 +36,6 @@ from merging.errors import ConfigError
 from merging.evaluation.encoder import load_tokenizer
 from merging.io.checkpoint import Checkpoint, HashCache
 from merging.pipeline_config import StorageConfig
-from merging.untrusted import split_credentials
 from tasks.cache import in_use
 from tasks.calibrate import (
     calibrate_router,
@@ -295,55 +295,6 @@ def task_runner(config: MergeConfig) -> Any:
     if p.dask_address:
         return DaskTaskRunner(address=p.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": p.max_workers, "threads_per_worker": 1, "processes": True})
-
-
-def apply_overrides(
-    config: MergeConfig, tracking_uri: str | None = None, storage: str | None = None, runner: str | None = None
-) -> MergeConfig:
-    """Returns the config with the command line's --tracking-uri, --storage and --runner applied (validated)."""
-    data = config.model_dump(mode="json", exclude_none=True)
-    if tracking_uri:
-        if "registry" not in data:
-            raise ConfigError("--tracking-uri: the config has no registry section (model_name) to register into")
-        data["registry"]["tracking_uri"] = tracking_uri
-    if storage:
-        data["storage"] = {**data.get("storage", {}), "uri": storage}
-    if runner:
-        data["pipeline"] = {**data.get("pipeline", {}), "runner": runner}
-    from merging.config import parse_config
-
-    return parse_config(move_credentials_to_environment(data), "<command line>")
-
-
-def move_credentials_to_environment(data: dict[str, Any]) -> dict[str, Any]:
-    """Returns the config data with user info taken out of its URIs and put where the clients read it.
-
-    `http://user:password@host` as a tracking URI becomes MLFLOW_TRACKING_USERNAME/PASSWORD (MLflow's
-    basic auth), as an S3 endpoint AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY. The flow's parameters
-    (stored by Prefect), MLflow params, the model card and every artifact then hold no secret.
-    """
-    mlflow_keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if env_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = _credentials_to_environment(env_uri, mlflow_keys)
-    places = [(data.get("registry"), "tracking_uri", mlflow_keys)]
-    places.append((data.get("storage"), "endpoint_url", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")))
-    for section, key, env_keys in places:
-        if section and section.get(key):
-            section[key] = _credentials_to_environment(section[key], env_keys)
-    return data
-
-
-def _credentials_to_environment(uri: str, env_keys: tuple[str, str]) -> str:
-    """Returns `uri` without user info; the user and password it held are set as `env_keys`."""
-    from urllib.parse import unquote
-
-    clean, user, password = split_credentials(uri)
-    if user is not None:
-        os.environ[env_keys[0]] = unquote(user)
-        if password is not None:
-            os.environ[env_keys[1]] = unquote(password)
-    return clean
 
 
 def run_pipeline(

@@ -33,7 +33,7 @@ def build_tiny_tasks(root: Path, scale: float = 0.3, finetunes: int = 2) -> tupl
     """
     from merging.evaluation import TaskSpec
     from merging.synthetic import WORDS, build_family
-    from merging.zoo.build import write_parquet
+    from merging.zoo.splits import write_parquet
 
     base, fts = build_family(root, "bert", finetunes, classification=True, scale=scale)
     tasks = []

