@@ -196,7 +196,7 @@ def main() -> int:
     for r in rows:
         print(
             f"{r['method']:16s} {r['case']:50s} {r['max_abs_error']:12.3e} {r['mean_abs_error']:13.3e} "
-            f"{r['error_over_mean_abs_task_vector']:9.2e} {100 * r['share_not_correctly_rounded']:11.2f}%"
+            f"{r['error_over_mean_abs_task_vector']:9.2e} {100 * r['share_not_correctly_rounded']:11.4f}%"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -7,9 +7,11 @@ cache, a fresh layer cache per cold run. Cases per method:
 - `mergeflow run`, cold: Prefect (ephemeral API started in the process), plan, one task per layer
   group on 2 threads, assemble; no evaluation, registry or storage, so only orchestration is added;
 - `mergeflow run`, re-run with every layer cached (what a re-run after a crash or a repeated schedule costs);
-- a flow that does nothing: the fixed price of starting Prefect's ephemeral API in a process.
+- a flow that does nothing: the fixed price of starting Prefect's ephemeral API in a process;
+- with `--server`, the flow and the empty flow again against a running Prefect server (`prefect server
+  start` on a free loopback port, sqlite; what `mergeflow stack up` runs), where no API starts per run.
 
-    .venv/bin/python -m benchmarks.pipeline_overhead [--repeats 3] [--small]
+    .venv/bin/python -m benchmarks.pipeline_overhead [--repeats 3] [--small] [--server] [--methods task_arithmetic]
 
 Prints a table and writes benchmarks/results/pipeline_overhead.json.
 """
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work" / "llama220m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="a 4-layer, hidden-256 model for a quick check")
+    parser.add_argument("--server", action="store_true", help="also run the flow against a running Prefect server")
+    parser.add_argument("--methods", default="task_arithmetic,neuromerging", help="comma-separated methods")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_overhead.json")
     args = parser.parse_args()
     shape = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, vocab_size=8000) if args.small else SHAPE
@@ -75,15 +79,17 @@ def main() -> None:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MERGEFLOW_CACHE_DIR": str(outs / "cache"),
     }
-    methods = {"task_arithmetic": {"lambda": 0.3}, "neuromerging": {"lambda": "auto"}}
+    known = {"task_arithmetic": {"lambda": 0.3}, "neuromerging": {"lambda": "auto"}}
+    methods = {m: known[m] for m in args.methods.split(",")}
+    server_env, server_pid = start_prefect_server(outs / "prefect-server", env) if args.server else (None, None)
     results: dict[str, dict[str, object]] = {}
 
-    def run_case(label: str, cmd: list[str], before=None) -> None:  # type: ignore[no-untyped-def]
+    def run_case(label: str, cmd: list[str], before=None, case_env=None) -> None:  # type: ignore[no-untyped-def]
         runs = []
         for _ in range(args.repeats):
             if before is not None:
                 before()
-            runs.append(measure(cmd, env))
+            runs.append(measure(cmd, case_env or env))
         results[label] = {
             "runs": runs,
             "median_wall_s": median(runs, "wall_s"),
@@ -93,40 +99,25 @@ def main() -> None:
         print(f"{label:44s} {results[label]['median_wall_s']:8.2f} s", flush=True)
 
     # Warm the hash cache (both paths hash their inputs; the cache makes that free for both).
-    run_case("empty Prefect flow (ephemeral API start)", [sys.executable, "-c", EMPTY_FLOW])
-    for method, params in methods.items():
-        cfg = write_pipeline_config(outs / f"{method}.yml", method, base, fts, params, outs / f"work-{method}")
-        one = [mergeflow, "merge", str(cfg), str(outs / f"merge-{method}"), "--no-progress", "--overwrite"]
-        run_case(f"mergeflow merge {method}", one)
+    try:
+        run_all(methods, base, fts, outs, mergeflow, run_case, server_env)
+    finally:
+        if server_pid is not None:
+            from infra.processes import stop_pid
 
-        def clear_layers() -> None:
-            shutil.rmtree(outs / "cache" / "layers", ignore_errors=True)
-
-        flow_cmd = [mergeflow, "run", str(cfg)]
-        run_case(f"mergeflow run {method} (cold layer cache)", flow_cmd, clear_layers)
-        run_case(f"mergeflow run {method} (all layers cached)", flow_cmd)
-    rows = []
-    for method in methods:
-        direct = float(results[f"mergeflow merge {method}"]["median_wall_s"])  # type: ignore[arg-type]
-        cold = float(results[f"mergeflow run {method} (cold layer cache)"]["median_wall_s"])  # type: ignore[arg-type]
-        warm = float(results[f"mergeflow run {method} (all layers cached)"]["median_wall_s"])  # type: ignore[arg-type]
-        fixed = float(results["empty Prefect flow (ephemeral API start)"]["median_wall_s"])  # type: ignore[arg-type]
-        rows.append(
-            {
-                "method": method,
-                "merge_s": direct,
-                "flow_s": cold,
-                "overhead_pct": 100 * (cold - direct) / direct,
-                "overhead_without_prefect_start_pct": 100 * (cold - fixed - direct) / direct,
-                "rerun_cached_s": warm,
-            }
-        )
-    print(f"\n{'method':18s} {'merge s':>8s} {'flow s':>8s} {'overhead':>9s} {'w/o start':>10s} {'re-run s':>9s}")
+            stop_pid(server_pid, timeout=30)
+    rows = summarize(methods, results, server_env is not None)
+    print(
+        f"\n{'method':18s} {'merge s':>8s} {'flow s':>8s} {'overhead':>9s} {'w/o start':>10s} {'re-run s':>9s}", end=""
+    )
+    print(f" {'server flow s':>14s} {'overhead':>9s}" if server_env else "")
     for r in rows:
         print(
             f"{r['method']:18s} {r['merge_s']:8.2f} {r['flow_s']:8.2f} {r['overhead_pct']:8.1f}% "
-            f"{r['overhead_without_prefect_start_pct']:9.1f}% {r['rerun_cached_s']:9.2f}"
+            f"{r['overhead_without_prefect_start_pct']:9.1f}% {r['rerun_cached_s']:9.2f}",
+            end="",
         )
+        print(f" {r['server_flow_s']:14.2f} {r['server_overhead_pct']:8.1f}%" if server_env else "")
     out = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "model": {**shape, "finetunes": 4},
@@ -138,6 +129,70 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.json}")
+
+
+def start_prefect_server(folder: Path, env: dict[str, str]) -> tuple[dict[str, str], int]:
+    """Starts `prefect server start` on a free loopback port (sqlite in `folder`); returns (the env that uses
+    it, its PID)."""
+    from infra.processes import HOST, executable, free_port, http_ok, spawn, wait_until
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    port = free_port()
+    server_env = {
+        **env,
+        "PREFECT_HOME": str(folder),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
+    }
+    pid = spawn(
+        [executable("prefect"), "server", "start", "--host", HOST, "--port", str(port)], server_env, folder / "log"
+    )
+    wait_until(lambda: http_ok(f"http://{HOST}:{port}/api/health"), 120, f"Prefect server on {port}", pid)
+    return {**env, "PREFECT_API_URL": f"http://{HOST}:{port}/api"}, pid
+
+
+def run_all(methods, base, fts, outs, mergeflow, run_case, server_env) -> None:  # type: ignore[no-untyped-def]
+    run_case("empty Prefect flow (ephemeral API start)", [sys.executable, "-c", EMPTY_FLOW])
+    if server_env is not None:
+        run_case("empty Prefect flow (Prefect server)", [sys.executable, "-c", EMPTY_FLOW], case_env=server_env)
+    for method, params in methods.items():
+        cfg = write_pipeline_config(outs / f"{method}.yml", method, base, fts, params, outs / f"work-{method}")
+        one = [mergeflow, "merge", str(cfg), str(outs / f"merge-{method}"), "--no-progress", "--overwrite"]
+        run_case(f"mergeflow merge {method}", one)
+
+        def clear_layers() -> None:
+            shutil.rmtree(outs / "cache" / "layers", ignore_errors=True)
+
+        flow_cmd = [mergeflow, "run", str(cfg)]
+        run_case(f"mergeflow run {method} (cold layer cache)", flow_cmd, clear_layers)
+        run_case(f"mergeflow run {method} (all layers cached)", flow_cmd)
+        if server_env is not None:
+            label = f"mergeflow run {method} (Prefect server, cold layer cache)"
+            run_case(label, flow_cmd, clear_layers, case_env=server_env)
+
+
+def summarize(methods, results, server: bool) -> list[dict[str, float | str]]:  # type: ignore[no-untyped-def]
+    def wall(label: str) -> float:
+        return float(results[label]["median_wall_s"])
+
+    rows: list[dict[str, float | str]] = []
+    for method in methods:
+        direct = wall(f"mergeflow merge {method}")
+        cold = wall(f"mergeflow run {method} (cold layer cache)")
+        fixed = wall("empty Prefect flow (ephemeral API start)")
+        row: dict[str, float | str] = {
+            "method": method,
+            "merge_s": direct,
+            "flow_s": cold,
+            "overhead_pct": 100 * (cold - direct) / direct,
+            "overhead_without_prefect_start_pct": 100 * (cold - fixed - direct) / direct,
+            "rerun_cached_s": wall(f"mergeflow run {method} (all layers cached)"),
+        }
+        if server:
+            on_server = wall(f"mergeflow run {method} (Prefect server, cold layer cache)")
+            row |= {"server_flow_s": on_server, "server_overhead_pct": 100 * (on_server - direct) / direct}
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
