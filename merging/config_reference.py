@@ -77,7 +77,8 @@ def method_parameters() -> dict[str, dict[str, Any]]:
 
 
 def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
+    """Returns a table row's cells (an escaped `\\|` is text, not a border)."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
 
 
 def _tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
