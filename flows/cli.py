@@ -11,6 +11,7 @@ from flows.cli_cache import add_cache_parser
 from flows.cli_predict import add_predict_parser
 from flows.cli_stack import add_stack_parser
 from flows.cli_zoo import add_zoo_parsers
+from flows.quiet import quiet_defaults
 from merging.errors import MergeflowError
 from merging.untrusted import redact_text
 
@@ -181,17 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_parser(sub)
     add_predict_parser(sub)
     return parser
-
-
-def quiet_defaults() -> None:
-    """Turns off what phones home or only warns about the hub (these machines have no network)."""
-    import logging
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import merging
 from flows.overrides import apply_overrides
+from flows.quiet import quiet_defaults
 from merging.config import MergeConfig, load_config
 from merging.engine.labels import model_labels
 from merging.engine.model_card import InputRecord
@@ -305,6 +306,7 @@ def run_pipeline(
     runner: str | None = None,
 ) -> PipelineResult:
     """Returns the result of running the pipeline on a config file (or config) with its task runner."""
+    quiet_defaults()
     config = config_path if isinstance(config_path, MergeConfig) else load_config(config_path)
     if storage is None and config.storage is None:
         storage = os.environ.get("MERGEFLOW_STORAGE_URI") or None  # exported by `mergeflow stack env`
