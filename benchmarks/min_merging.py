@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from merging.evaluation.harness import Evaluator  # noqa: E402
 from merging.minmerging.build import MinMergingOptions, build_min_merging  # noqa: E402
 from merging.minmerging.evaluate import routed_report  # noqa: E402
+from merging.minmerging.features import pooled_depths  # noqa: E402
 from merging.minmerging.routed import RoutedModel  # noqa: E402
 from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
@@ -94,15 +95,11 @@ def layer_features(base_dir: Path, texts: list[str], max_length: int, batch_size
 
     model = AutoModel.from_pretrained(base_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    chunks: list[list[torch.Tensor]] = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        states = model(**batch, output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        chunks.append([(h * mask).sum(1) / mask.sum(1).clamp_min(1.0) for h in states])
-    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+    batches = (
+        tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        for i in range(0, len(texts), batch_size)
+    )
+    return pooled_depths(model, batches)
 
 
 def router_layers(evaluator: Evaluator, calibration: dict[str, list[str]], ood_texts: list[str]) -> list[dict]:

@@ -28,7 +28,7 @@ from merging.config import MergeConfig
 from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation.heads import Head
-from merging.minmerging.features import layer_pooled
+from merging.minmerging.features import layer_pooled, pooled_depths
 from merging.minmerging.importance import (
     activation_importance,
     norm_importance,
@@ -96,17 +96,6 @@ def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: M
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
-def _pooled_depths(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: MinMergingOptions) -> list:
-    """Returns, for every depth k = 0..L, the masked mean hidden state after k layers of each text."""
-    chunks: list[list[torch.Tensor]] = []
-    with torch.inference_mode():
-        for batch in _batches(tokenizer, texts, options):
-            states = model(**batch, output_hidden_states=True).hidden_states
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            chunks.append([(h * mask).sum(1) / mask.sum(1).clamp_min(1.0) for h in states])
-    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))] if chunks else []
-
-
 def train_router_at_depth(
     base: torch.nn.Module,
     tokenizer: Any,
@@ -123,8 +112,8 @@ def train_router_at_depth(
         return train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood), (
             options.router_layer
         )
-    depths = _pooled_depths(base, tokenizer, texts, options)
-    ood_depths = _pooled_depths(base, tokenizer, ood_texts, options) if ood_texts else [None] * len(depths)
+    depths = pooled_depths(base, _batches(tokenizer, texts, options))
+    ood_depths = pooled_depths(base, _batches(tokenizer, ood_texts, options)) if ood_texts else [None] * len(depths)
     best: tuple[Router, int] | None = None
     accuracy: dict[str, float] = {}
     for k, (feats, ood) in enumerate(zip(depths, ood_depths)):

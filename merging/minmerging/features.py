@@ -5,6 +5,7 @@ of a forward)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,6 +16,17 @@ from merging.errors import ConfigError
 def _masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def pooled_depths(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Returns, for every depth k = 0..L, the masked mean hidden state after k layers of each input (one forward
+    per batch with every hidden state; `router_layer: auto` and the router-depth benchmark read all depths)."""
+    chunks: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for batch in batches:
+            states = model(**batch, output_hidden_states=True).hidden_states
+            chunks.append([_masked_mean(h, batch["attention_mask"]) for h in states])
+    return [torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0]))] if chunks else []
 
 
 def mean_pooled(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
