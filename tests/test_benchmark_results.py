@@ -1,4 +1,5 @@
-"""The benchmark results JSON that README quotes: a `summary` with exactly the agreed keys, consistent with its rows."""
+"""The benchmark results JSON that README and docs/benchmarks.md quote: a `summary` with exactly the agreed keys,
+consistent with its rows."""
 
 from __future__ import annotations
 
