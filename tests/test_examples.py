@@ -19,14 +19,18 @@ from tests.test_pipeline import aliases
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yml"))
 ZOO_IN_EXAMPLES = "~/.cache/mergeflow/zoo/ci-joint"
+CAUSAL_ZOO_IN_EXAMPLES = "~/.cache/mergeflow/zoo/causal-ci"
 MERGES = [p for p in EXAMPLES if p.name.startswith(("merge-", "mergekit-"))]
 
 
-def _localized(example: Path, zoo: Path, folder: Path) -> Path:
-    """Returns a copy of `example` in `folder` whose zoo paths point at this session's ci zoo."""
+def _localized(example: Path, zoo: Path, folder: Path, causal_zoo: Path | None = None) -> Path:
+    """Returns a copy of `example` in `folder` whose zoo paths point at this session's ci zoos."""
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / example.name
-    copy.write_text(example.read_text().replace(ZOO_IN_EXAMPLES, str(zoo)))
+    text = example.read_text().replace(ZOO_IN_EXAMPLES, str(zoo))
+    if causal_zoo is not None:
+        text = text.replace(CAUSAL_ZOO_IN_EXAMPLES, str(causal_zoo))
+    copy.write_text(text)
     return copy
 
 
@@ -45,9 +49,9 @@ def test_the_examples_are_the_ones_the_docs_list():
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
-def test_each_example_loads_and_validates(example: Path, ci_zoo, tmp_path: Path, monkeypatch):
+def test_each_example_loads_and_validates(example: Path, ci_zoo, causal_ci_zoo, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = load_config(_localized(example, ci_zoo[0], tmp_path))
+    config = load_config(_localized(example, ci_zoo[0], tmp_path, causal_ci_zoo[0]))
     assert config.models and config.merge_method
     if "zoo" in example.read_text():
         for ref in [config.base_model, *(m.model for m in config.models)]:
@@ -83,6 +87,21 @@ def test_the_embedded_pipeline_example_runs(prefect_harness, ci_zoo, tmp_path: P
     reg = result.registration
     assert reg is not None and reg.aliases == ["candidate", "champion"]
     assert aliases(reg.tracking_uri, "ci-zoo-neuromerging") == {"candidate": "1", "champion": "1"}
+
+
+def test_the_causal_zoo_pipeline_example_runs(prefect_harness, causal_ci_zoo, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    example = ROOT / "examples" / "pipeline-causal-zoo.yml"
+    config = load_config(_localized(example, Path("unused"), tmp_path, causal_ci_zoo[0]))
+    result = run_pipeline(config)
+    report = result.report
+    assert report is not None and report["metric"] == "perplexity"
+    assert report["search"]["best"]["lambda"] in (0.5, 1.0)
+    assert set(report["models"]["merged"]["normalized"]) == {"python", "news", "dialogue"}
+    assert "ood.speeches.perplexity" in result.metrics and "task.python.nll" in result.metrics
+    reg = result.registration
+    assert reg is not None and reg.aliases == ["candidate", "champion"]
+    assert aliases(reg.tracking_uri, "causal-zoo-task-arithmetic") == {"candidate": "1", "champion": "1"}
 
 
 def test_the_llm_example_runs_on_tiny_llamas(prefect_harness, domains, tmp_path: Path, monkeypatch):  # noqa: F811

@@ -70,21 +70,36 @@ def perplexity(
 
 
 def lm_eval_scores(
-    path: str | Path, tasks: Sequence[str], limit: int | None = None, batch_size: int = 8
+    path: str | Path,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Returns lm-evaluation-harness results of the model at `path` (needs the `lm-eval` extra)."""
+    """Returns lm-evaluation-harness results (task → {"<metric>,<filter>": value}) of the model at `path` (needs
+    the `lm-eval` extra). `include_path`: a folder of the user's own task YAMLs (lm-eval's TaskManager), so a
+    task on local data runs offline; lm-eval's own tasks fetch their data sets (the hub or a warm cache)."""
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ConfigError(
             "lm-evaluation-harness is not installed; `pip install -e '.[lm-eval]'` adds it "
-            "(its tasks download their data: run it where the hub is reachable or pre-cached)"
+            "(its own tasks download their data: run it where the hub is reachable or pre-cached)"
         ) from exc
+    manager = TaskManager(include_path=str(include_path)) if include_path is not None else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f"the task YAMLs in {include_path}" if include_path is not None else "lm-eval's task registry"
+        raise ConfigError(f"lm-eval: no task {', '.join(map(repr, unknown))} in {where}")
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={Path(path)},dtype=float32",
         tasks=list(tasks),
         limit=limit,
         batch_size=batch_size,
+        device=device,
+        task_manager=manager,
     )
     return dict(results["results"]) if results else {}

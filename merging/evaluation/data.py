@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merging.errors import ConfigError
 
 FILE_SUFFIXES = (".parquet", ".jsonl", ".csv")
+METRICS = ("accuracy", "macro_f1", "perplexity")
+# `lm_eval:<task>[:<metric>]`: an lm-evaluation-harness task and the result key to read (default `acc`)
+LM_EVAL = re.compile(r"lm_eval:(?P<task>[A-Za-z0-9_][A-Za-z0-9_.-]*)(?::(?P<metric>[A-Za-z0-9_][A-Za-z0-9_.-]*))?")
+LM_EVAL_BUILTIN = "lm_eval"  # `dataset` of an lm_eval task: lm-eval's own task registry (else a folder of YAMLs)
+
+
+def lm_eval_target(metric: str) -> tuple[str, str] | None:
+    """Returns (lm-eval task, result metric) of an `lm_eval:<task>[:<metric>]` metric, else None."""
+    match = LM_EVAL.fullmatch(metric)
+    return (match["task"], match["metric"] or "acc") if match else None
 
 
 class TaskSpec(BaseModel):
@@ -36,13 +46,25 @@ class TaskSpec(BaseModel):
     splits: dict[str, str] = Field(
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
-    # `perplexity`: a text domain for a causal LM (no labels); scored by per-token NLL, lower is better
-    metric: Literal["accuracy", "macro_f1", "perplexity"] = "accuracy"
+    # `perplexity`: a text domain for a causal LM (no labels); scored by per-token NLL, lower is better.
+    # `lm_eval:<task>[:<metric>]`: an lm-evaluation-harness task scoring a causal LM (higher is better);
+    # `dataset` is then the folder of the task's YAML (lm-eval's include path) or `lm_eval` for its own tasks
+    metric: str = "accuracy"
     num_labels: int | None = Field(default=None, ge=2)
     label_names: list[str] | None = None
     max_length: int = Field(default=64, ge=2)  # tokens per input (perplexity: per scored window)
     max_texts: int | None = Field(default=None, ge=1)  # perplexity: score at most the split's first N texts
     model: str | None = Field(default=None, description="the fine-tune trained on this task; none = out-of-domain")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in METRICS and lm_eval_target(value) is None:
+            raise ValueError(
+                f"metric {value!r} is not one of {', '.join(METRICS)} or `lm_eval:<task>[:<metric>]` "
+                "(task and metric names: letters, digits, `_`, `.`, `-`)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _labels_agree(self) -> TaskSpec:

@@ -1,4 +1,4 @@
-"""Per-domain perplexity as evaluation tasks: the causal-LM counterpart of the encoder `Evaluator`.
+"""Causal-LM evaluation tasks: per-domain perplexity, and lm-evaluation-harness tasks.
 
 A task with `metric: perplexity` is a text domain. The base, each fine-tune (on its own domain)
 and a merged model are scored by the mean negative log-likelihood per predicted token
@@ -13,9 +13,16 @@ undefined (NaN) when the fine-tune is no better than the base on its own domain.
 fine-tune was trained on is out-of-domain: retention = perplexity_base / perplexity_merged (1 =
 unchanged, below 1 = the merge lost some of the base's ability there).
 
-The report has the encoder report's shape (`base_probe` holds the base's perplexities), so the
-pipeline's table, metrics, plot, validation search and gate work unchanged; scores are
-perplexities (lower is better), and `average_normalized` is the objective to maximize.
+A task with `metric: lm_eval:<task>[:<metric>]` runs an lm-evaluation-harness task (higher is
+better; `dataset` is the folder of the task's YAML, or `lm_eval` for lm-eval's own tasks). Its
+normalized score is (score_merged − score_base) / (score_finetune − score_base) when a fine-tune is
+named after it, else it is out-of-domain with retention = score_merged / score_base. lm-eval tasks
+carry their own data split, so they are scored on the report's split only, never in the
+validation search (which uses the perplexity tasks).
+
+The report has the encoder report's shape (`base_probe` holds the base's scores), so the
+pipeline's table, metrics, plot, validation search and gate work unchanged; perplexity scores are
+lower-is-better, and `average_normalized` is the objective to maximize.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from merging.errors import ConfigError
-from merging.evaluation.causal import load_causal_lm, perplexity
-from merging.evaluation.data import TaskSpec, load_texts, tasks_by_name
+from merging.evaluation.causal import lm_eval_scores, load_causal_lm, perplexity
+from merging.evaluation.data import LM_EVAL_BUILTIN, TaskSpec, lm_eval_target, load_texts, tasks_by_name
 from merging.evaluation.harness import EvaluationReport, ModelScores
 
 
@@ -36,6 +43,11 @@ def normalized_nll(base: float, finetune: float, merged: float) -> float:
     if not gain > 1e-12:
         return float("nan")
     return (base - merged) / gain
+
+
+def is_lm_task(task: TaskSpec) -> bool:
+    """Returns whether `task` scores a causal LM (perplexity or an lm-evaluation-harness task)."""
+    return task.metric == "perplexity" or lm_eval_target(task.metric) is not None
 
 
 class LmEvaluator:
@@ -48,11 +60,17 @@ class LmEvaluator:
         batch_size: int = 8,
         progress: bool = False,
         base_dir: Path | None = None,
+        report_split: str = "test",
+        device: str = "cpu",
     ):
         self.tasks = tasks_by_name(tasks)
-        wrong = [t.name for t in tasks if t.metric != "perplexity"]
+        wrong = [t.name for t in tasks if not is_lm_task(t)]
         if wrong:
-            raise ConfigError(f"evaluation: tasks {wrong} are not perplexity tasks; a causal LM is scored per domain")
+            raise ConfigError(
+                f"evaluation: tasks {wrong} are neither perplexity nor lm_eval tasks; a causal LM is scored per domain"
+            )
+        self.report_split = report_split
+        self.device = device
         self.base = Path(base)
         self.batch_size = batch_size
         self.progress = progress
@@ -73,11 +91,45 @@ class LmEvaluator:
             self._texts[key] = load_texts(self.tasks[task], split, self.base_dir)
         return self._texts[key]
 
+    def scored_on(self, split: str) -> list[str]:
+        """Returns the tasks scored on `split`: every task on the report's split, perplexity tasks only on others."""
+        return [n for n, t in self.tasks.items() if split == self.report_split or t.metric == "perplexity"]
+
+    def value(self, model_path: str | Path, task: str, split: str) -> float:
+        """Returns the task's score: a perplexity (lower is better) or an lm-eval metric (higher is better)."""
+        result = self.score(model_path, task, split)
+        return result["perplexity"] if self.tasks[task].metric == "perplexity" else result["score"]
+
+    def _lm_eval(self, path: Path, task: str) -> dict[str, float]:
+        spec = self.tasks[task]
+        target = lm_eval_target(spec.metric)
+        assert target is not None
+        name, metric = target
+        include = None
+        if spec.dataset != LM_EVAL_BUILTIN:
+            include = Path(spec.dataset)
+            if self.base_dir is not None and not include.is_absolute():
+                include = self.base_dir / include
+            if not include.is_dir():
+                raise ConfigError(f"task {task}: dataset {include} is not a folder of lm-eval task YAMLs")
+        results = lm_eval_scores(path, [name], spec.max_texts, self.batch_size, include, self.device).get(name, {})
+        keys = [k for k in results if k.split(",")[0] == metric]
+        if not keys or not isinstance(results[keys[0]], int | float):
+            found = sorted(k for k in results if "," in k and "stderr" not in k)
+            raise ConfigError(f"task {task}: lm-eval task {name!r} reported no {metric!r} (it reported {found})")
+        return {"score": float(results[keys[0]])}
+
     def score(self, model_path: str | Path, task: str, split: str) -> dict[str, float]:
-        """Returns {"perplexity", "nll", "tokens"} of the model at `model_path` on a domain's split."""
+        """Returns {"perplexity", "nll", "tokens"} (perplexity tasks) or {"score"} (lm-eval tasks, which have their
+        own data split: measured once per model) of the model at `model_path` on a task's split."""
         path = Path(model_path).resolve()
-        key = (str(path), task, split)
-        if key not in self._results:
+        key = (str(path), task, split if self.tasks[task].metric == "perplexity" else "")
+        if key in self._results:
+            return self._results[key]
+        if self.tasks[task].metric != "perplexity":
+            self._loaded = None  # lm-eval loads the model itself: drop ours first
+            self._results[key] = self._lm_eval(path, task)
+        else:
             if self._loaded is None or self._loaded[0] != path:
                 model, tokenizer = load_causal_lm(path)
                 self._loaded = (path, model, tokenizer)
@@ -98,48 +150,65 @@ class LmEvaluator:
     def model_scores(
         self, model_path: str | Path, split: str, out_of_domain: bool = True, heads: Any = None
     ) -> ModelScores:
-        """Returns perplexity per domain, normalized NLL per fine-tuned domain, and OOD retention."""
-        domains = self.in_domain() + (self.out_of_domain() if out_of_domain else [])
+        """Returns the score per task, the normalized score per fine-tuned task, and OOD retention."""
+        on = set(self.scored_on(split))
+        inside = [n for n in self.in_domain() if n in on]
+        outside = [n for n in self.out_of_domain() if n in on] if out_of_domain else []
         # Model by model (one load each, as `score` keeps one model loaded): this one, the base, the fine-tunes.
-        mine = {name: self.score(model_path, name, split) for name in domains}
-        base = {name: self.score(self.base, name, split) for name in domains}
-        tuned = {n: self.score(t.model, n, split) for n, t in self.tasks.items() if t.model is not None}
+        mine = {name: self.score(model_path, name, split) for name in inside + outside}
+        base = {name: self.score(self.base, name, split) for name in inside + outside}
+        tuned = {n: self.score(self.tasks[n].model, n, split) for n in inside}  # type: ignore[arg-type]
         scores, normalized, ood = {}, {}, {}
-        for name in self.in_domain():
-            scores[name] = mine[name]["perplexity"]
-            normalized[name] = normalized_nll(base[name]["nll"], tuned[name]["nll"], mine[name]["nll"])
-        for name in self.out_of_domain() if out_of_domain else []:
-            ood[name] = {
-                "base_probe": base[name]["perplexity"],
-                "merged_probe": mine[name]["perplexity"],
-                "retention": base[name]["perplexity"] / mine[name]["perplexity"],
-                "base_nll": base[name]["nll"],
-                "merged_nll": mine[name]["nll"],
-            }
+        for name in inside:
+            if self.tasks[name].metric == "perplexity":
+                scores[name] = mine[name]["perplexity"]
+                normalized[name] = normalized_nll(base[name]["nll"], tuned[name]["nll"], mine[name]["nll"])
+            else:  # higher is better: the same share of the fine-tune's gain, on the task's own metric
+                scores[name] = mine[name]["score"]
+                normalized[name] = normalized_nll(-base[name]["score"], -tuned[name]["score"], -mine[name]["score"])
+        for name in outside:
+            if self.tasks[name].metric == "perplexity":
+                ood[name] = {
+                    "base_probe": base[name]["perplexity"],
+                    "merged_probe": mine[name]["perplexity"],
+                    "retention": base[name]["perplexity"] / mine[name]["perplexity"],
+                    "base_nll": base[name]["nll"],
+                    "merged_nll": mine[name]["nll"],
+                }
+            else:
+                b, m = base[name]["score"], mine[name]["score"]
+                ood[name] = {"base_probe": b, "merged_probe": m, "retention": m / b if b > 0 else float("nan")}
         return ModelScores(scores, normalized, ood)
 
     def evaluate(self, models: Mapping[str, str | Path], split: str = "test", cross: bool = False) -> EvaluationReport:
-        """Returns the report: the base and each fine-tune on its domain, and every named model."""
+        """Returns the report: the base and each fine-tune on its task, and every named model."""
+        on = self.scored_on(split)
         tasks = [
             {"name": n, "role": "merge" if t.model else "out_of_domain", "metric": t.metric, "model": t.model}
             for n, t in self.tasks.items()
+            if n in on
         ]
-        base_scores = {n: self.score(self.base, n, split)["perplexity"] for n in self.tasks}
-        base = ModelScores(base_scores, {n: 0.0 for n in self.in_domain()})
+        base_scores = {n: self.value(self.base, n, split) for n in on}
+        base = ModelScores(base_scores, {n: 0.0 for n in self.in_domain() if n in on})
         finetuned = {}
         for name in self.in_domain():
             model = self.tasks[name].model
             assert model is not None
-            finetuned[name] = self.score(model, name, split)["perplexity"]
+            if name in on:
+                finetuned[name] = self.value(model, name, split)
         scored = {name: self.model_scores(path, split) for name, path in models.items()}
         return EvaluationReport(split, tasks, base, finetuned, scored)
 
     def nll_table(self, models: Mapping[str, str | Path], split: str) -> dict[str, dict[str, float]]:
-        """Returns model → domain → mean NLL per token (base, each fine-tune on its domain, the named models)."""
-        out: dict[str, dict[str, float]] = {"base": {n: self.score(self.base, n, split)["nll"] for n in self.tasks}}
+        """Returns model → domain → mean NLL per token of the perplexity tasks (base, each fine-tune on its
+        domain, the named models)."""
+        domains = [n for n, t in self.tasks.items() if t.metric == "perplexity"]
+        out: dict[str, dict[str, float]] = {"base": {n: self.score(self.base, n, split)["nll"] for n in domains}}
         out["finetuned"] = {
-            n: self.score(t.model, n, split)["nll"] for n, t in self.tasks.items() if t.model is not None
+            n: self.score(self.tasks[n].model, n, split)["nll"]  # type: ignore[arg-type]
+            for n in domains
+            if self.tasks[n].model is not None
         }
         for name, path in models.items():
-            out[name] = {n: self.score(path, n, split)["nll"] for n in self.tasks}
+            out[name] = {n: self.score(path, n, split)["nll"] for n in domains}
         return out

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
+from merging.untrusted import UnsafeInputError, relative_name
 
 ZOO_FORMAT: Literal[2] = 2
+
+
+def _inside_zoo(name: str) -> str:
+    """A manifest path must stay inside the zoo's folder (a zoo may come from someone else)."""
+    try:
+        return relative_name(name, "path")
+    except UnsafeInputError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+ZooPath = Annotated[str, AfterValidator(_inside_zoo)]
 
 
 class Strict(BaseModel):
@@ -19,7 +31,7 @@ class Strict(BaseModel):
 
 
 class BaseEntry(Strict):
-    path: str
+    path: ZooPath
     source: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     parameters: int = Field(gt=0)
@@ -31,7 +43,7 @@ class Scores(Strict):
 
 
 class FineTuneEntry(Strict):
-    path: str
+    path: ZooPath
     seed: int
     steps: int = Field(gt=0, description="optimizer steps run (early stopping may end a run before its budget)")
     best_step: int = Field(default=0, ge=0, description="the step whose validation score was kept")
@@ -50,14 +62,14 @@ class TaskEntry(Strict):
     label_names: list[str] = Field(min_length=2)
     metric: Literal["accuracy", "macro_f1"]
     max_length: int = Field(ge=2)
-    data: str
+    data: ZooPath
     counts: dict[Literal["train", "validation", "test"], int]
     package: str
     origin: str
     license: str
     construction: str
     probe: Scores
-    probe_head: str
+    probe_head: ZooPath
     finetune: FineTuneEntry | None = None
 
     def spec(self, root: Path) -> TaskSpec:

@@ -1,0 +1,212 @@
+"""LLM merge benchmark on the causal zoo: what each merge keeps of its fine-tunes' gains, per text domain.
+
+On the causal zoo (`full` by default: SmolLM2-135M, de-quantized from its packaged GGUF file, fully
+fine-tuned on Python source, BBC news, Seinfeld dialogue and tweets; 2012 convention speeches held
+out) it reports, on test splits:
+- the base and each fine-tune on its own domain (perplexity, and the NLL drop the fine-tune made);
+- Task Arithmetic, TIES, DARE-TIES, NeuroMerging Lite and Full, "without validation" (the methods'
+  published defaults) and "with validation" (λ chosen on the validation splits by the normalized
+  score, never on test): per-domain perplexity, the normalized score per domain
+  ((NLL_base − NLL_merged) / (NLL_base − NLL_finetune): 1 = the fine-tune's gain kept, 0 = the
+  base's), their mean, the held-out domain's perplexity and retention (base / merged), and seconds
+  per merge.
+
+    .venv/bin/python benchmarks/llm_merge.py                 # full causal zoo (~35 min on 2 cores, after its build)
+    .venv/bin/python benchmarks/llm_merge.py --size ci --quick   # a smoke run
+    .venv/bin/python benchmarks/llm_merge.py --markdown      # README's table from the results file
+
+Writes benchmarks/results/llm_merge.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from merging.engine.merge import MergeOptions, run_merge  # noqa: E402
+from merging.evaluation.lm import LmEvaluator  # noqa: E402
+from merging.evaluation.search import search_validation, with_parameters  # noqa: E402
+from merging.zoo.causal import build_causal_zoo  # noqa: E402
+from merging.zoo.causal_manifest import causal_zoo_merge_config, causal_zoo_tasks  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "llm_merge.json"
+
+# key, name, method, published defaults ("without validation"), validation grid
+METHODS: list[tuple[str, str, str, dict[str, Any], dict[str, list[Any]]]] = [
+    ("task_arithmetic", "Task Arithmetic", "task_arithmetic", {"lambda": 0.3}, {"lambda": [0.3, 0.5, 0.7, 1.0]}),
+    ("ties", "TIES", "ties", {"density": 0.2, "lambda": 1.0}, {"lambda": [0.6, 1.0, 1.4]}),
+    ("dare_ties", "DARE-TIES", "dare_ties", {"density": 0.2, "lambda": 1.0}, {"lambda": [0.5, 1.0]}),
+    ("neuromerging", "NeuroMerging Lite", "neuromerging", {}, {"lambda": [0.5, 1.0, 2.0]}),
+    (
+        "neuromerging_full",
+        "NeuroMerging Full",
+        "neuromerging",
+        {"lambda_parallel": 1.0},
+        {"lambda_parallel": [0.5, 1.0], "lambda": [1.0]},
+    ),
+]
+
+
+def merged_row(evaluator: LmEvaluator, config: Any, out: Path) -> dict[str, Any]:
+    """Merges `config` into `out`, scores it on every domain's test split, deletes it; returns the row."""
+    started = time.perf_counter()
+    run_merge(config, out, MergeOptions(progress=False, overwrite=True))
+    seconds = time.perf_counter() - started
+    evaluator.forget(out)
+    row = evaluator.model_scores(out, "test").to_json()
+    row["nll"] = {d: evaluator.score(out, d, "test")["nll"] for d in evaluator.tasks}
+    evaluator.forget(out)
+    shutil.rmtree(out, ignore_errors=True)
+    row["merge_seconds"] = seconds
+    row["parameters"] = dict(config.parameters)
+    return row
+
+
+def run(size: str, seed: int, quick: bool, work: Path) -> dict[str, Any]:
+    progress = lambda m: print("  " + m, flush=True)  # noqa: E731
+    root, manifest, _ = build_causal_zoo(None, size, seed, progress=progress)  # type: ignore[arg-type]
+    evaluator = LmEvaluator(causal_zoo_tasks(root, manifest), root / manifest.base.path)
+    domains = [d.name for d in manifest.merge_domains()]
+    held_out = [d.name for d in manifest.domains if d.role == "out_of_domain"]
+    base = {d: evaluator.score(evaluator.base, d, "test") for d in evaluator.tasks}
+    finetuned = {d: evaluator.score(evaluator.tasks[d].model, d, "test") for d in domains}  # type: ignore[arg-type]
+    result: dict[str, Any] = {
+        "zoo": {
+            "size": size,
+            "seed": seed,
+            "key": manifest.key,
+            "build_seconds": manifest.build_seconds,
+            "base": manifest.base.model_dump(mode="json"),
+            "domains": [d.model_dump(mode="json") for d in manifest.domains],
+        },
+        "in_domain": domains,
+        "out_of_domain": held_out,
+        "base": {
+            "perplexity": {d: v["perplexity"] for d, v in base.items()},
+            "nll": {d: v["nll"] for d, v in base.items()},
+        },
+        "finetuned": {
+            "perplexity": {d: v["perplexity"] for d, v in finetuned.items()},
+            "nll": {d: v["nll"] for d, v in finetuned.items()},
+            "nll_drop": {d: base[d]["nll"] - finetuned[d]["nll"] for d in domains},
+        },
+        "without_validation": {},
+        "with_validation": {},
+    }
+    for key, name, method, defaults, grid in METHODS:
+        config = causal_zoo_merge_config(root, method, defaults, manifest)
+        row = merged_row(evaluator, config, work / "m")
+        result["without_validation"][key] = row
+        print(f"  {name} (no validation, {defaults}): norm {row['average_normalized']:.3f}", flush=True)
+        if quick:
+            grid = {k: v[:2] for k, v in grid.items()}
+        started = time.perf_counter()
+        search = search_validation(config, grid, evaluator, work / "search", "average_normalized", keep_best=False)
+        search_seconds = time.perf_counter() - started
+        chosen = with_parameters(config, search.best)
+        if dict(chosen.parameters) == dict(config.parameters):
+            picked = dict(row)  # the defaults won on validation: the same merge, scored once
+        else:
+            picked = merged_row(evaluator, chosen, work / "m")
+        picked["search"] = search.to_json()
+        picked["search_seconds"] = search_seconds
+        result["with_validation"][key] = picked
+        print(f"  {name} (validation chose {search.best}): norm {picked['average_normalized']:.3f}", flush=True)
+    return result
+
+
+def names() -> dict[str, str]:
+    return {key: name for key, name, *_ in METHODS}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    domains, held = result["in_domain"], result["out_of_domain"]
+    cols = domains + held
+    print(f"\n{'model':34s} " + " ".join(f"{d[:9]:>9s}" for d in cols) + f" {'norm':>6s} {'ood':>6s} {'s/merge':>8s}")
+
+    def line(label: str, ppl: dict[str, float], norm: float, ood: float, seconds: float | None) -> None:
+        cells = " ".join(f"{ppl[d]:9.2f}" if d in ppl else f"{'':9s}" for d in cols)
+        sec = f"{seconds:8.1f}" if seconds is not None else f"{'':8s}"
+        print(f"{label[:34]:34s} {cells} {norm:6.3f} {ood:6.3f} {sec}")
+
+    line("base", result["base"]["perplexity"], 0.0, 1.0, None)
+    line("fine-tuned (own domain)", result["finetuned"]["perplexity"], 1.0, float("nan"), None)
+    for kind, tag in (("without_validation", "defaults"), ("with_validation", "λ on validation")):
+        for key, row in result[kind].items():
+            ppl = dict(row["scores"]) | {d: v["merged_probe"] for d, v in row["ood"].items()}
+            line(f"{names()[key]} ({tag})", ppl, row["average_normalized"], row["ood_retention"], row["merge_seconds"])
+    print("cells: test perplexity; norm: mean share of each fine-tune's NLL gain kept; ood: held-out retention")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    domains, held = result["in_domain"], result["out_of_domain"]
+    head = (
+        "| merge | " + " | ".join(domains) + " | mean | " + " | ".join(f"{d} (held out)" for d in held) + " | s/merge |"
+    )
+    lines = [head, "|" + "---|" * (len(domains) + len(held) + 3)]
+
+    def cells(norm: dict[str, float], ppl: dict[str, float]) -> str:
+        return " | ".join(f"{norm[d]:.2f} ({ppl[d]:.1f})" for d in domains)
+
+    base, tuned = result["base"]["perplexity"], result["finetuned"]["perplexity"]
+    lines.append(
+        "| base | "
+        + cells({d: 0.0 for d in domains}, base)
+        + " | 0.00 | "
+        + " | ".join(f"{base[d]:.1f}" for d in held)
+        + " | |"
+    )
+    lines.append(
+        "| each fine-tune, own domain | "
+        + cells({d: 1.0 for d in domains}, tuned)
+        + " | 1.00 | "
+        + " | ".join("" for _ in held)
+        + " | |"
+    )
+    for kind, tag in (("without_validation", "defaults"), ("with_validation", "λ on validation")):
+        for key, row in result[kind].items():
+            params = row["parameters"]
+            shown = ", ".join(f"{k} {v}" for k, v in params.items() if k in ("lambda", "lambda_parallel"))
+            ood = " | ".join(f"{row['ood'][d]['merged_probe']:.1f} ({row['ood'][d]['retention']:.3f})" for d in held)
+            lines.append(
+                f"| {names()[key]}, {tag}{' (' + shown + ')' if shown else ''} | "
+                f"{cells(row['normalized'], row['scores'])} | **{row['average_normalized']:.2f}** | {ood} | "
+                f"{row['merge_seconds']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="full", choices=["ci", "full"])
+    parser.add_argument("--seed", type=int, default=0, help="the causal zoo's fine-tune seed")
+    parser.add_argument("--quick", action="store_true", help="two grid points per parameter (a smoke run)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--markdown", action="store_true", help="print the README table from <out> and stop")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mergeflow-llm-merge-") as tmp:
+        result = run(args.size, args.seed, args.quick, Path(tmp))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print_table(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out} ({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
