@@ -42,16 +42,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "llm_merge.json"
 
 # key, name, method, published defaults ("without validation"), validation grid
 METHODS: list[tuple[str, str, str, dict[str, Any], dict[str, list[Any]]]] = [
-    ("task_arithmetic", "Task Arithmetic", "task_arithmetic", {"lambda": 0.3}, {"lambda": [0.3, 0.5, 0.7, 1.0]}),
-    ("ties", "TIES", "ties", {"density": 0.2, "lambda": 1.0}, {"lambda": [0.6, 1.0, 1.4]}),
+    ("task_arithmetic", "Task Arithmetic", "task_arithmetic", {"lambda": 0.3}, {"lambda": [0.3, 0.6, 1.0]}),
+    ("ties", "TIES", "ties", {"density": 0.2, "lambda": 1.0}, {"lambda": [0.6, 1.0]}),
     ("dare_ties", "DARE-TIES", "dare_ties", {"density": 0.2, "lambda": 1.0}, {"lambda": [0.5, 1.0]}),
-    ("neuromerging", "NeuroMerging Lite", "neuromerging", {}, {"lambda": [0.5, 1.0, 2.0]}),
+    ("neuromerging", "NeuroMerging Lite", "neuromerging", {}, {"lambda": ["auto", 1.0]}),
     (
         "neuromerging_full",
         "NeuroMerging Full",
         "neuromerging",
         {"lambda_parallel": 1.0},
-        {"lambda_parallel": [0.5, 1.0], "lambda": [1.0]},
+        {"lambda_parallel": [0.5, 1.0]},
     ),
 ]
 
@@ -113,7 +113,7 @@ def run(size: str, seed: int, quick: bool, work: Path) -> dict[str, Any]:
         search = search_validation(config, grid, evaluator, work / "search", "average_normalized", keep_best=False)
         search_seconds = time.perf_counter() - started
         chosen = with_parameters(config, search.best)
-        if dict(chosen.parameters) == dict(config.parameters):
+        if chosen.method_params().model_dump() == config.method_params().model_dump():
             picked = dict(row)  # the defaults won on validation: the same merge, scored once
         else:
             picked = merged_row(evaluator, chosen, work / "m")

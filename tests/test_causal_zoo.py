@@ -167,7 +167,7 @@ def test_a_manifest_path_leaving_the_zoo_is_refused(causal_zoo, tmp_path: Path, 
     bad = tmp_path / "zoo.yaml"
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(
-        ConfigError, match=r"zoo\.yaml: not a valid causal zoo manifest.*(leaves its folder|absolute|NUL)"
+        ConfigError, match=r"(?s)zoo\.yaml: not a valid causal zoo manifest.*(leaves its folder|absolute|NUL)"
     ):
         load_causal_manifest(bad)
 
@@ -188,7 +188,7 @@ def test_encoder_zoo_manifest_paths_are_checked_too(causal_zoo, tmp_path: Path) 
         "tasks": [],
     }
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(encoder))
-    with pytest.raises(ConfigError, match=r"base\.path.*leaves its folder"):
+    with pytest.raises(ConfigError, match=r"(?s)base\.path.*leaves its folder"):
         load_manifest(tmp_path)
 
 
