@@ -25,7 +25,7 @@ def load_causal_lm(path: str | Path) -> tuple[torch.nn.Module, Any]:
 
     folder = Path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot load a causal language model and its tokenizer: {exc}") from exc
