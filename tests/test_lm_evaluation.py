@@ -180,8 +180,8 @@ def test_perplexity_tasks_config_errors_name_the_problem(domains, tmp_path):
     root, base, fts = domains
     data, lm_tasks = _merge_config(root, base, fts)
     mixed = dict(data, evaluation={"tasks": [*lm_tasks, {"name": "cls", "dataset": str(root / "x")}]})
-    mixed = r"tasks \['alpha', 'beta', 'gamma'\] score a causal LM \(perplexity, lm_eval\) and the others do not"
-    with pytest.raises(ConfigError, match=mixed):
+    message = r"tasks \['alpha', 'beta', 'gamma'\] score a causal LM \(perplexity, lm_eval\) and the others do not"
+    with pytest.raises(ConfigError, match=message):
         make_scorer(parse_config(mixed, "m.yml"))
     average = dict(data, evaluation={"tasks": lm_tasks, "objective": "average"})
     with pytest.raises(ConfigError, match="maximizes `average_normalized`"):
