@@ -37,6 +37,7 @@ from merging.errors import ConfigError
 from merging.evaluation.causal import perplexity
 from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import publish_folder
+from merging.zoo.build import task_vector_norm
 from merging.zoo.causal_manifest import (
     CausalBase,
     CausalFineTune,
@@ -46,7 +47,7 @@ from merging.zoo.causal_manifest import (
     Perplexities,
     load_causal_manifest,
 )
-from merging.zoo.splits import split_seed
+from merging.zoo.splits import split_seed, write_parquet
 from merging.zoo.text_domains import DOMAINS, TextDomain
 
 Size = Literal["ci", "full"]
@@ -184,15 +185,6 @@ def finetune_lm(model: torch.nn.Module, blocks: torch.Tensor, spec: CausalSize, 
     return spec.steps
 
 
-def _vector_norm(base: dict[str, torch.Tensor], tuned: torch.nn.Module) -> float:
-    diff = total = 0.0
-    for name, value in tuned.state_dict().items():
-        if name in base:
-            diff += float((value.float() - base[name].float()).pow(2).sum())
-            total += float(base[name].float().pow(2).sum())
-    return (diff / total) ** 0.5 if total else 0.0
-
-
 def build_causal_zoo(
     out: str | Path | None = None,
     size: Size = "ci",
@@ -235,7 +227,7 @@ def build_causal_zoo(
         for domain in domains:
             splits = split_texts(domain, spec)
             for split, texts in splits.items():
-                _write_texts(tmp / "data" / domain.name / f"{split}.parquet", texts)
+                write_parquet(tmp / "data" / domain.name / f"{split}.parquet", texts)
 
             def ppl(model: torch.nn.Module, split: str, texts: dict[str, list[str]] = splits) -> dict[str, float]:
                 return perplexity(model, tokenizer, texts[split], spec.max_length, spec.eval_batch)
@@ -261,7 +253,7 @@ def build_causal_zoo(
                     seconds=round(time.perf_counter() - t0, 1),
                     perplexity=Perplexities(**{s: tuned[s]["perplexity"] for s in tuned}),
                     nll_drop=NllDrop(**{s: base_scores[s]["nll"] - tuned[s]["nll"] for s in tuned}),
-                    task_vector_norm=_vector_norm(base_state, model),
+                    task_vector_norm=task_vector_norm(base_state, model),
                 )
                 del model
                 say(
@@ -306,11 +298,3 @@ def build_causal_zoo(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root, manifest, True
-
-
-def _write_texts(path: Path, texts: list[str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), path)

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from merging.config import MergeConfig
-from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec
-from merging.zoo.manifest import ZooPath
+from merging.zoo.manifest import ZooPath, read_manifest
 
 
 class Strict(BaseModel):
@@ -89,15 +88,7 @@ class CausalZooManifest(Strict):
 
 def load_causal_manifest(path: str | Path) -> CausalZooManifest:
     """Returns the validated manifest of the causal zoo at `path` (its folder or its zoo.yaml)."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "zoo.yaml"
-    if not file.is_file():
-        raise ConfigError(f"{file}: no zoo manifest here; build one with `mergeflow zoo build --kind causal`")
-    try:
-        return CausalZooManifest.model_validate(yaml.safe_load(file.read_text()))
-    except (ValidationError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{file}: not a valid causal zoo manifest: {exc}") from exc
+    return read_manifest(path, CausalZooManifest, "causal zoo", "mergeflow zoo build --kind causal")
 
 
 def is_causal_zoo(path: str | Path) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -13,6 +13,7 @@ from merging.evaluation.data import TaskSpec
 from merging.untrusted import UnsafeInputError, relative_name
 
 ZOO_FORMAT: Literal[2] = 2
+M = TypeVar("M", bound=BaseModel)
 
 
 def _inside_zoo(name: str) -> str:
@@ -104,12 +105,18 @@ class ZooManifest(Strict):
 
 def load_manifest(path: str | Path) -> ZooManifest:
     """Returns the validated manifest at `path` (a zoo folder or its zoo.yaml)."""
+    return read_manifest(path, ZooManifest, "zoo", "mergeflow zoo build")
+
+
+def read_manifest(path: str | Path, schema: type[M], kind: str, command: str) -> M:
+    """Returns the `schema`-validated zoo.yaml at `path` (folder or file); errors name the file, `kind` and the
+    `command` that builds one."""
     file = Path(path)
     if file.is_dir():
         file = file / "zoo.yaml"
     if not file.is_file():
-        raise ConfigError(f"{file}: no zoo manifest here; build one with `mergeflow zoo build`")
+        raise ConfigError(f"{file}: no zoo manifest here; build one with `{command}`")
     try:
-        return ZooManifest.model_validate(yaml.safe_load(file.read_text()))
+        return schema.model_validate(yaml.safe_load(file.read_text()))
     except (ValidationError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{file}: not a valid zoo manifest: {exc}") from exc
+        raise ConfigError(f"{file}: not a valid {kind} manifest: {exc}") from exc

@@ -62,9 +62,13 @@ def split_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"mergeflow-zoo-split/{name}".encode()).digest()[:4], "little")
 
 
-def write_parquet(path: Path, texts: list[str], labels: list[int]) -> None:
+def write_parquet(path: Path, texts: list[str], labels: list[int] | None = None) -> None:
+    """Writes a `text` column (and a `label` column when labels are given) to `path`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": texts, "label": pa.array(labels, pa.int64())}), path)
+    columns = {"text": pa.array(texts, pa.string())}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    pq.write_table(pa.table(columns), path)
