@@ -63,7 +63,7 @@ def choose_neuron_ratio_task(config: MergeConfig, calib: CalibrationSet, work: P
     """Returns (the config at the neuron ratio best on validation within the storage budget, the choice record)."""
     from merging.evaluation.search import with_parameters
     from merging.minmerging.auto import choose_neuron_ratio
-    from tasks.evaluate import make_evaluator
+    from tasks.evaluate import make_scorer
 
     params = config.method_params()
     assert isinstance(params, MinMergingParams) and params.neuron_ratio == "auto"
@@ -72,7 +72,7 @@ def choose_neuron_ratio_task(config: MergeConfig, calib: CalibrationSet, work: P
             Path(config.base_model),
             finetune_dirs(config),
             calib.texts,
-            make_evaluator(config),
+            make_scorer(config),
             work,
             min_merging_options(config),
             params.storage_budget,
@@ -129,7 +129,11 @@ def shared_merge_config(config: MergeConfig, enhancement: Enhancement) -> MergeC
 
 
 def task_heads(config: MergeConfig) -> dict[str, Head]:
-    """Returns each fine-tune's classification head (fine-tunes without one are left out)."""
+    """Returns each fine-tune's classification head (fine-tunes without one are left out; a causal LM has none)."""
+    from merging.minmerging.models import folder_is_causal
+
+    if folder_is_causal(config.base_model):
+        return {}
     heads = {}
     for label, folder in finetune_dirs(config).items():
         try:
@@ -236,14 +240,19 @@ def evaluate_routed(config: MergeConfig, routed_dir: Path, out_dir: Path) -> dic
     from merging.evaluation.plot import plot_report
     from merging.minmerging.evaluate import routed_report
     from merging.minmerging.routed import RoutedModel
-    from tasks.evaluate import make_evaluator, results_table
+    from merging.evaluation.lm import LmEvaluator
+    from tasks.evaluate import make_scorer, results_table
 
     ev = config.evaluation
     assert ev is not None
-    evaluator = make_evaluator(config)
+    evaluator = make_scorer(config)
     report = evaluator.evaluate({"shared": routed_dir / "shared"}, ev.split).to_json()
     routed = RoutedModel.load(routed_dir)
     report["models"]["merged"] = routed_report(evaluator, routed, ev.split, report["finetuned"])
+    if isinstance(evaluator, LmEvaluator):  # perplexities; the NLLs behind the normalized scores too
+        report["metric"] = "perplexity"
+        report["nll"] = evaluator.nll_table({"shared": routed_dir / "shared"}, ev.split)
+        report["nll"]["merged"] = report["models"]["merged"]["nll"]
     report["router"] = json.loads((routed_dir / "min_merging_report.json").read_text())["router"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))

@@ -22,10 +22,12 @@ import torch
 from merging.errors import ConfigError
 from merging.evaluation.harness import Evaluator
 from merging.evaluation.heads import Head
+from merging.evaluation.lm import LmEvaluator
 from merging.minmerging.build import MinMergingOptions, build_min_merging
 from merging.minmerging.evaluate import routed_report
 from merging.minmerging.importance import neuron_linears
-from merging.minmerging.routed import RoutedModel, quiet_transformers
+from merging.minmerging.models import folder_is_causal, load_model
+from merging.minmerging.routed import RoutedModel
 
 DEFAULT_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -74,7 +76,7 @@ def choose_neuron_ratio(
     base_dir: Path,
     finetunes: dict[str, Path],
     calibration: dict[str, list[str]],
-    evaluator: Evaluator,
+    evaluator: Evaluator | LmEvaluator,
     workdir: Path,
     options: MinMergingOptions,
     storage_budget: float,
@@ -83,14 +85,11 @@ def choose_neuron_ratio(
     ood_texts: list[str] | None = None,
 ) -> RatioChoice:
     """Returns the ratio of `grid` whose routed model scores best on validation with patches ≤ `storage_budget`."""
-    from transformers import AutoModel
-
     if not 0 < storage_budget <= 1:
         raise ConfigError(f"storage_budget must be in (0, 1] (patch bytes per task / one model), got {storage_budget}")
     if not grid or any(not 0 < r <= 1 for r in grid):
         raise ConfigError(f"neuron_ratio_grid must be ratios in (0, 1], got {list(grid)}")
-    with quiet_transformers():
-        base = AutoModel.from_pretrained(base_dir, trust_remote_code=False)
+    base = load_model(base_dir, folder_is_causal(base_dir))
     estimated = {r: estimated_patch_fraction(base, r, options.patch_small_tensors) for r in sorted(set(grid))}
     del base
     fitting = [r for r, f in estimated.items() if f <= storage_budget]
@@ -103,7 +102,7 @@ def choose_neuron_ratio(
     missing = sorted(set(finetunes) - set(evaluator.in_domain()))
     if missing:
         raise ConfigError(f"neuron_ratio auto: fine-tunes {missing} have no evaluation task to score them on")
-    finetuned = evaluator.finetuned_scores("validation")
+    finetuned = None if isinstance(evaluator, LmEvaluator) else evaluator.finetuned_scores("validation")
     choice = RatioChoice(fitting[0], storage_budget, estimated)
     best = -math.inf
     for ratio in fitting:

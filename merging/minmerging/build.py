@@ -36,7 +36,8 @@ from merging.minmerging.importance import (
     task_vectors,
     top_rows,
 )
-from merging.minmerging.routed import OodModel, Patch, RoutedModel, neuron_patch, quiet_transformers
+from merging.minmerging.models import feature_model, folder_is_causal, load_model, load_tokenizer
+from merging.minmerging.routed import OodModel, Patch, RoutedModel, neuron_patch
 from merging.minmerging.router import Router, RouterOptions, train_router
 
 
@@ -92,7 +93,7 @@ def _batches(tokenizer: Any, texts: list[str], options: MinMergingOptions) -> It
 def _pooled(model: torch.nn.Module, tokenizer: Any, texts: list[str], options: MinMergingOptions) -> torch.Tensor:
     layer = None if options.router_layer == "auto" else options.router_layer
     with torch.inference_mode():
-        chunks = [layer_pooled(model, batch, layer) for batch in _batches(tokenizer, texts, options)]
+        chunks = [layer_pooled(feature_model(model), batch, layer) for batch in _batches(tokenizer, texts, options)]
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
@@ -112,8 +113,9 @@ def train_router_at_depth(
         return train_router(_pooled(base, tokenizer, texts, options), labels, tasks, options.router, ood), (
             options.router_layer
         )
-    depths = pooled_depths(base, _batches(tokenizer, texts, options))
-    ood_depths = pooled_depths(base, _batches(tokenizer, ood_texts, options)) if ood_texts else [None] * len(depths)
+    features = feature_model(base)
+    depths = pooled_depths(features, _batches(tokenizer, texts, options))
+    ood_depths = pooled_depths(features, _batches(tokenizer, ood_texts, options)) if ood_texts else [None] * len(depths)
     best: tuple[Router, int] | None = None
     accuracy: dict[str, float] = {}
     for k, (feats, ood) in enumerate(zip(depths, ood_depths)):
@@ -164,23 +166,20 @@ def enhance(
     options: MinMergingOptions | None = None,
 ) -> Enhancement:
     """Returns the enhancement: per fine-tune, its important rows (scored, top `neuron_ratio`) kept, the rest of
-    each linear layer's task vector dropped; writes `out_dir/base` and `out_dir/<task>` encoder folders."""
-    from transformers import AutoModel, AutoTokenizer
-
+    each linear layer's task vector dropped; writes `out_dir/base` and `out_dir/<task>` folders (encoders, or
+    causal LMs with their LM head when the base is one)."""
     options = options or MinMergingOptions()
     check_calibration(finetunes, calibration)
     tasks = list(finetunes)
-    with quiet_transformers():
-        base = AutoModel.from_pretrained(base_dir, trust_remote_code=False).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+    causal = folder_is_causal(base_dir)
+    base, tokenizer = load_model(base_dir, causal), load_tokenizer(base_dir, causal)
     out_dir.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(out_dir / "base")
     tokenizer.save_pretrained(out_dir / "base")  # θ_shared takes the base's tokenizer
     patches, masks, enhanced = {}, [], {}
     base_state = base.state_dict()
     for task in tasks:
-        with quiet_transformers():
-            tuned = AutoModel.from_pretrained(finetunes[task], trust_remote_code=False).eval()
+        tuned = load_model(finetunes[task], causal)
         vectors = task_vectors(base, tuned)
         if options.importance == "activation":
             scores = activation_importance(
@@ -220,14 +219,11 @@ def calibrate(
     ood_texts: list[str] | None = None,
 ) -> MinMergingReport:
     """Returns the report of training the router on θ₀'s features and saving the routed model into `out_dir`."""
-    from transformers import AutoModel, AutoTokenizer
-
     options = options or MinMergingOptions()
     tasks = enhancement.tasks
-    with quiet_transformers():
-        base = AutoModel.from_pretrained(base_dir, trust_remote_code=False).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
-        shared = AutoModel.from_pretrained(shared_dir, trust_remote_code=False).eval()
+    causal = folder_is_causal(base_dir)
+    base, tokenizer = load_model(base_dir, causal), load_tokenizer(base_dir, causal)
+    shared = load_model(shared_dir, causal)
     texts = [text for task in tasks for text in calibration[task]]
     labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
     router, router_layer = train_router_at_depth(base, tokenizer, texts, labels, tasks, options, ood_texts)

@@ -1,6 +1,7 @@
 """Returns the router's calibration texts named by a config's `calibration` section, checked against its fine-tunes.
 
-Each fine-tune gets the texts of its task: from a zoo (each merge task's train split) or from an
+Each fine-tune gets the texts of its task: from a zoo (each merge task's train split; a causal zoo's
+fine-tuned domains) or from an
 explicit source (dataset, text column, split), sampled without replacement to `samples` with a
 fixed seed. Out-of-domain texts (the zoo's out-of-domain tasks, zoo tasks whose fine-tune is not in
 this merge, and explicit `ood` sources) measure how often the router flags inputs it was not
@@ -71,22 +72,25 @@ def zoo_sources(cal: CalibrationConfig, labels: list[str]) -> tuple[list[Calibra
     """Returns (task sources, out-of-domain sources) of the zoo named by the section (train splits)."""
     if cal.zoo is None:
         return [], []
+    from merging.zoo.causal_manifest import causal_zoo_tasks, is_causal_zoo
     from merging.zoo.manifest import load_manifest
 
     folder = Path(cal.zoo)
-    manifest = load_manifest(folder)
+    if is_causal_zoo(folder):  # text domains: a domain with a fine-tune is a task, the held-out ones are OOD
+        specs = [(spec, spec.model is not None) for spec in causal_zoo_tasks(folder)]
+    else:
+        specs = [(t.spec(folder), t.finetune is not None) for t in load_manifest(folder).tasks]
     tasks: list[CalibrationSource] = []
     ood: list[CalibrationSource] = []
-    for t in manifest.tasks:
-        spec = t.spec(folder)
+    for spec, tuned in specs:
         source = CalibrationSource(
-            name=t.name,
+            name=spec.name,
             dataset=spec.dataset,
             text_column=spec.text_column,
             split=spec.splits.get("train", "train"),
             split_column=spec.split_column,
         )
-        (tasks if t.finetune is not None and t.name in labels else ood).append(source)
+        (tasks if tuned and spec.name in labels else ood).append(source)
     return tasks, ood
 
 

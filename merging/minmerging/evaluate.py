@@ -17,6 +17,7 @@ import torch
 
 from merging.evaluation.harness import Evaluator
 from merging.evaluation.heads import fit_probe
+from merging.evaluation.lm import LmEvaluator
 from merging.evaluation.metrics import score
 from merging.minmerging.routed import Routed, RoutedModel
 
@@ -36,7 +37,7 @@ def routed_run(routed: RoutedModel, evaluator: Evaluator, task: str, split: str,
 
 
 def routed_report(
-    evaluator: Evaluator,
+    evaluator: Evaluator | LmEvaluator,
     routed: RoutedModel,
     split: str = "test",
     finetuned: dict[str, float] | None = None,
@@ -47,7 +48,12 @@ def routed_report(
 
     With `oracle`, in-domain inputs go to their true task's experts (the router is bypassed). Without
     `out_of_domain`, the out-of-domain tasks are not scored (a validation search needs in-domain only).
+    A causal-LM routed model on perplexity tasks is scored by `merging.minmerging.lm_report`.
     """
+    if isinstance(evaluator, LmEvaluator):
+        from merging.minmerging.lm_report import routed_lm_report
+
+        return routed_lm_report(evaluator, routed, split, oracle, out_of_domain)
     finetuned = finetuned if finetuned is not None else evaluator.finetuned_scores(split)
     scores, strict, routing = {}, {}, {}
     confusion: dict[str, dict[str, int]] = {}  # true task → routed task ("out_of_domain" when flagged) → inputs

@@ -29,23 +29,13 @@ from safetensors.torch import load_file, save_file
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation.heads import Head
 from merging.minmerging.features import layer_pooled
+from merging.minmerging.models import feature_model, is_causal_lm, load_model, load_tokenizer, quiet_transformers
+from merging.minmerging.patches import Patch, neuron_patch, patch_hook, row_deltas
 from merging.minmerging.router import Router
 
-Patch = dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor name -> (row indices, θₜ's rows)
+__all__ = ["OodModel", "Patch", "RoutedModel", "neuron_patch", "quiet_transformers"]
+
 OodModel = Literal["base", "shared"]
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silences transformers' load reports (a classification checkpoint loaded as its base model lists its head)."""
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -54,39 +44,22 @@ def _relative(path: Path, folder: Path) -> str:
     return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
 
 
-def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor], small_tensors: bool = False) -> Patch:
-    """Returns a task's patch: for each masked tensor, its important row indices and the fine-tune's rows;
-    with `small_tensors`, also every one-dimensional parameter (biases, LayerNorm scales) whole."""
-    state = finetuned.state_dict()
-    missing = sorted(set(masks) - set(state))
-    if missing:
-        raise ConfigError(f"neuron masks name tensors the fine-tune does not have: {missing[:3]}")
-    patch = {name: (idx.long(), state[name][idx.long()].detach().clone()) for name, idx in masks.items()}
-    if small_tensors:
-        for name, param in finetuned.named_parameters():
-            if param.dim() == 1 and name not in patch:
-                patch[name] = (torch.arange(param.shape[0]), param.detach().clone())
-    return patch
-
-
-def _grid(output: torch.Tensor, members: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Returns broadcast indices that address rows `members` (first dim) × every middle position × `idx` (last)."""
-    nd = output.dim()
-    shape = [1] * nd
-    out = []
-    for d in range(nd):
-        values = members if d == 0 else idx if d == nd - 1 else torch.arange(output.shape[d])
-        view = list(shape)
-        view[d] = -1
-        out.append(values.view(view))
-    return tuple(out)
-
-
 def _pooled_output(out: Any) -> torch.Tensor:
     features = getattr(out, "pooler_output", None)
     if features is None:
         raise ConfigError("the routed encoder has no pooled output to hand to a task head")
     return features
+
+
+@dataclass(frozen=True)
+class Route:
+    """One input's route: task (None when out-of-domain), experts and their weights, the router's top probability
+    (1.0 under oracle routing)."""
+
+    task: str | None
+    experts: list[str]
+    weights: list[float]
+    confidence: float
 
 
 @dataclass
@@ -131,86 +104,84 @@ class RoutedModel:
         self.batch_size = batch_size
         self.router_layer = router_layer
         self._route = threading.local()  # this thread's per-input expert weights while a routed forward runs
-        self._deltas = self._row_deltas()
+        self._deltas = row_deltas(self.shared, patches, router.tasks)
         modules = dict(self.shared.named_modules())
+        current = lambda: getattr(self._route, "weights", None)  # noqa: E731
         self._hooks = [
-            modules[name].register_forward_hook(self._patch_hook(modules[name], deltas))
+            modules[name].register_forward_hook(patch_hook(modules[name], deltas, current))
             for name, deltas in sorted(self._deltas.items())
         ]
-
-    def _row_deltas(self) -> dict[str, list[tuple[int, str, torch.Tensor, torch.Tensor]]]:
-        """Returns, per patched module, (task index, parameter kind, row indices, θₜ's rows − θ_shared's rows).
-
-        Kinds: "weight" of a linear layer (rows = output neurons), "scale" of a LayerNorm, and "bias" of either.
-        """
-        params = dict(self.shared.named_parameters())
-        modules = dict(self.shared.named_modules())
-        out: dict[str, list[tuple[int, str, torch.Tensor, torch.Tensor]]] = {}
-        for task, patch in self.patches.items():
-            j = self.router.tasks.index(task)
-            for name, (idx, rows) in patch.items():
-                if name not in params:
-                    raise ConfigError(f"patch of task {task!r} names {name}, which the shared model does not have")
-                module_name, _, attr = name.rpartition(".")
-                module = modules.get(module_name)
-                if isinstance(module, torch.nn.Linear) and attr in ("weight", "bias"):
-                    kind = attr
-                elif isinstance(module, torch.nn.LayerNorm) and attr in ("weight", "bias"):
-                    kind = "scale" if attr == "weight" else "bias"
-                else:
-                    raise ConfigError(
-                        f"patch tensor {name} is not a parameter of a linear layer or LayerNorm of the shared model"
-                    )
-                shared = params[name].detach()
-                if rows.shape[1:] != shared.shape[1:] or (idx.numel() and int(idx.max()) >= shared.shape[0]):
-                    raise ConfigError(f"patch of task {task!r}: {name} rows do not fit the shared tensor")
-                delta = (rows.to(shared.dtype) - shared[idx.long()]).contiguous()
-                out.setdefault(module_name, []).append((j, kind, idx.long(), delta))
-        return out
-
-    def _patch_hook(self, module: torch.nn.Module, deltas: list[tuple[int, str, torch.Tensor, torch.Tensor]]):  # type: ignore[no-untyped-def]
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-            weights = getattr(self._route, "weights", None)  # (batch, tasks), zero where a task is not an expert
-            if weights is None:
-                return None
-            x = args[0]
-            normalized = None
-            for j, kind, idx, delta in deltas:
-                members = weights[:, j].nonzero().flatten()
-                if members.numel() == 0:
-                    continue
-                w = weights[members, j].to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
-                if kind == "weight":  # y = x Wᵀ: the patched rows gain x Δᵀ
-                    update = w * (x[members] @ delta.t())
-                elif kind == "bias":
-                    update = (w * delta).expand(*output[members].shape[:-1], idx.numel())
-                else:  # LayerNorm y = x̂ γ + β: the patched scale adds x̂ Δγ
-                    if normalized is None:
-                        assert isinstance(module, torch.nn.LayerNorm)
-                        normalized = torch.nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
-                    update = w * (normalized[members][..., idx] * delta)
-                output.index_put_(_grid(output, members, idx), update, accumulate=True)
-            return output
-
-        return hook
 
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
             self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )
 
+    @property
+    def causal(self) -> bool:
+        """Whether θ_shared is a causal LM (routed generation) rather than an encoder (routed classification)."""
+        return is_causal_lm(self.shared)
+
     def router_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Returns the router's input for a tokenized batch: θ₀'s mean-pooled state after `router_layer` layers."""
-        return layer_pooled(self.base, batch, self.router_layer)
+        return layer_pooled(feature_model(self.base), batch, self.router_layer)
+
+    @contextmanager
+    def routing(self, weights: torch.Tensor) -> Iterator[None]:
+        """Within the block, this thread's forwards of θ_shared mix in the experts by `weights` (inputs × tasks,
+        zero where a task is not an input's expert; a single row routes every input of a batch alike)."""
+        self._route.weights = weights
+        try:
+            yield
+        finally:
+            self._route.weights = None
+
+    def expert_weights(self, experts: list[str], weights: list[float]) -> torch.Tensor:
+        """Returns the one-row weights (1 × tasks) of a route, for `routing`."""
+        row = torch.zeros(1, len(self.router.tasks))
+        for name, w in zip(experts, weights):
+            row[0, self.router.tasks.index(name)] = w
+        return row
 
     def _routed_forward(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Returns θ_shared's pooled output with each input's experts mixed in by `weights` (inputs × tasks)."""
-        self._route.weights = weights
-        try:
+        with self.routing(weights):
             out = self.shared(**batch)
-        finally:
-            self._route.weights = None
         return _pooled_output(out)
+
+    def _route_batch(
+        self, batch: dict[str, torch.Tensor], names: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (experts (N, k), their weights, out-of-domain mask, router top probability) of a tokenized
+        batch; `names` (oracle routing) bypasses the router."""
+        if names is None:
+            features = self.router_features(batch)
+            experts, weights, ood = self.router.route(features, self.top_k)
+            return experts, weights, ood, self.router.probabilities(features).max(dim=-1).values
+        unknown = sorted(set(names) - set(self.router.tasks))
+        if unknown:
+            raise ConfigError(f"oracle routing: unknown task(s) {unknown}; known: {self.router.tasks}")
+        experts = torch.tensor([[self.router.tasks.index(n)] for n in names])
+        ones = torch.ones(len(names), 1)
+        return experts, ones, torch.zeros(len(names), dtype=torch.bool), ones.flatten()
+
+    @torch.inference_mode()
+    def routes(self, texts: list[str], oracle: list[str] | None = None) -> list[Route]:
+        """Returns each input's route (read from its first `max_length` tokens); `oracle` names each input's task."""
+        if oracle is not None and len(oracle) != len(texts):
+            raise ConfigError(f"oracle routing: {len(oracle)} task names for {len(texts)} inputs")
+        out: list[Route] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self._batch(texts[start : start + self.batch_size])
+            names = oracle[start : start + self.batch_size] if oracle is not None else None
+            experts, weights, ood, top = self._route_batch(batch, names)
+            for i in range(len(experts)):
+                if bool(ood[i]):
+                    out.append(Route(None, [], [], float(top[i])))
+                else:
+                    picked = [self.router.tasks[e] for e in experts[i].tolist()]
+                    out.append(Route(picked[0], picked, [float(w) for w in weights[i]], float(top[i])))
+        return out
 
     @torch.inference_mode()
     def run(self, texts: list[str], oracle: list[str] | None = None) -> list[Routed]:
@@ -220,20 +191,17 @@ class RoutedModel:
         """
         if oracle is not None and len(oracle) != len(texts):
             raise ConfigError(f"oracle routing: {len(oracle)} task names for {len(texts)} inputs")
+        if self.causal:
+            raise ConfigError(
+                "this routed model is a causal LM: use merging.minmerging.generation (generate, perplexity)"
+            )
         results: list[Routed] = []
         n_tasks = len(self.router.tasks)
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
             batch = self._batch(chunk)
-            if oracle is None:
-                experts, weights, ood = self.router.route(self.router_features(batch), self.top_k)
-            else:
-                names = oracle[start : start + self.batch_size]
-                unknown = sorted(set(names) - set(self.router.tasks))
-                if unknown:
-                    raise ConfigError(f"oracle routing: unknown task(s) {unknown}; known: {self.router.tasks}")
-                experts = torch.tensor([[self.router.tasks.index(n)] for n in names])
-                weights, ood = torch.ones(len(names), 1), torch.zeros(len(names), dtype=torch.bool)
+            names = oracle[start : start + self.batch_size] if oracle is not None else None
+            experts, weights, ood, _ = self._route_batch(batch, names)
             features = torch.empty(0)
             inside = (~ood).nonzero().flatten()
             outside = ood.nonzero().flatten()
@@ -296,21 +264,23 @@ class RoutedModel:
             "top_k": self.top_k,
             "max_length": self.max_length,
             "router_layer": self.router_layer,
+            "model": "causal_lm" if self.causal else "encoder",
         }
         (folder / "routed.json").write_text(json.dumps(manifest, indent=1))
         return sizes
 
     @classmethod
     def load(cls, folder: Path) -> RoutedModel:
-        from transformers import AutoModel, AutoTokenizer
-
         try:
             manifest = json.loads((folder / "routed.json").read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{folder}: no readable routed.json ({exc})") from None
+        kind = manifest.get("model", "encoder")
+        if kind not in ("encoder", "causal_lm"):
+            raise CheckpointError(f"{folder}/routed.json: model must be 'encoder' or 'causal_lm', got {kind!r}")
         router = Router.load(folder / "router")
         patches: dict[str, Patch] = {}
-        for task in manifest["tasks"]:
+        for task in _task_names(manifest.get("tasks"), folder):
             path = folder / "patches" / f"{task}.safetensors"
             if not path.exists():
                 continue
@@ -325,10 +295,9 @@ class RoutedModel:
         for role, path in (("shared", shared_dir), ("base", base_dir)):
             if not (path / "config.json").exists():
                 raise CheckpointError(f"{folder}/routed.json: the {role} model {path} is missing")
-        with quiet_transformers():
-            shared = AutoModel.from_pretrained(shared_dir, trust_remote_code=False)
-            base = AutoModel.from_pretrained(base_dir, trust_remote_code=False)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+        causal = kind == "causal_lm"
+        shared, base = load_model(shared_dir, causal), load_model(base_dir, causal)
+        tokenizer = load_tokenizer(base_dir, causal)
         return cls(
             shared,
             base,
@@ -350,3 +319,14 @@ def _router_layer(value: Any, folder: Path) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CheckpointError(f"{folder}/routed.json: router_layer must be a layer count >= 0 or null, got {value!r}")
     return value
+
+
+def _task_names(value: Any, folder: Path) -> list[str]:
+    """Returns routed.json's task names, each a plain file name (they name the patch files: no path may leave
+    `patches/`)."""
+    if not isinstance(value, list) or not value:
+        raise CheckpointError(f"{folder}/routed.json: tasks must be a non-empty list of names, got {value!r}")
+    for name in value:
+        if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\x00" in name:
+            raise CheckpointError(f"{folder}/routed.json: task name {name!r} is not a plain name (a patch file's stem)")
+    return list(value)
