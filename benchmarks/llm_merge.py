@@ -9,11 +9,18 @@ out) it reports, on test splits:
   score, never on test): per-domain perplexity, the normalized score per domain
   ((NLL_base − NLL_merged) / (NLL_base − NLL_finetune): 1 = the fine-tune's gain kept, 0 = the
   base's), their mean, the held-out domain's perplexity and retention (base / merged), and seconds
-  per merge.
+  per merge;
+- MIN-Merging's routed model (θ_shared = NeuroMerging of the enhanced fine-tunes, per-domain patches
+  of the top 10% or 20% rows of every linear layer by activation importance on 64 train texts per
+  domain, with or without the LM head's token rows, a router over θ₀'s features): each test text
+  routed by its beginning and scored whole with that route, the same normalized score, the oracle
+  (each text sent to its own domain), how often the router names the right domain, the held-out
+  texts it flags, and patch storage.
 
     .venv/bin/python benchmarks/llm_merge.py                 # full causal zoo (~35 min on 2 cores, after its build)
     .venv/bin/python benchmarks/llm_merge.py --size ci --quick   # a smoke run
     .venv/bin/python benchmarks/llm_merge.py --markdown      # README's table from the results file
+    .venv/bin/python benchmarks/llm_merge.py --only min_merging   # add the MIN-Merging rows to the results file
 
 Writes benchmarks/results/llm_merge.json and prints the table.
 """
@@ -121,11 +128,88 @@ def run(size: str, seed: int, quick: bool, work: Path) -> dict[str, Any]:
         picked["search_seconds"] = search_seconds
         result["with_validation"][key] = picked
         print(f"  {name} (validation chose {search.best}): norm {picked['average_normalized']:.3f}", flush=True)
+    result["min_merging"] = min_merging_rows(root, manifest, evaluator, work, quick)
     return result
 
 
+def add_min_merging(size: str, seed: int, quick: bool, work: Path, previous: dict[str, Any]) -> dict[str, Any]:
+    """Returns `previous` (the static rows of the same zoo build) with the MIN-Merging rows measured now.
+
+    The zoo must be the same build: its key, and the base's and fine-tunes' test perplexities, equal those
+    the static rows were measured against (else run the whole benchmark)."""
+    root, manifest, _ = build_causal_zoo(None, size, seed)  # type: ignore[arg-type]
+    evaluator = LmEvaluator(causal_zoo_tasks(root, manifest), root / manifest.base.path)
+    if previous["zoo"]["key"] != manifest.key:
+        raise SystemExit(f"--only min_merging: the results file's zoo ({previous['zoo']['key'][:12]}) is not this one")
+    for d, value in previous["base"]["perplexity"].items():
+        now = evaluator.score(evaluator.base, d, "test")["perplexity"]
+        if abs(now - value) > 1e-6 * value:
+            raise SystemExit(f"--only min_merging: the base scores {now} on {d}, the results file {value}: rebuild all")
+    for d, value in previous["finetuned"]["perplexity"].items():
+        now = evaluator.score(evaluator.tasks[d].model, d, "test")["perplexity"]  # type: ignore[arg-type]
+        if abs(now - value) > 1e-6 * value:
+            raise SystemExit(f"--only min_merging: {d}'s fine-tune scores {now}, the results file {value}: rebuild all")
+    return previous | {"min_merging": min_merging_rows(root, manifest, evaluator, work, quick)}
+
+
+# key, name, MinMergingOptions overrides: the default design, the LM head (tied embeddings) patched too, a larger patch
+MIN_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("min_merging", "MIN-Merging (ratio 0.1)", {"neuron_ratio": 0.1}),
+    ("min_merging_lm_head", "MIN-Merging (ratio 0.1, LM head patched)", {"neuron_ratio": 0.1, "patch_lm_head": True}),
+    ("min_merging_r02", "MIN-Merging (ratio 0.2)", {"neuron_ratio": 0.2}),
+]
+CALIBRATION_TEXTS = 64  # per domain, from its train split (the router holds out 20% for its threshold)
+
+
+def min_merging_rows(root: Path, manifest: Any, evaluator: LmEvaluator, work: Path, quick: bool) -> dict[str, Any]:
+    """Returns, per MIN-Merging variant, the routed model's test scores (routed, and oracle), the router's
+    confusion and held-out detection, the patch storage per task, and the build and scoring seconds."""
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+    from merging.minmerging.evaluate import routed_report
+    from merging.minmerging.routed import RoutedModel
+
+    domains = [d for d in manifest.merge_domains() if d.finetune]
+    held = [d.name for d in manifest.domains if d.role == "out_of_domain"]
+    finetunes = {d.name: root / d.finetune.path for d in domains}
+    calibration = {d.name: evaluator.texts(d.name, "train")[:CALIBRATION_TEXTS] for d in domains}
+    ood = [t for name in held for t in evaluator.texts(name, "train")[:CALIBRATION_TEXTS]]
+    rows: dict[str, Any] = {}
+    for key, name, overrides in MIN_VARIANTS[:1] if quick else MIN_VARIANTS:
+        options = MinMergingOptions(max_length=128, batch_size=8, **overrides)
+        out = work / key
+        started = time.perf_counter()
+        report = build_min_merging(root / manifest.base.path, finetunes, calibration, out, options, None, ood)
+        build_seconds = time.perf_counter() - started
+        routed = RoutedModel.load(out)
+        started = time.perf_counter()
+        row = routed_report(evaluator, routed, "test")
+        score_seconds = time.perf_counter() - started
+        oracle = routed_report(evaluator, routed, "test", oracle=True, out_of_domain=False)
+        storage = report.storage
+        row.update(
+            oracle_normalized=oracle["normalized"],
+            oracle_average_normalized=oracle["average_normalized"],
+            router={k: v for k, v in report.router.items() if k != "kept_rows"},
+            patch_fraction_per_task=storage["patch_bytes"] / len(domains) / storage["one_full_model_bytes"],
+            storage=storage,
+            options={k: v for k, v in vars(options).items() if k != "router"},
+            build_seconds=build_seconds,
+            score_seconds=score_seconds,
+        )
+        rows[key] = row
+        print(
+            f"  {name}: norm {row['average_normalized']:.3f} (oracle {row['oracle_average_normalized']:.3f}), "
+            f"routed right {row['routing_accuracy_average']:.3f}, patch {row['patch_fraction_per_task']:.3f} "
+            f"of a model per task, built in {build_seconds:.0f} s",
+            flush=True,
+        )
+        del routed
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def names() -> dict[str, str]:
-    return {key: name for key, name, *_ in METHODS}
+    return {key: name for key, name, *_ in METHODS} | {key: name for key, name, _ in MIN_VARIANTS}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -144,6 +228,15 @@ def print_table(result: dict[str, Any]) -> None:
         for key, row in result[kind].items():
             ppl = dict(row["scores"]) | {d: v["merged_probe"] for d, v in row["ood"].items()}
             line(f"{names()[key]} ({tag})", ppl, row["average_normalized"], row["ood_retention"], row["merge_seconds"])
+    for key, row in result.get("min_merging", {}).items():
+        ppl = dict(row["scores"]) | {d: v["merged_probe"] for d, v in row["ood"].items()}
+        line(f"{names()[key]} (routed)", ppl, row["average_normalized"], row["ood_retention"], None)
+        print(
+            f"{'':34s} oracle norm {row['oracle_average_normalized']:.3f}, routed to its domain "
+            f"{row['routing_accuracy_average']:.3f}, held-out flagged "
+            + ", ".join(f"{v['flagged_out_of_domain']:.2f}" for v in row["ood"].values())
+            + f", patch {row['patch_fraction_per_task']:.3f} of a model per task"
+        )
     print("cells: test perplexity; norm: mean share of each fine-tune's NLL gain kept; ood: held-out retention")
 
 
@@ -182,6 +275,14 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{cells(row['normalized'], row['scores'])} | **{row['average_normalized']:.2f}** | {ood} | "
                 f"{row['merge_seconds']:.1f} |"
             )
+    for key, row in result.get("min_merging", {}).items():
+        ood = " | ".join(f"{row['ood'][d]['merged_probe']:.1f} ({row['ood'][d]['retention']:.3f})" for d in held)
+        lines.append(
+            f"| {names()[key]}, routed (oracle {row['oracle_average_normalized']:.2f}; routed right "
+            f"{row['routing_accuracy_average']:.2f}; patches {row['patch_fraction_per_task']:.1%} of a model "
+            f"per task) | {cells(row['normalized'], row['scores'])} | **{row['average_normalized']:.2f}** | {ood} | "
+            f"{row['build_seconds']:.0f} (build) |"
+        )
     return "\n".join(lines)
 
 
@@ -192,6 +293,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two grid points per parameter (a smoke run)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--markdown", action="store_true", help="print the README table from <out> and stop")
+    parser.add_argument(
+        "--only",
+        choices=["min_merging"],
+        help="measure only the MIN-Merging rows and add them to <out> (the same zoo build as its static rows)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if args.markdown:
@@ -199,12 +305,16 @@ def main() -> int:
         return 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mergeflow-llm-merge-") as tmp:
-        result = run(args.size, args.seed, args.quick, Path(tmp))
-    result["seconds"] = round(time.perf_counter() - started, 1)
+        if args.only:
+            result = add_min_merging(args.size, args.seed, args.quick, Path(tmp), json.loads(out.read_text()))
+            result["min_merging_seconds"] = round(time.perf_counter() - started, 1)
+        else:
+            result = run(args.size, args.seed, args.quick, Path(tmp))
+            result["seconds"] = round(time.perf_counter() - started, 1)
     print_table(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out} ({result['seconds'] / 60:.1f} min)")
+    print(f"\nwrote {out} ({(time.perf_counter() - started) / 60:.1f} min)")
     return 0
 
 

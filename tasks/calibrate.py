@@ -47,6 +47,7 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
         batch_size=params.batch_size,
         budget=params.budget,
         patch_small_tensors=params.patch_small_tensors,
+        patch_lm_head=params.patch_lm_head,
         shared_from=params.shared_from,
         router_layer=params.router_layer,
         router=router,
@@ -237,10 +238,10 @@ def router_metrics(report: MinMergingReport) -> dict[str, float]:
 @task(name="evaluate-routed", cache_policy=NO_CACHE)
 def evaluate_routed(config: MergeConfig, routed_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Returns the evaluation report: base probe, fine-tunes, θ_shared alone, and the routed model (as `merged`)."""
+    from merging.evaluation.lm import LmEvaluator
     from merging.evaluation.plot import plot_report
     from merging.minmerging.evaluate import routed_report
     from merging.minmerging.routed import RoutedModel
-    from merging.evaluation.lm import LmEvaluator
     from tasks.evaluate import make_scorer, results_table
 
     ev = config.evaluation

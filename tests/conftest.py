@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -15,6 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Never touch the user's cache from tests.
 os.environ["MERGEFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergeflow-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MERGEFLOW_CACHE_DIR"], ignore_errors=True)  # tests leave nothing behind
 torch.set_num_threads(2)
 
 

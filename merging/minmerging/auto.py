@@ -57,13 +57,16 @@ class RatioChoice:
         }
 
 
-def estimated_patch_fraction(base: torch.nn.Module, neuron_ratio: float, small_tensors: bool = False) -> float:
+def estimated_patch_fraction(
+    base: torch.nn.Module, neuron_ratio: float, small_tensors: bool = False, lm_head: bool = False
+) -> float:
     """Returns the patch bytes of one task over the model's bytes: the kept rows (values and an int64 index
-    each) of every linear layer at `neuron_ratio` (per-layer budget), plus the 1-D tensors when patched whole."""
-    params = dict(base.named_parameters())
-    model_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    each) of every linear layer at `neuron_ratio` (per-layer budget; `lm_head`: a causal LM's output layer
+    too), plus the 1-D tensors when patched whole."""
+    params = dict(base.named_parameters(remove_duplicate=False))  # a tied LM head is found by its name
+    model_bytes = sum(p.numel() * p.element_size() for p in dict(base.named_parameters()).values())
     patch = 0
-    for name in neuron_linears(base):
+    for name in neuron_linears(base, lm_head):
         w = params[name]
         rows = max(1, math.ceil(neuron_ratio * w.shape[0]))
         patch += rows * (w[0].numel() * w.element_size() + 8)
@@ -90,7 +93,8 @@ def choose_neuron_ratio(
     if not grid or any(not 0 < r <= 1 for r in grid):
         raise ConfigError(f"neuron_ratio_grid must be ratios in (0, 1], got {list(grid)}")
     base = load_model(base_dir, folder_is_causal(base_dir))
-    estimated = {r: estimated_patch_fraction(base, r, options.patch_small_tensors) for r in sorted(set(grid))}
+    lm_head = options.patch_lm_head and folder_is_causal(base_dir)
+    estimated = {r: estimated_patch_fraction(base, r, options.patch_small_tensors, lm_head) for r in sorted(set(grid))}
     del base
     fitting = [r for r, f in estimated.items() if f <= storage_budget]
     if not fitting:

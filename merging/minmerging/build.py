@@ -53,6 +53,7 @@ class MinMergingOptions:
     batch_size: int = 32
     budget: Literal["layer", "model"] = "layer"  # top rows per tensor, or over the whole model
     patch_small_tensors: bool = False  # patches also carry every 1-D tensor (biases, LayerNorm) whole
+    patch_lm_head: bool = False  # a causal LM's output layer is scored and patched like the others (token rows)
     shared_from: Literal["enhanced", "finetuned"] = "enhanced"  # what θ_shared merges
     # the router reads θ₀ after this many layers (None: the last; "auto": the depth whose router is most
     # accurate on the held-out calibration texts, ties to the shallower)
@@ -180,7 +181,7 @@ def enhance(
     base_state = base.state_dict()
     for task in tasks:
         tuned = load_model(finetunes[task], causal)
-        vectors = task_vectors(base, tuned)
+        vectors = task_vectors(base, tuned, causal and options.patch_lm_head)
         if options.importance == "activation":
             scores = activation_importance(
                 tuned, tokenizer, calibration[task], vectors, options.batch_size, options.max_length

@@ -19,20 +19,24 @@ from merging.errors import ConfigError
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "pre_classifier", "lm_head")
 
 
-def neuron_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Returns `<module>.weight` → Linear for every linear layer of the encoder (task heads excluded)."""
+def neuron_linears(model: torch.nn.Module, lm_head: bool = False) -> dict[str, torch.nn.Linear]:
+    """Returns `<module>.weight` → Linear for every linear layer of the encoder (task heads excluded); with
+    `lm_head`, a causal LM's output layer too (its rows are the vocabulary's tokens)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(part in HEAD_NAMES for part in name.split(".")):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parts = name.split(".")
+        if not any(part in HEAD_NAMES for part in parts) or (lm_head and parts[-1] == "lm_head"):
             out[f"{name}.weight"] = module
     return out
 
 
-def task_vectors(base: torch.nn.Module, finetuned: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Returns τ = θₜ − θ₀ (float32) of every linear weight the two models share."""
-    base_linears = neuron_linears(base)
+def task_vectors(base: torch.nn.Module, finetuned: torch.nn.Module, lm_head: bool = False) -> dict[str, torch.Tensor]:
+    """Returns τ = θₜ − θ₀ (float32) of every linear weight the two models share (`lm_head`: see neuron_linears)."""
+    base_linears = neuron_linears(base, lm_head)
     out = {}
-    for name, layer in neuron_linears(finetuned).items():
+    for name, layer in neuron_linears(finetuned, lm_head).items():
         if name in base_linears and base_linears[name].weight.shape == layer.weight.shape:
             out[name] = (layer.weight.detach().float() - base_linears[name].weight.detach().float()).contiguous()
     return out
@@ -56,7 +60,7 @@ def activation_importance(
     texts = list(texts)
     if not texts:
         raise ConfigError("calibration: activation importance needs at least one calibration text")
-    linears = neuron_linears(model)
+    linears = neuron_linears(model, lm_head=True)  # the layers `vectors` names (an LM head only if asked for)
     missing = sorted(set(vectors) - set(linears))
     if missing:
         raise ConfigError(f"calibration: task vectors name layers the model does not have: {missing[:3]}")

@@ -42,6 +42,11 @@ class MinMergingParams(MethodParams):
     patch_small_tensors: bool = Field(
         default=False, description="patches also carry each task's 1-D tensors (biases, LayerNorm) whole"
     )
+    patch_lm_head: bool = Field(
+        default=False,
+        description="a causal LM's output layer (one row per vocabulary token; the input embeddings too when tied) "
+        "is scored and patched like the other linear layers",
+    )
     shared_from: Literal["enhanced", "finetuned"] = Field(
         default="enhanced", description="θ_shared merges the enhanced fine-tunes (kept rows only) or the whole ones"
     )

@@ -71,10 +71,15 @@ def _normalized(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def row_deltas(shared_model: torch.nn.Module, patches: dict[str, Patch], tasks: list[str]) -> dict[str, list[Delta]]:
     """Returns, per patched module, (task index, parameter kind, row indices, θₜ's rows − θ_shared's rows).
 
-    Kinds: "weight" of a linear layer (rows = output neurons), "scale" of a LayerNorm, and "bias" of either.
+    Kinds: "weight" of a linear layer (rows = output neurons), "scale" of a LayerNorm or RMSNorm, "bias" of a
+    linear layer or LayerNorm, and "embedding" of an input embedding tied to a patched linear layer (an LM head
+    sharing its matrix: the patched tokens' looked-up rows change too, as in a materialized model).
     """
-    params = dict(shared_model.named_parameters())
+    params = dict(shared_model.named_parameters(remove_duplicate=False))  # a tied LM head by its own name
     modules = dict(shared_model.named_modules())
+    embeddings = {
+        id(m.weight): n for n, m in modules.items() if isinstance(m, torch.nn.Embedding)
+    }  # a linear layer tied to an input embedding (an LM head) changes that embedding's rows too
     out: dict[str, list[Delta]] = {}
     for task, patch in patches.items():
         j = tasks.index(task)
@@ -99,6 +104,9 @@ def row_deltas(shared_model: torch.nn.Module, patches: dict[str, Patch], tasks: 
                 raise ConfigError(f"patch of task {task!r}: {name} rows do not fit the shared tensor")
             delta = (rows.to(shared.dtype) - shared[idx.long()]).contiguous()
             out.setdefault(module_name, []).append((j, kind, idx.long(), delta))
+            tied = embeddings.get(id(params[name])) if kind == "weight" else None
+            if tied is not None and tied != module_name:
+                out.setdefault(tied, []).append((j, "embedding", idx.long(), delta))
     return out
 
 
@@ -124,6 +132,9 @@ def patch_hook(module: torch.nn.Module, deltas: list[Delta], current: Callable[[
             if members.numel() == 0:
                 continue
             w = weights[members, j].to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
+            if kind == "embedding":  # the looked-up rows of patched tokens gain their Δ
+                output.index_put_((members,), w * _embedding_update(x[members], idx, delta), accumulate=True)
+                continue
             if kind == "weight":  # y = x Wᵀ: the patched rows gain x Δᵀ
                 update = w * (x[members] @ delta.t())
             elif kind == "bias":
@@ -136,3 +147,13 @@ def patch_hook(module: torch.nn.Module, deltas: list[Delta], current: Callable[[
         return output
 
     return hook
+
+
+def _embedding_update(ids: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Returns, for token ids (inputs × positions), Δ of the patched tokens' rows (zero for the others)."""
+    if idx.numel() == 0 or ids.numel() == 0:
+        return torch.zeros(*ids.shape, delta.shape[-1], dtype=delta.dtype)
+    lookup = torch.full((int(max(int(ids.max()), int(idx.max()))) + 1,), -1, dtype=torch.long)
+    lookup[idx] = torch.arange(idx.numel())
+    position = lookup[ids]
+    return delta[position.clamp_min(0)] * (position >= 0).unsqueeze(-1).to(delta.dtype)
