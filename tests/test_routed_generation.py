@@ -200,6 +200,22 @@ def test_the_routed_report_scores_domains_by_the_hand_formula(routed_lm):
     assert 0 <= gamma["flagged_out_of_domain"] <= 1 and "gamma" not in oracle["ood"]
 
 
+def test_neuron_ratio_auto_chooses_on_validation_perplexity(routed_lm, tmp_path: Path):
+    from merging.minmerging.auto import choose_neuron_ratio
+
+    _root, base, fts, evaluator, _out, _ = routed_lm
+    calibration = {t: evaluator.texts(t, "train") for t in TASKS}
+    options = MinMergingOptions(max_length=32, batch_size=8, router=RouterOptions(holdout=0.25, epochs=200))
+    choice = choose_neuron_ratio(
+        base, {t: fts[t] for t in TASKS}, calibration, evaluator, tmp_path, options, 0.9, [0.1, 0.5]
+    )
+    assert [p.neuron_ratio for p in choice.points] == [0.1, 0.5]
+    best = max(choice.points, key=lambda p: p.validation_normalized)
+    assert choice.neuron_ratio == best.neuron_ratio and all(p.routing_accuracy >= 0.9 for p in choice.points)
+    assert choice.points[1].patch_fraction > choice.points[0].patch_fraction  # measured on the built patches
+    assert not list(tmp_path.iterdir())  # every trial folder removed
+
+
 def test_bad_generation_requests_and_bad_routed_folders_are_named(routed_lm, tmp_path: Path):
     _root, _base, _fts, _evaluator, out, _ = routed_lm
     routed = RoutedModel.load(out)
