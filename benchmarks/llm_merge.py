@@ -132,7 +132,9 @@ def run(size: str, seed: int, quick: bool, work: Path) -> dict[str, Any]:
     return result
 
 
-def add_min_merging(size: str, seed: int, quick: bool, work: Path, previous: dict[str, Any]) -> dict[str, Any]:
+def add_min_merging(
+    size: str, seed: int, quick: bool, work: Path, previous: dict[str, Any], variants: list[str] | None = None
+) -> dict[str, Any]:
     """Returns `previous` (the static rows of the same zoo build) with the MIN-Merging rows measured now.
 
     The zoo must be the same build: its key, and the base's and fine-tunes' test perplexities, equal those
@@ -149,7 +151,8 @@ def add_min_merging(size: str, seed: int, quick: bool, work: Path, previous: dic
         now = evaluator.score(evaluator.tasks[d].model, d, "test")["perplexity"]  # type: ignore[arg-type]
         if abs(now - value) > 1e-6 * value:
             raise SystemExit(f"--only min_merging: {d}'s fine-tune scores {now}, the results file {value}: rebuild all")
-    return previous | {"min_merging": min_merging_rows(root, manifest, evaluator, work, quick)}
+    rows = min_merging_rows(root, manifest, evaluator, work, quick, variants)
+    return previous | {"min_merging": previous.get("min_merging", {}) | rows}
 
 
 # key, name, MinMergingOptions overrides: the default design, the LM head (tied embeddings) patched too, a larger patch
@@ -161,7 +164,27 @@ MIN_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 CALIBRATION_TEXTS = 64  # per domain, from its train split (the router holds out 20% for its threshold)
 
 
-def min_merging_rows(root: Path, manifest: Any, evaluator: LmEvaluator, work: Path, quick: bool) -> dict[str, Any]:
+def oracle_normalized(evaluator: LmEvaluator, routed: Any, row: dict[str, Any]) -> dict[str, float]:
+    """Returns each domain's normalized score with every test text sent to its own domain's patch. A domain the
+    router sent entirely to its own patch scores the same texts with the same route: its routed score is reused."""
+    from merging.evaluation.lm import normalized_nll
+    from merging.minmerging.generation import routed_perplexity
+
+    out = dict(row["normalized"])
+    for domain, share in row["routing_accuracy"].items():
+        if share < 1.0:
+            texts = evaluator.texts(domain, "test")
+            spec = evaluator.tasks[domain]
+            mine, _ = routed_perplexity(routed, texts, spec.max_length, [domain] * len(texts), evaluator.batch_size)
+            base = evaluator.score(evaluator.base, domain, "test")["nll"]
+            tuned = evaluator.score(spec.model, domain, "test")["nll"]  # type: ignore[arg-type]
+            out[domain] = normalized_nll(base, tuned, mine["nll"])
+    return out
+
+
+def min_merging_rows(
+    root: Path, manifest: Any, evaluator: LmEvaluator, work: Path, quick: bool, variants: list[str] | None = None
+) -> dict[str, Any]:
     """Returns, per MIN-Merging variant, the routed model's test scores (routed, and oracle), the router's
     confusion and held-out detection, the patch storage per task, and the build and scoring seconds."""
     from merging.minmerging.build import MinMergingOptions, build_min_merging
@@ -174,7 +197,8 @@ def min_merging_rows(root: Path, manifest: Any, evaluator: LmEvaluator, work: Pa
     calibration = {d.name: evaluator.texts(d.name, "train")[:CALIBRATION_TEXTS] for d in domains}
     ood = [t for name in held for t in evaluator.texts(name, "train")[:CALIBRATION_TEXTS]]
     rows: dict[str, Any] = {}
-    for key, name, overrides in MIN_VARIANTS[:1] if quick else MIN_VARIANTS:
+    chosen = [v for v in MIN_VARIANTS if variants is None or v[0] in variants]
+    for key, name, overrides in chosen[:1] if quick else chosen:
         options = MinMergingOptions(max_length=128, batch_size=8, **overrides)
         out = work / key
         started = time.perf_counter()
@@ -184,11 +208,11 @@ def min_merging_rows(root: Path, manifest: Any, evaluator: LmEvaluator, work: Pa
         started = time.perf_counter()
         row = routed_report(evaluator, routed, "test")
         score_seconds = time.perf_counter() - started
-        oracle = routed_report(evaluator, routed, "test", oracle=True, out_of_domain=False)
+        oracle = oracle_normalized(evaluator, routed, row)
         storage = report.storage
         row.update(
-            oracle_normalized=oracle["normalized"],
-            oracle_average_normalized=oracle["average_normalized"],
+            oracle_normalized=oracle,
+            oracle_average_normalized=sum(oracle.values()) / len(oracle),
             router={k: v for k, v in report.router.items() if k != "kept_rows"},
             patch_fraction_per_task=storage["patch_bytes"] / len(domains) / storage["one_full_model_bytes"],
             storage=storage,
@@ -298,6 +322,11 @@ def main() -> int:
         choices=["min_merging"],
         help="measure only the MIN-Merging rows and add them to <out> (the same zoo build as its static rows)",
     )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated MIN-Merging variants to measure (default: all): "
+        + ", ".join(key for key, *_ in MIN_VARIANTS),
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if args.markdown:
@@ -306,7 +335,11 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mergeflow-llm-merge-") as tmp:
         if args.only:
-            result = add_min_merging(args.size, args.seed, args.quick, Path(tmp), json.loads(out.read_text()))
+            variants = args.variants.split(",") if args.variants else None
+            unknown = sorted(set(variants or []) - {key for key, *_ in MIN_VARIANTS})
+            if unknown:
+                parser.error(f"--variants: unknown {unknown}")
+            result = add_min_merging(args.size, args.seed, args.quick, Path(tmp), json.loads(out.read_text()), variants)
             result["min_merging_seconds"] = round(time.perf_counter() - started, 1)
         else:
             result = run(args.size, args.seed, args.quick, Path(tmp))

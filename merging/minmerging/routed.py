@@ -10,7 +10,9 @@ Out-of-domain inputs run on θ₀ or on θ_shared, by configuration. The router 
 mean-pooled hidden state after `router_layer` layers (None: the last), so a shallow router costs
 a fraction of a forward. Encoders are transformers base models (`AutoModel`); the features
 handed to each task's head are the pooled output, as BertForSequenceClassification feeds its
-classifier.
+classifier. A causal LM (`...ForCausalLM`, `routed.json` says `model: causal_lm`) keeps its LM head,
+its router reads the decoder stack, and it generates and is scored by perplexity through
+`merging.minmerging.generation` (the patch math is in `patches.py`).
 """
 
 from __future__ import annotations
