@@ -164,6 +164,26 @@ MIN_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 CALIBRATION_TEXTS = 64  # per domain, from its train split (the router holds out 20% for its threshold)
 
 
+PROMPT_TOKENS = 16
+
+
+def prompt_routing(evaluator: LmEvaluator, routed: Any, domains: list[str], held: list[str]) -> dict[str, Any]:
+    """Returns how the router treats short prompts: each test text's first PROMPT_TOKENS tokens, per domain the
+    share routed to its own domain (in-domain) and the share flagged out-of-domain."""
+    tok = routed.tokenizer
+    out: dict[str, Any] = {"tokens": PROMPT_TOKENS, "domains": {}}
+    for domain in domains + held:
+        texts = evaluator.texts(domain, "test")
+        prompts = [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]) for t in texts]
+        routes = routed.routes(prompts)
+        out["domains"][domain] = {
+            "own": sum(r.task == domain for r in routes) / len(routes),
+            "flagged": sum(r.task is None for r in routes) / len(routes),
+        }
+    out["in_domain_right"] = sum(out["domains"][d]["own"] for d in domains) / len(domains)
+    return out
+
+
 def oracle_normalized(evaluator: LmEvaluator, routed: Any, row: dict[str, Any]) -> dict[str, float]:
     """Returns each domain's normalized score with every test text sent to its own domain's patch. A domain the
     router sent entirely to its own patch scores the same texts with the same route: its routed score is reused."""
@@ -209,10 +229,12 @@ def min_merging_rows(
         row = routed_report(evaluator, routed, "test")
         score_seconds = time.perf_counter() - started
         oracle = oracle_normalized(evaluator, routed, row)
+        prompts = prompt_routing(evaluator, routed, [d.name for d in domains], held)
         storage = report.storage
         row.update(
             oracle_normalized=oracle,
             oracle_average_normalized=sum(oracle.values()) / len(oracle),
+            prompt_routing=prompts,
             router={k: v for k, v in report.router.items() if k != "kept_rows"},
             patch_fraction_per_task=storage["patch_bytes"] / len(domains) / storage["one_full_model_bytes"],
             storage=storage,
@@ -223,7 +245,8 @@ def min_merging_rows(
         rows[key] = row
         print(
             f"  {name}: norm {row['average_normalized']:.3f} (oracle {row['oracle_average_normalized']:.3f}), "
-            f"routed right {row['routing_accuracy_average']:.3f}, patch {row['patch_fraction_per_task']:.3f} "
+            f"routed right {row['routing_accuracy_average']:.3f} (16-token prompts "
+            f"{prompts['in_domain_right']:.3f}), patch {row['patch_fraction_per_task']:.3f} "
             f"of a model per task, built in {build_seconds:.0f} s",
             flush=True,
         )
@@ -259,7 +282,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{'':34s} oracle norm {row['oracle_average_normalized']:.3f}, routed to its domain "
             f"{row['routing_accuracy_average']:.3f}, held-out flagged "
             + ", ".join(f"{v['flagged_out_of_domain']:.2f}" for v in row["ood"].values())
-            + f", patch {row['patch_fraction_per_task']:.3f} of a model per task"
+            + f", patch {row['patch_fraction_per_task']:.3f} of a model per task; "
+            f"{row['prompt_routing']['tokens']}-token prompts routed to their domain "
+            f"{row['prompt_routing']['in_domain_right']:.3f}"
         )
     print("cells: test perplexity; norm: mean share of each fine-tune's NLL gain kept; ood: held-out retention")
 

@@ -48,6 +48,7 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
         budget=params.budget,
         patch_small_tensors=params.patch_small_tensors,
         patch_lm_head=params.patch_lm_head,
+        prompt_prefixes=params.prompt_prefixes,
         shared_from=params.shared_from,
         router_layer=params.router_layer,
         router=router,

@@ -216,6 +216,21 @@ def test_neuron_ratio_auto_chooses_on_validation_perplexity(routed_lm, tmp_path:
     assert not list(tmp_path.iterdir())  # every trial folder removed
 
 
+def test_prompt_like_cuts_a_seeded_half_to_prefixes(routed_lm):
+    from merging.minmerging.build import prompt_like
+
+    _root, _base, _fts, evaluator, out, _ = routed_lm
+    tok = RoutedModel.load(out).tokenizer
+    texts = evaluator.texts("alpha", "train")[:20]
+    cut = prompt_like(tok, texts, 32, seed=3)
+    assert cut == prompt_like(tok, texts, 32, seed=3) and cut != prompt_like(tok, texts, 32, seed=4)
+    changed = [i for i, (a, b) in enumerate(zip(texts, cut)) if a != b]
+    assert 5 <= len(changed) <= 10  # half were drawn; a drawn text cut at its full length stays whole
+    for i in changed:
+        ids, whole = tok(cut[i], add_special_tokens=False)["input_ids"], tok(texts[i], add_special_tokens=False)
+        assert 4 <= len(ids) < len(whole["input_ids"]) and whole["input_ids"][: len(ids)] == ids
+
+
 def test_bad_generation_requests_and_bad_routed_folders_are_named(routed_lm, tmp_path: Path):
     _root, _base, _fts, _evaluator, out, _ = routed_lm
     routed = RoutedModel.load(out)

@@ -58,6 +58,9 @@ class MinMergingOptions:
     # the router reads θ₀ after this many layers (None: the last; "auto": the depth whose router is most
     # accurate on the held-out calibration texts, ties to the shallower)
     router_layer: int | Literal["auto"] | None = "auto"
+    # a causal LM routes on prompts: half of the router's calibration texts (and OOD texts) are cut to a random
+    # prefix of 4 tokens or more, so short prompts look like what the router was calibrated on
+    prompt_prefixes: bool = True
     router: RouterOptions = field(default_factory=RouterOptions)
 
 
@@ -129,6 +132,20 @@ def train_router_at_depth(
     router.metrics.update(accuracy)
     router.metrics["router_layer"] = float(layer)
     return router, layer
+
+
+def prompt_like(tokenizer: Any, texts: list[str], max_length: int, seed: int, shortest: int = 4) -> list[str]:
+    """Returns `texts` with every other one (a seeded half) cut to its first k tokens, k drawn from shortest to
+    the text's length (at most `max_length`): a causal LM's router then sees prompt-length inputs too."""
+    gen = torch.Generator().manual_seed(seed)
+    cut = torch.randperm(len(texts), generator=gen)[: len(texts) // 2].tolist()
+    out = list(texts)
+    for i in cut:
+        ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_length]
+        if len(ids) > shortest:
+            k = int(torch.randint(shortest, len(ids) + 1, (1,), generator=gen))
+            out[i] = tokenizer.decode(ids[:k])
+    return out
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -226,6 +243,9 @@ def calibrate(
     base, tokenizer = load_model(base_dir, causal), load_tokenizer(base_dir, causal)
     shared = load_model(shared_dir, causal)
     texts = [text for task in tasks for text in calibration[task]]
+    if causal and options.prompt_prefixes:
+        texts = prompt_like(tokenizer, texts, options.max_length, options.router.seed)
+        ood_texts = prompt_like(tokenizer, ood_texts, options.max_length, options.router.seed) if ood_texts else None
     labels = torch.tensor([i for i, task in enumerate(tasks) for _ in calibration[task]])
     router, router_layer = train_router_at_depth(base, tokenizer, texts, labels, tasks, options, ood_texts)
     routed = RoutedModel(

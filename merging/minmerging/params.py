@@ -47,6 +47,11 @@ class MinMergingParams(MethodParams):
         description="a causal LM's output layer (one row per vocabulary token; the input embeddings too when tied) "
         "is scored and patched like the other linear layers",
     )
+    prompt_prefixes: bool = Field(
+        default=True,
+        description="a causal LM's router is calibrated with half of its texts cut to a random prefix (4 tokens or "
+        "more), as prompts are; encoders ignore it",
+    )
     shared_from: Literal["enhanced", "finetuned"] = Field(
         default="enhanced", description="θ_shared merges the enhanced fine-tunes (kept rows only) or the whole ones"
     )
