@@ -286,6 +286,7 @@ def test_the_pipeline_evaluates_and_registers_a_routed_generator(prefect_harness
     reg = result.registration
     assert reg is not None and "champion" in reg.aliases
     mlflow.set_tracking_uri(reg.tracking_uri)
+    (tmp_path / "served").mkdir()  # MLflow downloads the model here, not into a temporary folder it leaves behind
     model = mlflow.pyfunc.load_model("models:/tiny-routed-lm@champion", dst_path=str(tmp_path / "served"))
     prompts = _texts_of(root, "alpha")[:2] + _texts_of(root, "beta")[:2]
     answer = model.predict(pd.DataFrame({"prompt": prompts}))
