@@ -332,7 +332,7 @@ def test_patch_hooks_act_only_inside_a_routed_forward(routed_family):
     with torch.no_grad():
         torch.testing.assert_close(shared(**batch).pooler_output, before, rtol=0, atol=0)
     bad = {"a": {"embeddings.word_embeddings.weight": (torch.tensor([0]), torch.zeros(1, 32))}}
-    with pytest.raises(ConfigError, match="not a parameter of a linear layer or LayerNorm"):
+    with pytest.raises(ConfigError, match="not a parameter of a linear layer, LayerNorm or RMSNorm"):
         RoutedModel(shared, base, tok, router, bad)
     wide = {"a": {"pooler.dense.weight": (torch.tensor([0]), torch.zeros(1, 3))}}
     with pytest.raises(ConfigError, match="rows do not fit"):
