@@ -31,7 +31,6 @@ from merging.minmerging.models import load_model, load_tokenizer
 from merging.minmerging.patches import neuron_patch
 from merging.minmerging.routed import RoutedModel
 from merging.minmerging.router import RouterOptions, train_router
-from merging.synthetic import build_family
 from tests.test_lm_evaluation import (
     _merge_config,
     _tasks,
@@ -131,20 +130,38 @@ def test_rms_norm_scales_and_mixed_routes_in_one_batch_equal_materialized_models
         torch.testing.assert_close(logits[row][keep], want[keep], rtol=1e-4, atol=1e-5)
 
 
-def test_a_tied_lm_head_patch_equals_a_materialized_model_on_both_sides(tmp_path: Path):
+def test_a_tied_lm_head_patch_equals_a_materialized_model_on_both_sides():
     """With tied embeddings, writing an LM head row also changes that token's input embedding: the hooks must
     do both (the output logit and the looked-up row), as a materialized model does."""
-    base_dir, fts = build_family(tmp_path / "tied", "llama", 2, scale=0.5, tie=True)
-    base = load_model(base_dir, True)
-    assert base.lm_head.weight is base.get_input_embeddings().weight
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    base.lm_head.weight = base.get_input_embeddings().weight  # tied, whatever the library's defaults
+    tuned_models = []
+    for _ in TASKS:
+        tuned = copy.deepcopy(base)  # the copy keeps the tie
+        with torch.no_grad():
+            for param in tuned.parameters():
+                param.add_(0.5 * param.std() * torch.randn_like(param))
+        tuned_models.append(tuned)
+    assert tuned_models[0].lm_head.weight is tuned_models[0].get_input_embeddings().weight
     patches = {}
-    for task, folder in zip(TASKS, fts):
-        tuned = load_model(folder, True)
+    for task, tuned in zip(TASKS, tuned_models):
         masks = top_rows(norm_importance(task_vectors(base, tuned, lm_head=True)), 0.25)
         assert "lm_head.weight" in masks and "model.layers.0.mlp.up_proj.weight" in masks
         patches[task] = neuron_patch(tuned, masks)
     router = train_router(torch.randn(8, 4), torch.tensor([0, 1] * 4), list(TASKS), RouterOptions(epochs=5))
-    shared = load_model(fts[0], True)  # any model of the family stands in for θ_shared
+    shared = tuned_models[0]  # any model of the family stands in for θ_shared
     routed = RoutedModel(shared, base, None, router, patches)
     ids = torch.arange(64).view(2, 32)  # every token: patched and unpatched rows alike
     for task in TASKS:
