@@ -217,6 +217,20 @@ def test_the_routed_report_scores_domains_by_the_hand_formula(routed_lm):
     assert 0 <= gamma["flagged_out_of_domain"] <= 1 and "gamma" not in oracle["ood"]
 
 
+def test_generation_refuses_an_encoder_routed_model(tmp_path: Path):
+    from merging.synthetic import build_family
+
+    base_dir, _ = build_family(tmp_path / "encoder", "bert", 0)
+    encoder = load_model(base_dir, False)
+    router = train_router(torch.randn(8, 4), torch.tensor([0, 1] * 4), list(TASKS), RouterOptions(epochs=5))
+    routed = RoutedModel(encoder, encoder, None, router, {})
+    assert not routed.causal
+    with pytest.raises(ConfigError, match="is an encoder"):
+        generate(routed, ["a prompt"])
+    with pytest.raises(ConfigError, match="is an encoder"):
+        routed_perplexity(routed, ["a text"])
+
+
 def test_neuron_ratio_auto_chooses_on_validation_perplexity(routed_lm, tmp_path: Path):
     from merging.minmerging.auto import choose_neuron_ratio
 
