@@ -103,8 +103,11 @@ def print_pipeline(result: object) -> None:
         )
         if "strict_average_normalized" in result.metrics:
             m = result.metrics
+            # An encoder's strict score reads the routed task's head; a routed LM has no head to pick (strict = routed).
+            lm = (result.report or {}).get("metric") == "perplexity"
+            strict = "routed (no head to pick)" if lm else "strict (routed task's head)"
             print(
-                f"  routed to the right task {m['routing_accuracy']:.3f}; strict (routed task's head) normalized "
+                f"  routed to the right task {m['routing_accuracy']:.3f}; {strict} normalized "
                 f"{m['strict_average_normalized']:.3f}; θ_shared alone {m['shared.average_normalized']:.3f}"
             )
     for warning in result.warnings:

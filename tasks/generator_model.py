@@ -34,16 +34,9 @@ class Generator(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
         self.options = {k: config.get(k, v) for k, v in DEFAULTS.items()}
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints
-        from merging.errors import ConfigError
+        from tasks import pyfunc_inputs
 
-        if isinstance(model_input, pd.DataFrame):
-            if "prompt" not in model_input.columns:
-                raise ConfigError(f"generator input: expected a `prompt` column, got {list(model_input.columns)}")
-            prompts = [str(p) for p in model_input["prompt"]]
-        elif isinstance(model_input, str):
-            prompts = [model_input]
-        else:
-            prompts = [str(p) for p in model_input]
+        prompts = pyfunc_inputs.prompts(model_input, "generator input")
         options = {**self.options, **{k: v for k, v in (params or {}).items() if k in DEFAULTS}}
         rows = []
         for prompt in prompts:

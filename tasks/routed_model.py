@@ -60,17 +60,9 @@ class RoutedPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
     def _generate(self, model_input: Any) -> pd.DataFrame:
         from merging.minmerging.generation import generate
+        from tasks import pyfunc_inputs
 
-        if isinstance(model_input, pd.DataFrame):
-            if "prompt" not in model_input.columns:
-                raise ConfigError(
-                    f"routed generator input: expected a `prompt` column, got {list(model_input.columns)}"
-                )
-            prompts = [str(p) for p in model_input["prompt"].tolist()]
-        elif isinstance(model_input, str):
-            prompts = [model_input]
-        else:
-            prompts = [str(p) for p in model_input]
+        prompts = pyfunc_inputs.prompts(model_input, "routed generator input")
         rows = [
             {
                 "prompt": g.prompt,

@@ -133,17 +133,11 @@ def test_rms_norm_scales_and_mixed_routes_in_one_batch_equal_materialized_models
 def test_a_tied_lm_head_patch_equals_a_materialized_model_on_both_sides():
     """With tied embeddings, writing an LM head row also changes that token's input embedding: the hooks must
     do both (the output logit and the looked-up row), as a materialized model does."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    )
+    from merging.synthetic import _llama_config
+
+    config = _llama_config(tie=True)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
     base.lm_head.weight = base.get_input_embeddings().weight  # tied, whatever the library's defaults
