@@ -48,7 +48,9 @@ def generate(workdir: Path, n_finetunes: int, shape: dict[str, int], dtype: str 
     base = workdir / "base"
     fts = [workdir / f"finetune_{i}" for i in range(n_finetunes)]
     marker = workdir / "generated.json"
-    record = {"shape": shape, "n": n_finetunes} if dtype == "float32" else {"shape": shape, "n": n_finetunes, "dtype": dtype}
+    record = (
+        {"shape": shape, "n": n_finetunes} if dtype == "float32" else {"shape": shape, "n": n_finetunes, "dtype": dtype}
+    )
     if marker.exists() and json.loads(marker.read_text()) == record:
         return base, fts
     shutil.rmtree(workdir, ignore_errors=True)
@@ -204,6 +206,9 @@ def main() -> None:
     parser.add_argument("--mergekit-repeats", type=int, default=3)
     parser.add_argument("--finetunes", type=int, default=4)
     parser.add_argument("--small", action="store_true", help="the same as --size small")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where mergeflow and mergekit compute (--cuda)"
+    )
     parser.add_argument("--mergekit", type=Path, default=ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml")
     parser.add_argument("--json", type=Path, default=None, help="default: results/merge_speed[_<size>].json")
     args = parser.parse_args()
@@ -215,7 +220,9 @@ def main() -> None:
     json_path = args.json or results_dir / ("merge_speed.json" if size == "220m" else f"merge_speed_{size}.json")
     t0 = time.perf_counter()
     base, fts = generate(workdir, args.finetunes, shape, dtype)
-    print(f"model: {shape} in {dtype}, {args.finetunes} fine-tunes, generated/cached in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"model: {shape} in {dtype}, {args.finetunes} fine-tunes, generated/cached in {time.perf_counter() - t0:.0f} s"
+    )
     with Checkpoint(base) as ck:
         params = sum(i.numel for i in ck.infos.values())
         largest = max(i.nbytes for i in ck.infos.values())
@@ -228,9 +235,7 @@ def main() -> None:
             workdir / "ta.yml", "task_arithmetic", base, fts, {"lambda": 0.3}, {"weight": 1.0}, dtype
         ),
         "ties": write_config(workdir / "ties.yml", "ties", base, fts, {"lambda": 1.0}, trim, dtype),
-        "neuromerging": write_config(
-            workdir / "neuro.yml", "neuromerging", base, fts, {"lambda": "auto"}, trim, dtype
-        ),
+        "neuromerging": write_config(workdir / "neuro.yml", "neuromerging", base, fts, {"lambda": "auto"}, trim, dtype),
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cases: dict[str, tuple[list[str], int]] = {
@@ -247,9 +252,10 @@ def main() -> None:
             args.repeats,
         ),
     }
+    flags = ["--no-progress", "--overwrite", "--device", args.device]
     for method, cfg in configs.items():
         cases[f"mergeflow {method}"] = (
-            [mergeflow, "merge", str(cfg), str(outs / f"mergeflow_{method}"), "--no-progress", "--overwrite"],
+            [mergeflow, "merge", str(cfg), str(outs / f"mergeflow_{method}"), *flags],
             args.repeats,
         )
     have_mergekit = args.mergekit.exists()
@@ -260,13 +266,14 @@ def main() -> None:
             workdir / "ties_parity.yml", "ties", base, fts, {"lambda": 1.0, "trim_ties": "mergekit"}, trim, dtype
         )
         cases["mergeflow ties, trim_ties: mergekit"] = (
-            [mergeflow, "merge", str(parity), str(outs / "mergeflow_ties_parity"), "--no-progress", "--overwrite"],
+            [mergeflow, "merge", str(parity), str(outs / "mergeflow_ties_parity"), *flags],
             1,
         )
     if have_mergekit:
         for method in ["task_arithmetic", "ties"]:
             cases[f"mergekit {method}"] = (
-                [str(args.mergekit), str(configs[method]), str(outs / f"mergekit_{method}"), "--no-copy-tokenizer"],
+                [str(args.mergekit), str(configs[method]), str(outs / f"mergekit_{method}"), "--no-copy-tokenizer"]
+                + (["--cuda"] if args.device == "cuda" else []),
                 args.mergekit_repeats,
             )
     if not have_mergekit:
@@ -301,7 +308,13 @@ def main() -> None:
     floor = results["floor TA (minimal streaming)"]["median_wall_s"]
     bound_mib = ((args.finetunes + 1) * largest) / 2**20 + 1024
     report = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        },
         "model": {
             **shape,
             "dtype": dtype,
@@ -331,7 +344,7 @@ def main() -> None:
             results["mergekit ties"]["median_wall_s"]  # type: ignore[arg-type]
         )
     small = results_dir / "merge_speed.json"
-    if size == "1b" and small.exists():
+    if size == "1b" and small.exists() and args.device == "cpu":
         # Memory must not grow with the number of layers: at most 1.2x the 220M run's peak plus the growth of the
         # largest tensor, counted in float32 (the dtype every method computes in).
         ref = json.loads(small.read_text())
@@ -348,7 +361,8 @@ def main() -> None:
     json_path.write_text(json.dumps(report, indent=2) + "\n")
 
     print(
-        f"\n{params / 1e6:.0f}M parameters, {args.finetunes} fine-tunes, {dtype}, {os.cpu_count()} CPUs; "
+        f"\n{params / 1e6:.0f}M parameters, {args.finetunes} fine-tunes, {dtype}, {os.cpu_count()} CPUs, "
+        f"computed on {args.device}; "
         f"medians of {args.repeats} (mergekit {args.mergekit_repeats})"
     )
     print("| case | wall s (median) | runs | peak RSS MiB | peak anon MiB |\n|---|---:|---|---:|---:|")

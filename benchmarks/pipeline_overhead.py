@@ -1,19 +1,21 @@
 """Orchestration overhead: the same merge through `mergeflow merge` and through the Prefect flow (`mergeflow run`).
 
-On the ~220M-parameter Llama with 4 fine-tunes of the merge benchmark. Each case is its own process
-(wall time, peak RSS and peak anonymous memory measured as in merge_speed.py), inputs in a warm page
-cache, a fresh layer cache per cold run. Cases per method:
+On the Llama with 4 fine-tunes of the merge benchmark (`--size 220m`, float32, or `--size 1b`, bfloat16). Each
+case is its own process (wall time, peak RSS and peak anonymous memory measured as in merge_speed.py), inputs in a
+warm page cache. Cases per method:
 - `mergeflow merge` (one process, streaming);
-- `mergeflow run`, cold: Prefect (ephemeral API started in the process), plan, one task per layer
-  group on 2 threads, assemble; no evaluation, registry or storage, so only orchestration is added;
-- `mergeflow run`, re-run with every layer cached (what a re-run after a crash or a repeated schedule costs);
+- `mergeflow run`, cold (the cache's record of the output removed, so every layer is merged): Prefect
+  (ephemeral API started in the process), plan, prepare the output, one task per layer group on 2
+  threads writing into the output's shards, finalize; no evaluation, registry or storage, so only
+  orchestration is added;
+- `mergeflow run`, re-run with the output finished and untouched (a repeated schedule);
 - a flow that does nothing: the fixed price of starting Prefect's ephemeral API in a process;
 - with `--server`, the flow and the empty flow again against a running Prefect server (`prefect server
   start` on a free loopback port, sqlite; what `mergeflow stack up` runs), where no API starts per run.
 
-    .venv/bin/python -m benchmarks.pipeline_overhead [--repeats 3] [--small] [--server] [--methods task_arithmetic]
+    .venv/bin/python -m benchmarks.pipeline_overhead [--size 220m|1b|small] [--repeats 3] [--server] [--methods ...]
 
-Prints a table and writes benchmarks/results/pipeline_overhead.json.
+Prints a table and writes benchmarks/results/pipeline_overhead[_1b].json.
 """
 
 from __future__ import annotations
@@ -31,20 +33,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.merge_speed import ROOT, SHAPE, generate, measure
+from benchmarks.merge_speed import ROOT, SIZES, generate, measure
 
 EMPTY_FLOW = (
     "from prefect import flow, task\n@task\ndef one():\n    return 1\n@flow\ndef empty():\n    return one()\nempty()\n"
 )
 
 
-def write_pipeline_config(path: Path, method: str, base: Path, fts: list[Path], params: dict, workdir: Path) -> Path:
+def write_pipeline_config(
+    path: Path, method: str, base: Path, fts: list[Path], params: dict, workdir: Path, dtype: str = "float32"
+) -> Path:
     cfg = {
         "merge_method": method,
         "base_model": str(base),
         "models": [{"model": str(f), "parameters": {"weight": 1.0, "density": 0.2}} for f in fts],
         "parameters": params,
-        "dtype": "float32",
+        "dtype": dtype,
         "pipeline": {"workdir": str(workdir), "runner": "threads", "max_workers": 2},
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -57,16 +61,22 @@ def median(runs: list[dict[str, float]], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work" / "llama220m")
+    parser.add_argument("--size", choices=sorted(SIZES), default="220m")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: benchmarks/.work/llama<size>")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="a 4-layer, hidden-256 model for a quick check")
+    parser.add_argument("--small", action="store_true", help="the same as --size small")
     parser.add_argument("--server", action="store_true", help="also run the flow against a running Prefect server")
     parser.add_argument("--methods", default="task_arithmetic,neuromerging", help="comma-separated methods")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_overhead.json")
+    parser.add_argument("--json", type=Path, default=None, help="default: results/pipeline_overhead[_<size>].json")
     args = parser.parse_args()
-    shape = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, vocab_size=8000) if args.small else SHAPE
-    workdir = args.workdir.with_name(args.workdir.name + "-small") if args.small else args.workdir
-    base, fts = generate(workdir, 4, shape)
+    size = "small" if args.small else args.size
+    shape, dtype = SIZES[size]
+    workdir = args.workdir or ROOT / "benchmarks" / ".work" / f"llama{size}"
+    results_dir = ROOT / "benchmarks" / "results"
+    json_path = args.json or results_dir / (
+        "pipeline_overhead.json" if size == "220m" else f"pipeline_overhead_{size}.json"
+    )
+    base, fts = generate(workdir, 4, shape, dtype)
     for f in [base, *fts]:
         (f / "model.safetensors").read_bytes()
     mergeflow = str(Path(sys.executable).with_name("mergeflow"))
@@ -100,7 +110,7 @@ def main() -> None:
 
     # Warm the hash cache (both paths hash their inputs; the cache makes that free for both).
     try:
-        run_all(methods, base, fts, outs, mergeflow, run_case, server_env)
+        run_all(methods, base, fts, outs, mergeflow, run_case, server_env, dtype)
     finally:
         if server_pid is not None:
             from infra.processes import stop_pid
@@ -120,15 +130,15 @@ def main() -> None:
         print(f" {r['server_flow_s']:14.2f} {r['server_overhead_pct']:8.1f}%" if server_env else "")
     out = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-        "model": {**shape, "finetunes": 4},
+        "model": {**shape, "dtype": dtype, "finetunes": 4},
         "repeats": args.repeats,
         "cases": results,
         "summary": rows,
         "date": time.strftime("%Y-%m-%d"),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {args.json}")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {json_path}")
 
 
 def start_prefect_server(folder: Path, env: dict[str, str]) -> tuple[dict[str, str], int]:
@@ -151,24 +161,26 @@ def start_prefect_server(folder: Path, env: dict[str, str]) -> tuple[dict[str, s
     return {**env, "PREFECT_API_URL": f"http://{HOST}:{port}/api"}, pid
 
 
-def run_all(methods, base, fts, outs, mergeflow, run_case, server_env) -> None:  # type: ignore[no-untyped-def]
+def run_all(methods, base, fts, outs, mergeflow, run_case, server_env, dtype) -> None:  # type: ignore[no-untyped-def]
     run_case("empty Prefect flow (ephemeral API start)", [sys.executable, "-c", EMPTY_FLOW])
     if server_env is not None:
         run_case("empty Prefect flow (Prefect server)", [sys.executable, "-c", EMPTY_FLOW], case_env=server_env)
     for method, params in methods.items():
-        cfg = write_pipeline_config(outs / f"{method}.yml", method, base, fts, params, outs / f"work-{method}")
+        work = outs / f"work-{method}"
+        cfg = write_pipeline_config(outs / f"{method}.yml", method, base, fts, params, work, dtype)
         one = [mergeflow, "merge", str(cfg), str(outs / f"merge-{method}"), "--no-progress", "--overwrite"]
         run_case(f"mergeflow merge {method}", one)
 
-        def clear_layers() -> None:
+        def cold() -> None:
+            # No record of the finished output: every layer is merged and the folder replaced, as
+            # `mergeflow merge --overwrite` replaces its own.
             shutil.rmtree(outs / "cache" / "layers", ignore_errors=True)
 
         flow_cmd = [mergeflow, "run", str(cfg)]
-        run_case(f"mergeflow run {method} (cold layer cache)", flow_cmd, clear_layers)
-        run_case(f"mergeflow run {method} (all layers cached)", flow_cmd)
+        run_case(f"mergeflow run {method} (cold)", flow_cmd, cold)
+        run_case(f"mergeflow run {method} (re-run, output untouched)", flow_cmd)
         if server_env is not None:
-            label = f"mergeflow run {method} (Prefect server, cold layer cache)"
-            run_case(label, flow_cmd, clear_layers, case_env=server_env)
+            run_case(f"mergeflow run {method} (Prefect server, cold)", flow_cmd, cold, case_env=server_env)
 
 
 def summarize(methods, results, server: bool) -> list[dict[str, float | str]]:  # type: ignore[no-untyped-def]
@@ -178,7 +190,7 @@ def summarize(methods, results, server: bool) -> list[dict[str, float | str]]:  
     rows: list[dict[str, float | str]] = []
     for method in methods:
         direct = wall(f"mergeflow merge {method}")
-        cold = wall(f"mergeflow run {method} (cold layer cache)")
+        cold = wall(f"mergeflow run {method} (cold)")
         fixed = wall("empty Prefect flow (ephemeral API start)")
         row: dict[str, float | str] = {
             "method": method,
@@ -186,10 +198,10 @@ def summarize(methods, results, server: bool) -> list[dict[str, float | str]]:  
             "flow_s": cold,
             "overhead_pct": 100 * (cold - direct) / direct,
             "overhead_without_prefect_start_pct": 100 * (cold - fixed - direct) / direct,
-            "rerun_cached_s": wall(f"mergeflow run {method} (all layers cached)"),
+            "rerun_cached_s": wall(f"mergeflow run {method} (re-run, output untouched)"),
         }
         if server:
-            on_server = wall(f"mergeflow run {method} (Prefect server, cold layer cache)")
+            on_server = wall(f"mergeflow run {method} (Prefect server, cold)")
             row |= {"server_flow_s": on_server, "server_overhead_pct": 100 * (on_server - direct) / direct}
         rows.append(row)
     return rows

@@ -78,7 +78,10 @@ def print_pipeline(result: object) -> None:
 
     assert isinstance(result, PipelineResult)
     print(f"merged model: {result.merged_dir}")
-    print(f"  layers merged {len(result.layers_merged)}, reused from the layer cache {len(result.layers_reused)}")
+    print(
+        f"  layers merged {len(result.layers_merged)}, reused (already written by an earlier run) "
+        f"{len(result.layers_reused)}"
+    )
     if result.search:
         search = result.search
         print(f"  chosen on validation: {search['best']} ({search['objective']} {search['best_score']:.4f})")
@@ -130,7 +133,7 @@ def print_ui_commands(tracking_uri: str | None) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.merge_pipeline import run_pipeline
 
-    result = run_pipeline(args.config, args.workdir, args.tracking_uri, args.storage, args.runner)
+    result = run_pipeline(args.config, args.workdir, args.tracking_uri, args.storage, args.runner, args.device)
     print()
     print_pipeline(result)
     print_ui_commands(result.tracking_uri)
@@ -176,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides registry.tracking_uri)")
     r.add_argument("--storage", default=None, help="local folder or s3://bucket/prefix (overrides storage.uri)")
     r.add_argument("--runner", default=None, choices=["threads", "sequential", "dask"], help="task runner")
+    r.add_argument(
+        "--device",
+        default=None,
+        choices=["cpu", "cuda", "auto"],
+        help="where the layer tasks compute (pipeline.device)",
+    )
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("demo", help="the pipeline on the offline ci zoo, embedded default (no servers)")
     d.add_argument("--workdir", default=None, help="work folder (default: ./mergeflow-demo)")

@@ -1,4 +1,5 @@
-"""`mergeflow cache status` and `mergeflow cache gc`: what the download and layer caches hold, and cleaning them."""
+"""`mergeflow cache status` and `mergeflow cache gc`: what the download, per-merge and feature caches hold, and
+cleaning them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The merge pipeline: download → plan → merge per layer → assemble → [calibrate] → evaluate → publish → register.
+"""The merge pipeline: download → plan → merge per layer → finalize → [calibrate] → evaluate → publish → register.
 
 MIN-Merging (`merge_method: min_merging`) adds two steps: the fine-tunes are enhanced (important
 neurons kept) before the per-layer merge of θ_shared, and the router is calibrated after it; the
@@ -29,6 +29,7 @@ import merging
 from flows.overrides import apply_overrides
 from flows.quiet import quiet_defaults
 from merging.config import MergeConfig, load_config
+from merging.engine.inplace import output_lock
 from merging.engine.labels import model_labels
 from merging.engine.model_card import InputRecord
 from merging.engine.output import MergeReport
@@ -51,7 +52,7 @@ from tasks.calibrate import (
 from tasks.download import download_model
 from tasks.evaluate import choose_parameters, evaluate_merge, evaluation_tasks, metrics_of
 from tasks.logs import run_logger
-from tasks.merge import assemble_task, merge_layer_task, plan_task
+from tasks.merge import finalize_task, merge_layer_task, plan_task, prepare_output_task
 from tasks.register import Registration, check_registry, git_commit, register_task, sqlite_tracking_uri
 from tasks.snapshots import FetchedModel
 from tasks.storage import check_storage, publish, retry_transient
@@ -187,26 +188,29 @@ def _pipeline(config: MergeConfig, workdir: str | None, tracking_uri: str | None
     if calib is not None and local.parameters.get("neuron_ratio") == "auto":
         local, search = choose_neuron_ratio_task(local, calib, work / "neuron-ratio" / _run_slug())
 
-    # 3. plan, merge per layer, assemble (MIN-Merging: θ_shared from the enhanced fine-tunes)
+    # 3. plan, merge per layer straight into the output's shards, finalize (MIN-Merging: θ_shared from the
+    #    enhanced fine-tunes)
     to_merge, enhancement = local, None
     enhanced_dir = work / "enhanced" / _run_slug()
     try:
         if calib is not None:
             enhancement = enhance_task(local, calib, enhanced_dir)
             to_merge = shared_merge_config(local, enhancement)
-        staged: StagedPlan = plan_task(to_merge, out_parent=work / "merged")
+        staged: StagedPlan = plan_task(to_merge)
         held.enter_context(in_use("layers", [staged.key]))
-        layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(staged), staged.groups).result()
         merged_dir = work / "merged" / staged.key[:16]
-        assembled: MergeReport = assemble_task(to_merge, staged, layers, merged_dir)
+        with output_lock(merged_dir):  # one run writes a folder at a time; a second waits, then reuses it
+            bound = prepare_output_task(to_merge, staged, merged_dir)
+            layers: list[LayerResult] = merge_layer_task.map(unmapped(to_merge), unmapped(bound), bound.groups).result()
+            finished: MergeReport = finalize_task(to_merge, bound, layers)
     finally:  # enhanced fine-tunes are merged into θ_shared (layers cached) or the run failed: either way, gone
         shutil.rmtree(enhanced_dir, ignore_errors=True)
-    model_dir, routed, warnings, key = assembled.out_dir, None, [], staged.key
+    model_dir, routed, warnings, key = finished.out_dir, None, [], staged.key
 
     # 4. calibrate the router (MIN-Merging only)
     if calib is not None and enhancement is not None:
         key = routed_key(local, staged)
-        routed = calibrate_router(local, enhancement, assembled.out_dir, calib, work / "routed" / key[:16])
+        routed = calibrate_router(local, enhancement, finished.out_dir, calib, work / "routed" / key[:16])
         model_dir, warnings = routed.out_dir, list(routed.warnings)
 
     # 5. evaluate
@@ -304,12 +308,13 @@ def run_pipeline(
     tracking_uri: str | None = None,
     storage: str | None = None,
     runner: str | None = None,
+    device: str | None = None,
 ) -> PipelineResult:
     """Returns the result of running the pipeline on a config file (or config) with its task runner."""
     quiet_defaults()
     config = config_path if isinstance(config_path, MergeConfig) else load_config(config_path)
     if storage is None and config.storage is None:
         storage = os.environ.get("MERGEFLOW_STORAGE_URI") or None  # exported by `mergeflow stack env`
-    config = apply_overrides(config, tracking_uri, storage, runner)
+    config = apply_overrides(config, tracking_uri, storage, runner, device)
     pipeline = merge_pipeline.with_options(task_runner=task_runner(config))
     return pipeline(config, str(workdir) if workdir else None)

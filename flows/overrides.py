@@ -18,9 +18,14 @@ from merging.untrusted import split_credentials
 
 
 def apply_overrides(
-    config: MergeConfig, tracking_uri: str | None = None, storage: str | None = None, runner: str | None = None
+    config: MergeConfig,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    runner: str | None = None,
+    device: str | None = None,
 ) -> MergeConfig:
-    """Returns the config with the command line's --tracking-uri, --storage and --runner applied (validated)."""
+    """Returns the config with the command line's --tracking-uri, --storage, --runner and --device applied
+    (validated)."""
     data = config.model_dump(mode="json", exclude_none=True)
     if tracking_uri:
         if "registry" not in data:
@@ -30,6 +35,8 @@ def apply_overrides(
         data["storage"] = {**data.get("storage", {}), "uri": storage}
     if runner:
         data["pipeline"] = {**data.get("pipeline", {}), "runner": runner}
+    if device:
+        data["pipeline"] = {**data.get("pipeline", {}), "device": device}
     config = parse_config(move_credentials_to_environment(data), "<command line>")
     return resolve_paths(config, Path.cwd())  # a local --storage folder is recorded absolute
 

@@ -177,4 +177,5 @@ class PipelineConfig(BaseModel):
     runner: Literal["threads", "sequential", "dask"] = "threads"
     max_workers: int = Field(default=2, ge=1)
     dask_address: str | None = None
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the layer tasks compute (the statistics too)
     cache_gc: CacheGcConfig = Field(default_factory=CacheGcConfig)  # run by the deployed flows after each merge

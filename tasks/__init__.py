@@ -1,5 +1,5 @@
 """Prefect tasks wrapping the merging library, one file per pipeline step.
 
-The pipeline steps (download, plan, merge_layer, assemble, evaluate, register) arrive with the
+The pipeline steps (download, plan, prepare_output, merge_layer, finalize, evaluate, register) arrive with the
 pipeline issue; the merge core they wrap lives in `merging/`.
 """

@@ -1,8 +1,11 @@
-"""Returns the cache's status and collects its garbage: downloaded snapshots and merged-layer results.
+"""Returns the cache's status and collects its garbage: downloaded snapshots and per-merge records.
 
 Three areas grow with every run. `models/` holds downloads: snapshot folders hard-linked into a
-content-addressed blob store. `layers/` holds merged layers: one `.safetensors` per layer group
-with a `.json` beside it, and per merge `<merge key>.stats.json` and `<merge key>.assembled.json`.
+content-addressed blob store. `layers/` holds, per merge, `<merge key>.stats.json` (the model-wide
+statistics) and `<merge key>.assembled.json` (the record of the finished output folder); the merged
+layers themselves are written once, straight into the output's shards (merging/engine/staged.py).
+Layer files an older version cached here (a `.safetensors` per layer group, a `.json` beside it)
+are collected with their merge key.
 `features/` holds evaluation features (`merging/evaluation/feature_cache.py`). An entry is one
 snapshot, one merge key's files, or one feature matrix.
 
@@ -33,7 +36,7 @@ from merging.errors import ConfigError
 from merging.io.checkpoint import cache_dir
 
 AREAS = ("models", "layers", "features")
-MERGE_FILES = (".stats.json", ".assembled.json")  # one per merge key in layers/, beside its layer files
+MERGE_FILES = (".stats.json", ".assembled.json")  # one per merge key in layers/ (older versions: layer files too)
 _KEY = re.compile(r"^[0-9a-f]{16,64}$")
 
 

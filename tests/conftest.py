@@ -21,6 +21,24 @@ atexit.register(shutil.rmtree, os.environ["MERGEFLOW_CACHE_DIR"], ignore_errors=
 torch.set_num_threads(2)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the method tests compute (benchmarks/gpu_check.sh runs them with cuda)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.helpers import DEVICE_ENV
+
+    device = config.getoption("--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: no CUDA device is available")
+    os.environ[DEVICE_ENV] = device
+
+
 @pytest.fixture(scope="session")
 def ci_zoo(tmp_path_factory: pytest.TempPathFactory):
     """The `ci` zoo, built once per test session (about a minute on 2 cores)."""

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
 import yaml
 
 METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "neuromerging"]
+DEVICE_ENV = "MERGEFLOW_TEST_DEVICE"  # set from pytest's --device (tests/conftest.py)
+
+
+def test_device() -> torch.device:
+    """Returns the device the method tests compute on: `pytest --device cuda` (benchmarks/gpu_check.sh), else CPU."""
+    return torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+
+
+test_device.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
 def write_config(path: Path, method: str, base: Path, fts: list[Path], **extra: object) -> Path:

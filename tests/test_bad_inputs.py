@@ -533,25 +533,34 @@ def test_disk_full_while_writing_is_a_clear_error_and_leaves_no_partial_output(
     assert list(small_disk.iterdir()) == []  # no output, no temporary folder
 
 
-def test_the_staged_merge_checks_the_layer_cache_and_the_output_together(tmp_path, small_disk):
-    """Each fits alone on the small disk; together they do not. A re-run with the layers cached needs less."""
+def test_the_staged_merge_writes_the_model_once_so_a_model_that_fits_once_fits(tmp_path, small_disk):
+    """The model fits once on the small disk, not twice: with its cache and its output both there, the staged
+    merge (what the pipeline runs) still succeeds, because each layer is written once, in place. A model that
+    cannot fit fails before anything is merged, naming the folder and the bytes, and leaves nothing partial."""
     from merging.config import load_config
-    from merging.engine.staged import plan_merge
+    from merging.engine.finalize import staged_merge
+    from merging.engine.inplace import partial_dir
+    from merging.engine.merge import MergeOptions, run_merge
     from merging.io.diskspace import DiskSpaceError
+
+    cfg = _too_big_for_the_small_disk(tmp_path)
+    with pytest.raises(DiskSpaceError) as info:
+        staged_merge(load_config(cfg), small_disk / "big", small_disk / "cache")
+    assert f"the merged model in {small_disk}" in str(info.value) and "Nothing was written" in str(info.value)
+    assert not (small_disk / "big").exists() and not partial_dir(small_disk / "big").exists()
+    assert {p.name for p in small_disk.iterdir()} <= {"cache", ".big.lock"}  # the statistics, an empty lock file
 
     layer = {"model.layers.0.mlp.up_proj.weight": torch.randn(128, 256), "model.norm.weight": torch.ones(256)}
     base = _save(tmp_path / "base", layer)
     fts = [_save(tmp_path / f"ft{i}", {k: v + 0.1 * (i + 1) for k, v in layer.items()}) for i in range(2)]
     config = load_config(write_config(tmp_path / "m.yml", "task_arithmetic", base, fts))
-    plan_merge(config, tmp_path / "cache", out_parent=small_disk)  # output on the disk, cache elsewhere: fits
-    with pytest.raises(DiskSpaceError) as info:
-        plan_merge(config, small_disk / "cache", out_parent=small_disk)
-    message = str(info.value)
-    assert (
-        f"the merged model in {small_disk}" in message
-        and f"merged layers (layer cache) in {small_disk}/cache" in message
-    )
-    assert list(small_disk.iterdir()) == []
+    model = 128 * 256 * 4 + 256 * 4
+    assert 2 * model > 256 * 1024  # written twice (a layer cache, then a copy) it would not fit
+    staged_merge(config, small_disk / "out", small_disk / "cache")
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False))
+    assert {p.name: p.read_bytes() for p in (small_disk / "out").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()
+    }
 
 
 # -- hardening: Ctrl-C mid-merge is one line and leaves nothing -------------------------------------------

@@ -9,18 +9,27 @@ import torch
 from merging.engine.plan import Role
 from merging.methods import get_method
 from merging.methods.base import ModelStats, TensorInputs, tensor_seed
-from merging.methods.neuromerging import neuron_merge
+from merging.methods.neuromerging import neuron_merge as _neuron_merge
 from merging.methods.trim import topk_mask
 from tests import reference as ref
+from tests.helpers import test_device
+
+
+def neuron_merge(base: torch.Tensor, deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The fast neuron rule on the test device (`pytest --device cuda`), its result back on the CPU."""
+    device = test_device()
+    return _neuron_merge(base.to(device), deltas.to(device), *args, **kwargs).cpu()
 
 
 def make_inputs(base, fts, weights=None, densities=None, role=Role.NEURON, seed=0, name="w"):
-    deltas = torch.stack([ft - base for ft in fts])
+    """Returns one tensor's inputs, on the test device."""
+    device = test_device()
+    deltas = torch.stack([ft - base for ft in fts]).to(device)
     t = len(fts)
     return TensorInputs(
         name=name,
         role=role,
-        base=base,
+        base=base.to(device),
         deltas=deltas,
         weights=torch.tensor(weights or [1.0] * t, dtype=torch.float64),
         densities=tuple(densities or [1.0] * t),
@@ -49,7 +58,7 @@ def ties_path(request, monkeypatch):
 def run(method, inputs, params=None, stats=None):
     m = get_method(method)
     p = m.params_model.model_validate(params or {})
-    return m.merge(inputs, p, stats or ModelStats())
+    return m.merge(inputs, p, stats or ModelStats()).cpu()
 
 
 @pytest.mark.parametrize("t", [1, 2, 5])
@@ -100,7 +109,7 @@ def test_dare_same_seed_same_bits_and_drop_rate(rng):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     inputs = make_inputs(base, fts[:1], densities=[0.25], seed=3)
-    tau = inputs.deltas[0].clone()
+    tau = inputs.deltas[0].clone().cpu()
     got = run("dare_linear", inputs)
     kept = got != 0
     assert abs(kept.float().mean().item() - 0.25) < 0.03

@@ -147,8 +147,10 @@ def test_killed_layer_moves_no_alias_and_rerun_merges_only_the_rest(
     client = mlflow.MlflowClient(tracking_uri=tracking)
     assert not client.search_registered_models()  # no version, no alias
     assert not list((work / "store").glob("*/*")) if (work / "store").exists() else True
-    assert not (work / "merged").exists() or not list((work / "merged").iterdir())
-    finished_meta = [json.loads(p.read_text()) for p in layer_cache().glob("*.json")]
+    # Nothing is published; what the finished layers wrote waits in the hidden partial folder, journaled.
+    assert not [p for p in (work / "merged").iterdir() if not p.name.startswith(".")]
+    finished_meta = [json.loads(p.read_text()) for p in (work / "merged").glob(".*.partial/journal/*.json")]
+    assert finished_meta
     monkeypatch.delenv("MERGEFLOW_FAULT_LAYER")
     result = run_pipeline(parse_config(data, "test"))
     finished = {m["group"] for m in finished_meta if m.get("merge_key") == result.merge_key}
@@ -163,8 +165,8 @@ def test_killed_layer_moves_no_alias_and_rerun_merges_only_the_rest(
 
     assert (tmp_path / "cache" / "inuse" / f"layers-{result.merge_key}.lock").exists()
     mine = [e for e in entries() if e.area == "layers" and e.key == result.merge_key]
-    groups = len(result.layers_merged) + len(result.layers_reused)
-    assert len(mine) == 1 and len(mine[0].paths) == 2 * groups + 2  # layers and metadata, statistics, assembly
+    assert len(mine) == 1 and len(mine[0].paths) == 2  # the statistics and the output's record; no layer copies
+    assert not list((work / "merged").glob(".*.partial"))  # the partial folder became the output
     assert result.merge_key in {r["key"] for r in gc(keep_days=0, grace_seconds=0).removed}
     assert not [p for p in layer_cache().iterdir() if not p.name.startswith(".")]  # nothing of it is left
 

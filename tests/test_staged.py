@@ -1,16 +1,28 @@
-"""The staged merge (plan → one step per layer → assemble) against the one-process merge."""
+"""The staged merge (plan → prepare the output → one step per layer, written in place → finalize) against the
+one-process merge, and its resumption after a killed run."""
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from merging.config import load_config
-from merging.engine.assemble import assemble, staged_merge
+from merging.engine.finalize import finalize, staged_merge
+from merging.engine.inplace import output_entries, partial_dir
 from merging.engine.merge import MergeOptions, run_merge
-from merging.engine.staged import cached_layer, merge_layer, plan_merge
+from merging.engine.staged import (
+    close_inputs,
+    merge_layer,
+    open_inputs,
+    plan_inputs,
+    plan_merge,
+    prepare_output,
+)
 from merging.errors import MergeflowError
+from merging.io.writer import ShardedWriter
 from merging.synthetic import build_family
 from tests.helpers import METHODS, write_config
 
@@ -28,33 +40,85 @@ def test_staged_equals_one_process_merge(tmp_path: Path, method: str) -> None:
     report = staged_merge(config, tmp_path / "staged", cache=tmp_path / "cache")
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "staged")
     assert report.heads and (tmp_path / "staged" / "heads").is_dir()
+    assert not partial_dir(tmp_path / "staged").exists()  # written in place, then renamed: nothing left beside it
 
 
-def test_rerun_reuses_layers_and_detects_changed_results(tmp_path: Path) -> None:
+def test_sharded_output_is_written_in_place_and_equals_one_process_merge(tmp_path: Path) -> None:
+    base, fts = build_family(tmp_path / "fam", n_finetunes=2)
+    config = load_config(write_config(tmp_path / "c.yml", "ties", base, fts))
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False, out_shard_size=40_000))
+    staged_merge(config, tmp_path / "staged", tmp_path / "cache", shard_size=40_000)
+    files = folder_bytes(tmp_path / "staged")
+    assert "model.safetensors.index.json" in files and sum(n.endswith(".safetensors") for n in files) > 2
+    assert folder_bytes(tmp_path / "one") == files
+
+
+def _first_slot(config, part: Path, group: str, shard_size: int) -> tuple[Path, int]:
+    """Returns the shard file and offset of a layer group's first tensor in the partial output."""
+    base, models = open_inputs(config)
+    try:
+        plan = plan_inputs(config, base, models)
+        writer = ShardedWriter.reopen(part / "model", output_entries(config, plan), shard_size)
+        slot = writer.slots[plan.groups()[group][0].name]
+        writer.abort()
+        return part / "model" / writer.filenames[slot.shard], slot.offset
+    finally:
+        close_inputs(base, models)
+
+
+def test_a_killed_run_resumes_only_the_missing_layers_and_checks_the_journaled_ones(tmp_path: Path) -> None:
     base, fts = build_family(tmp_path / "fam", n_finetunes=2)
     config = load_config(write_config(tmp_path / "c.yml", "neuromerging", base, fts))
-    cache = tmp_path / "cache"
-    staged = plan_merge(config, cache)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    staged = prepare_output(config, plan_merge(config, cache), out, cache=cache)
     assert len(staged.groups) >= 3
-    first = [merge_layer(config, staged, g, cache) for g in staged.groups[:2]]
-    assert not any(r.reused for r in first)
-    # A second plan (a new run) has the same key; the two finished layers are reused, the rest merged.
-    again = plan_merge(config, cache)
+    first = [merge_layer(config, staged, g) for g in staged.groups[:2]]  # then the run is killed
+    assert not any(r.reused for r in first) and not out.exists()
+    part = partial_dir(out.resolve())
+    assert len(list((part / "journal").iterdir())) == 2
+    # A new run (a new plan) has the same key and keeps the partial folder: two layers reused, the rest merged.
+    again = prepare_output(config, plan_merge(config, cache), out, cache=cache)
     assert again.key == staged.key
-    results = [merge_layer(config, again, g, cache) for g in again.groups]
+    results = [merge_layer(config, again, g) for g in again.groups]
     assert [r.reused for r in results] == [True, True] + [False] * (len(again.groups) - 2)
-    assemble(config, again, results, tmp_path / "out")
-    run_merge(config, tmp_path / "one", MergeOptions(progress=False))
-    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "out")
-    # A corrupted cache file is not reused, and assembling from it is refused.
-    victim = results[0].path
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 0xFF
-    victim.write_bytes(bytes(data))
-    assert cached_layer(again, results[0].group, cache) is None
+    assert [r.sha256 for r in results[:2]] == [r.sha256 for r in first]
+    # A journaled layer whose bytes changed since is merged again, not reused.
+    shard, offset = _first_slot(config, part, results[0].group, again.shard_size)
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    redone = merge_layer(config, again, results[0].group)
+    assert not redone.reused and redone.sha256 == results[0].sha256
+    # A journal that no longer agrees with a layer's result: finishing is refused, nothing is published.
+    journal = next(p for p in (part / "journal").iterdir() if json.loads(p.read_text())["group"] == results[1].group)
+    entry = json.loads(journal.read_text())
+    journal.write_text(json.dumps({**entry, "sha256": "0" * 64}))
     with pytest.raises(MergeflowError, match="changed since it was merged"):
-        assemble(config, again, results, tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
+        finalize(config, again, results, cache)
+    assert not out.exists()
+    journal.write_text(json.dumps(entry))
+    finalize(config, again, results, cache)
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False))
+    assert folder_bytes(tmp_path / "one") == folder_bytes(out)
+    assert not part.exists()
+
+
+def test_a_partial_folder_of_another_layout_is_started_afresh(tmp_path: Path) -> None:
+    base, fts = build_family(tmp_path / "fam", n_finetunes=2)
+    config = load_config(write_config(tmp_path / "c.yml", "task_arithmetic", base, fts))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    staged = plan_merge(config, cache)
+    one = prepare_output(config, staged, out, cache=cache)
+    merge_layer(config, one, one.groups[0])
+    # The same merge with another shard size: the journaled layer sits at other offsets, so nothing is reused.
+    other = prepare_output(config, staged, out, shard_size=40_000, cache=cache)
+    results = [merge_layer(config, other, g) for g in other.groups]
+    assert not any(r.reused for r in results)
+    finalize(config, other, results, cache)
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False, out_shard_size=40_000))
+    assert folder_bytes(tmp_path / "one") == folder_bytes(out)
 
 
 def test_key_changes_with_parameters_and_inputs(tmp_path: Path) -> None:
@@ -70,17 +134,27 @@ def test_key_changes_with_parameters_and_inputs(tmp_path: Path) -> None:
     assert plan_merge(a, cache).key != ka
 
 
-def test_assemble_refuses_missing_layers(tmp_path: Path) -> None:
+def test_finalize_refuses_missing_layers(tmp_path: Path) -> None:
     base, fts = build_family(tmp_path / "fam", n_finetunes=2)
     config = load_config(write_config(tmp_path / "c.yml", "ties", base, fts))
-    staged = plan_merge(config, tmp_path / "cache")
-    results = [merge_layer(config, staged, g, tmp_path / "cache") for g in staged.groups[1:]]
+    staged = prepare_output(config, plan_merge(config, tmp_path / "cache"), tmp_path / "out")
+    results = [merge_layer(config, staged, g) for g in staged.groups[1:]]
     with pytest.raises(MergeflowError, match=staged.groups[0].replace(".", r"\.")):
-        assemble(config, staged, results, tmp_path / "out")
+        finalize(config, staged, results, tmp_path / "cache")
     assert not (tmp_path / "out").exists()
 
 
-def test_assemble_keeps_an_identical_output_and_redoes_a_touched_one(tmp_path: Path) -> None:
+def test_merge_layer_needs_a_prepared_output(tmp_path: Path) -> None:
+    base, fts = build_family(tmp_path / "fam", n_finetunes=2)
+    config = load_config(write_config(tmp_path / "c.yml", "ties", base, fts))
+    staged = plan_merge(config, tmp_path / "cache")
+    with pytest.raises(MergeflowError, match="prepare_output"):
+        merge_layer(config, staged, staged.groups[0])
+    with pytest.raises(MergeflowError, match="not in the plan"):
+        merge_layer(config, staged, "no.such.layer")
+
+
+def test_finalize_keeps_an_identical_output_and_redoes_a_touched_one(tmp_path: Path) -> None:
     base, fts = build_family(tmp_path / "fam", n_finetunes=2)
     config = load_config(write_config(tmp_path / "c.yml", "task_arithmetic", base, fts))
     cache = tmp_path / "cache"
@@ -89,10 +163,33 @@ def test_assemble_keeps_an_identical_output_and_redoes_a_touched_one(tmp_path: P
     before = folder_bytes(tmp_path / "out")
     again = staged_merge(config, tmp_path / "out", cache)
     assert again.reused and folder_bytes(tmp_path / "out") == before
-    # Someone edits the output: the next assemble rewrites it.
+    # Someone edits the output: the next run writes it again.
     (tmp_path / "out" / "README.md").write_text("edited")
     third = staged_merge(config, tmp_path / "out", cache)
     assert not third.reused and folder_bytes(tmp_path / "out") == before
     # A different config text (it is in the model card) is a different output.
     renamed = staged_merge(config.model_copy(update={"name": "renamed"}), tmp_path / "out", cache)
     assert not renamed.reused and folder_bytes(tmp_path / "out") != before
+
+
+def test_two_runs_of_one_merge_at_once_write_it_once(tmp_path: Path) -> None:
+    base, fts = build_family(tmp_path / "fam", n_finetunes=2)
+    config = load_config(write_config(tmp_path / "c.yml", "ties", base, fts))
+    reports: list = []
+    errors: list = []
+
+    def run() -> None:
+        try:
+            reports.append(staged_merge(config, tmp_path / "out", tmp_path / "cache"))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(r.reused for r in reports) == [False, True]  # the second waited, then found it done
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False))
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "out")

@@ -45,7 +45,7 @@ class MergeReport:
     stats: ModelStats
     heads: dict[str, list[str]] = field(default_factory=dict)
     inputs: list[InputRecord] = field(default_factory=list)
-    reused: bool = False  # a staged merge found this exact output already assembled
+    reused: bool = False  # a staged merge found this exact output already finished
 
 
 def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:

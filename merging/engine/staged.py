@@ -1,11 +1,21 @@
-"""Returns a merge split into steps that a pipeline can run apart: plan, one step per layer group, assemble.
+"""Returns a merge split into steps that a pipeline can run apart: plan, prepare the output, one step per layer
+group, finalize.
 
 `run_merge` streams a whole model in one process. A pipeline instead runs one task per layer group
-(possibly on other workers, possibly killed half way), so each layer's result is a file in a
-content-addressed cache: its key is the sha256 of the method, its parameters, the model-wide
-statistics, every input file's sha256 and the layer's tensor names. A re-run finds the layers that
-finished and merges only the rest; `assemble` (assemble.py) then packs the layer files into the same shards,
-heads, side files and model card that `run_merge` writes, so both paths give identical folders.
+(possibly on other workers, possibly killed half way), and writes the model once: `prepare_output`
+creates the output's shards beside the output folder, in `.<name>.partial/model/`, with every header
+written and the data space allocated (the plan fixes each tensor's name, dtype, shape and offset);
+each layer task writes its merged tensors straight into their slots, flushes them and then records
+the layer in the journal (`.<name>.partial/journal/`: the layer group, the sha256 of the bytes it
+wrote, their size). A killed run leaves the partial folder; the next run with the same merge key
+(the sha256 of the method, its parameters, every input file's sha256, ...) checks each journaled
+layer's bytes against its sha256 and merges only the layers that are missing or do not match.
+`finalize` (finalize.py) adds the heads, side files and model card, and renames the folder into
+place, so the staged and the one-process merge give byte-identical folders.
+
+The model-wide statistics and a record of each finished output (`<merge key>.stats.json`,
+`<merge key>.assembled.json`) live in the cache's `layers/` folder; a re-run whose output folder is
+still exactly what that record describes merges nothing.
 """
 
 from __future__ import annotations
@@ -15,22 +25,31 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 import merging
 from merging.config import MergeConfig
+from merging.engine.inplace import (
+    create_partial,
+    folder_stamp,
+    journal_entry,
+    journal_file,
+    layout_record,
+    output_entries,
+    partial_dir,
+    partial_matches,
+)
 from merging.engine.labels import model_labels
 from merging.engine.merge import TensorSource, compute_stats, merge_tensor, resolve_device
 from merging.engine.model_card import InputRecord
-from merging.engine.output import output_bytes, output_dtype
 from merging.engine.plan import MergePlan, build_plan
-from merging.errors import MergeflowError
-from merging.io.checkpoint import Checkpoint, HashCache, cache_dir, file_sha256
+from merging.errors import ConfigError, MergeflowError
+from merging.io.checkpoint import Checkpoint, HashCache, cache_dir
+from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
 from merging.methods import REGISTRY
 from merging.methods.base import ModelStats
 
@@ -47,6 +66,9 @@ class StagedPlan:
     inputs: list[InputRecord]
     stats: ModelStats
     heads: dict[str, list[str]] = field(default_factory=dict)
+    out_dir: Path | None = None  # set by prepare_output: where the model is published
+    shard_size: int = DEFAULT_SHARD_SIZE
+    done: dict[str, str] = field(default_factory=dict)  # group -> sha256, when out_dir already holds this merge
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,12 +78,14 @@ class StagedPlan:
             "inputs": [asdict(r) for r in self.inputs],
             "stats": asdict(self.stats),
             "heads": self.heads,
+            "out_dir": str(self.out_dir) if self.out_dir else None,
+            "shard_size": self.shard_size,
         }
 
 
 @dataclass(frozen=True)
 class LayerResult:
-    """One merged layer group: its cache file, that file's sha256, and whether it was reused."""
+    """One merged layer group: its journal entry, the sha256 of the bytes it wrote, and whether it was reused."""
 
     group: str
     path: Path
@@ -92,7 +116,8 @@ def plan_inputs(config: MergeConfig, base: Checkpoint, models: list[Checkpoint])
 
 
 def merge_key(config: MergeConfig, inputs: list[InputRecord]) -> str:
-    """Returns the sha256 naming a merge's results: everything that changes a merged tensor, and nothing else."""
+    """Returns the sha256 naming a merge's results: everything that changes a merged tensor, and nothing else
+    (the device included: a GPU's reductions may round differently, so its layers never mix with a CPU's)."""
     params = config.method_params().model_dump(mode="json", by_alias=True)
     entries = [e.parameters.model_dump(mode="json") for e in config.fine_tunes()]
     payload = {
@@ -107,19 +132,14 @@ def merge_key(config: MergeConfig, inputs: list[InputRecord]) -> str:
         "task_specific": config.task_specific,
         "transposed": config.transposed,
         "allow_dtype_mismatch": config.allow_dtype_mismatch,
+        "device": resolve_device(config.pipeline.device).type,
         "inputs": [[r.label, sorted(r.sha256.items())] for r in inputs],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def plan_merge(
-    config: MergeConfig, cache: Path | None = None, progress: bool = False, out_parent: Path | None = None
-) -> StagedPlan:
-    """Returns the staged plan: headers checked, inputs hashed, model-wide statistics computed or reused.
-
-    With `out_parent` (where the merged folder will be written) free space is checked before any
-    statistics are computed: the layers not in the cache yet, and the merged folder.
-    """
+def plan_merge(config: MergeConfig, cache: Path | None = None, progress: bool = False) -> StagedPlan:
+    """Returns the staged plan: headers checked, inputs hashed, model-wide statistics computed or reused."""
     config.require_static()
     cache = layer_cache(cache)
     base, models = open_inputs(config)
@@ -139,8 +159,6 @@ def plan_merge(
             ]
             key = merge_key(config, inputs)
         hashes.save()
-        if out_parent is not None:
-            _check_space(config, plan, [base, *models], cache, out_parent, key)
         stats_file = cache / f"{key}.stats.json"
         stats: ModelStats | None = None
         if stats_file.exists():
@@ -152,7 +170,7 @@ def plan_merge(
         if stats is None:
             params = config.method_params()
             densities = [config.model_density(e, params) for e in config.fine_tunes()]
-            source = TensorSource(base, models, resolve_device("cpu"))
+            source = TensorSource(base, models, resolve_device(config.pipeline.device))
             request = REGISTRY[config.merge_method].stats_request(params)
             stats = compute_stats(request, plan, source, densities, progress, getattr(params, "trim_ties", "index"))
             atomic_write(stats_file, json.dumps(asdict(stats)).encode())
@@ -176,87 +194,126 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _check_space(
-    config: MergeConfig, plan: MergePlan, checkpoints: list[Checkpoint], cache: Path, out_parent: Path, key: str
-) -> None:
-    """Raises DiskSpaceError unless the layers not cached yet and the merged folder fit on their file systems."""
+def output_record(cache: Path | None, key: str) -> Path:
+    """Returns the file recording the finished output of a merge key: its folder, each layer's sha256, the stat of
+    its shards and of every file, the fingerprint of what follows the weights."""
+    return layer_cache(cache) / f"{key}.assembled.json"
+
+
+def read_output_record(cache: Path | None, key: str, out_dir: Path, shard_size: int) -> dict[str, Any] | None:
+    """Returns the record of this merge's output in `out_dir` when its shards are still the ones it wrote (by stat,
+    as git does: size, mtime, inode), else None."""
+    try:
+        record = json.loads(output_record(cache, key).read_text())
+        shards = record["shards"]
+        if record["out_dir"] != str(out_dir) or record["shard_size"] != shard_size or not shards:
+            return None
+        current = folder_stamp(out_dir) if out_dir.is_dir() else {}
+        if any(current.get(name) != stamp for name, stamp in shards.items()):
+            return None
+        record["layers"] = {str(g): str(d) for g, d in record["layers"].items()}
+        return dict(record)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def prepare_output(
+    config: MergeConfig,
+    staged: StagedPlan,
+    out_dir: str | Path,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    cache: Path | None = None,
+) -> StagedPlan:
+    """Returns the plan bound to `out_dir`, its partial folder ready for the layer tasks (hold `output_lock`).
+
+    When `out_dir` already holds this merge's shards, untouched, nothing is prepared and every layer
+    is `done` (finalize then keeps the folder, or rewrites only what follows the weights). Otherwise
+    free space is checked (the model less what a killed run's journal already holds) and the partial
+    folder is kept when its layout matches this plan, else created afresh."""
     from merging.io.diskspace import check_free_space, planned_output_bytes
 
-    missing = sum(
-        output_bytes(config, tensors)
-        for group, tensors in plan.groups().items()
-        if not (cache / f"{_layer_key(key, group)}.safetensors").exists()
-    )
-    needs = [(out_parent, planned_output_bytes(config, plan, checkpoints[0], checkpoints[1:]), "the merged model")]
-    check_free_space([*needs, (cache, missing, "merged layers (layer cache)")])
-
-
-def layer_key(staged: StagedPlan, group: str) -> str:
-    """Returns the cache key of one layer group's result."""
-    return _layer_key(staged.key, group)
-
-
-def _layer_key(merge_key: str, group: str) -> str:
-    return hashlib.sha256(f"{merge_key}\0{group}".encode()).hexdigest()
-
-
-def cached_layer(staged: StagedPlan, group: str, cache: Path | None = None) -> LayerResult | None:
-    """Returns the cached result of a layer group when its file is complete and matches its recorded sha256."""
-    path = layer_cache(cache) / f"{layer_key(staged, group)}.safetensors"
-    meta_file = path.with_suffix(".json")
-    if not (path.exists() and meta_file.exists()):
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        if meta["group"] != group or path.stat().st_size != meta["nbytes"]:
-            return None
-        # Hashed once per (path, size, mtime, inode), as inputs are: a changed file is re-read.
-        hashes = HashCache()
-        digest = hashes.sha256(path)
-        hashes.save()
-        if digest != meta["sha256"]:
-            return None
-    except (OSError, ValueError, KeyError):
-        return None
-    return LayerResult(group, path, meta["sha256"], True, 0.0, meta["nbytes"])
-
-
-def merge_layer(config: MergeConfig, staged: StagedPlan, group: str, cache: Path | None = None) -> LayerResult:
-    """Returns the merged tensors of one layer group, from the cache or merged now and cached."""
-    hit = cached_layer(staged, group, cache)
-    if hit is not None:
-        return hit
-    if group not in staged.groups:
-        raise MergeflowError(f"layer group {group!r} is not in the plan (known: {', '.join(staged.groups[:5])}, ...)")
-    started = time.perf_counter()
+    out = Path(out_dir).resolve()
+    record = read_output_record(cache, staged.key, out, shard_size)
+    if record is not None and set(record["layers"]) == set(staged.groups):
+        return replace(staged, out_dir=out, shard_size=shard_size, done=record["layers"])
     base, models = open_inputs(config)
     try:
         plan = plan_inputs(config, base, models)
-        method = REGISTRY[config.merge_method]
-        params = config.method_params()
-        entries = config.fine_tunes()
-        weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
-        densities = [config.model_density(e, params) for e in entries]
-        source = TensorSource(base, models, resolve_device("cpu"))
-        out: dict[str, torch.Tensor] = {}
-        for t in plan.groups()[group]:
-            merged = merge_tensor(t, source, method.merge, params, staged.stats, weights, densities, config.seed)
-            out[t.name] = merged.to(output_dtype(config, t)).contiguous().clone()
+        entries = output_entries(config, plan)
+        layout = layout_record(staged.key, entries, shard_size)
+        part = partial_dir(out)
+        kept = partial_matches(part, layout)
+        written = sum(e["nbytes"] for g in staged.groups if kept and (e := journal_entry(part, g)) is not None)
+        needed = planned_output_bytes(config, plan, base, models) - written
+        check_free_space([(out.parent, needed, "the merged model")])
+        if not kept:
+            create_partial(part, layout, entries, shard_size)
     finally:
         close_inputs(base, models)
-    path = layer_cache(cache) / f"{layer_key(staged, group)}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    return replace(staged, out_dir=out, shard_size=shard_size, done={})
+
+
+def layer_key(staged: StagedPlan, group: str) -> str:
+    """Returns the key of one layer group's result."""
+    return hashlib.sha256(f"{staged.key}\0{group}".encode()).hexdigest()
+
+
+def _group_slots(plan: MergePlan, group: str) -> list[str]:
+    """Returns the slots a layer group writes, in the order its digest covers them: each tensor, then its aliases."""
+    aliases = plan.aliases()
+    return [name for t in plan.groups()[group] for name in (t.name, *aliases.get(t.name, []))]
+
+
+def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerResult:
+    """Returns one layer group's result: merged and written into the output's shards, then journaled; or reused
+    when the journal already has it and the bytes in its slots still match."""
+    if group not in staged.groups:
+        raise MergeflowError(f"layer group {group!r} is not in the plan (known: {', '.join(staged.groups[:5])}, ...)")
+    if group in staged.done:
+        return LayerResult(group, Path(staged.out_dir or "."), staged.done[group], True, 0.0, 0)
+    if staged.out_dir is None:
+        raise MergeflowError("internal error: merge_layer needs a plan bound to its output (prepare_output)")
+    started = time.perf_counter()
+    part = partial_dir(staged.out_dir)
+    journal = journal_file(part, group)
+    base, models = open_inputs(config)
     try:
-        save_file(out, str(tmp), metadata={"format": "pt", "group": group})
-        digest = file_sha256(tmp)
-        nbytes = tmp.stat().st_size
-        os.replace(tmp, path)
+        plan = plan_inputs(config, base, models)
+        try:
+            writer = ShardedWriter.reopen(part / "model", output_entries(config, plan), staged.shard_size)
+        except ConfigError as e:
+            raise MergeflowError(f"the partial output {part} is not this merge's ({e}); run the merge again") from None
+        try:
+            slots = _group_slots(plan, group)
+            entry = journal_entry(part, group)
+            if entry is not None:
+                check = hashlib.sha256()
+                for name in slots:
+                    check.update(writer.read(name))
+                if check.hexdigest() == entry["sha256"]:
+                    return LayerResult(group, journal, entry["sha256"], True, 0.0, entry["nbytes"])
+                journal.unlink(missing_ok=True)  # the bytes changed since: merged again below
+            method = REGISTRY[config.merge_method]
+            params = config.method_params()
+            entries = config.fine_tunes()
+            weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
+            densities = [config.model_density(e, params) for e in entries]
+            source = TensorSource(base, models, resolve_device(config.pipeline.device))
+            aliases = plan.aliases()
+            digest = hashlib.sha256()
+            nbytes = 0
+            for t in plan.groups()[group]:
+                merged = merge_tensor(t, source, method.merge, params, staged.stats, weights, densities, config.seed)
+                for name in (t.name, *aliases.get(t.name, [])):
+                    data = writer.write(name, merged)
+                    digest.update(data)
+                    nbytes += data.nbytes
+                del merged
+            writer.sync()  # the bytes are on disk before the journal says so
+        finally:
+            writer.abort()
     finally:
-        tmp.unlink(missing_ok=True)
-    hashes = HashCache()
-    hashes.remember(path, digest)
-    hashes.save()
-    meta = {"group": group, "sha256": digest, "nbytes": nbytes, "merge_key": staged.key}
-    atomic_write(path.with_suffix(".json"), json.dumps(meta).encode())
-    return LayerResult(group, path, digest, False, time.perf_counter() - started, nbytes)
+        close_inputs(base, models)
+    entry = {"group": group, "sha256": digest.hexdigest(), "nbytes": nbytes, "merge_key": staged.key}
+    atomic_write(journal, json.dumps(entry).encode())
+    return LayerResult(group, journal, entry["sha256"], False, time.perf_counter() - started, nbytes)

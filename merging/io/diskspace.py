@@ -2,9 +2,11 @@
 
 The merged model's size is known from the plan (every output tensor in its output dtype, plus the
 heads copied unmerged, plus side files). `check_free_space` compares what each destination needs
-with what its file system has free, summing destinations that share a file system (the pipeline's
-layer cache and its work folder are usually on one disk). A merge that passes can still meet a full
-disk if something else fills it meanwhile; that path stays a one-line error that leaves nothing.
+with what its file system has free, summing destinations that share a file system. The staged merge
+(the pipeline) writes the model once, in place, so it needs the model's size once, less what a
+killed run already wrote. A merge that passes can still meet a full disk if something else fills it
+meanwhile; that path stays a one-line error that publishes nothing (a staged merge keeps its hidden
+partial folder, to resume from).
 
 `MERGEFLOW_SKIP_SPACE_CHECK=1` turns the check off, for file systems that report no free space
 honestly (some FUSE mounts of object stores report 0).

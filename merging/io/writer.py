@@ -60,7 +60,12 @@ class Slot:
 
 
 class ShardedWriter:
-    """Writes tensors, in any order, into shards whose layout is fixed at construction."""
+    """Writes tensors, in any order, into shards whose layout is fixed at construction.
+
+    `ShardedWriter(folder, entries, ...)` creates the shard files (headers written, data space
+    allocated); `ShardedWriter.reopen(folder, entries, ...)` opens shards an earlier writer created
+    with the same layout, so another process can write its tensors into them (the pipeline's
+    per-layer tasks), after checking that each file has the planned size and header."""
 
     def __init__(
         self,
@@ -69,6 +74,8 @@ class ShardedWriter:
         max_shard_bytes: int = DEFAULT_SHARD_SIZE,
         metadata: dict[str, str] | None = None,
         prefix: str = "model",
+        *,
+        create: bool = True,
     ):
         self.folder = folder
         groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
@@ -87,20 +94,47 @@ class ShardedWriter:
         self.slots: dict[str, Slot] = {}
         self._fds: list[int] = []
         self.total_size = 0
-        for i, group in enumerate(groups):
-            header, spans = header_bytes(group, metadata or {"format": "pt"})
-            fd = os.open(folder / self.filenames[i], os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            data_len = spans[-1][1] if spans else 0
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + data_len)
-            for (name, dtype, shape), (begin, end) in zip(group, spans):
-                self.slots[name] = Slot(i, len(header) + begin, end - begin, dtype, shape)
-            self.total_size += data_len
+        try:
+            for i, group in enumerate(groups):
+                header, spans = header_bytes(group, metadata or {"format": "pt"})
+                data_len = spans[-1][1] if spans else 0
+                path = folder / self.filenames[i]
+                if create:
+                    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+                    self._fds.append(fd)
+                    os.pwrite(fd, header, 0)
+                    os.ftruncate(fd, len(header) + data_len)
+                else:
+                    fd = os.open(path, os.O_RDWR)
+                    self._fds.append(fd)
+                    if os.fstat(fd).st_size != len(header) + data_len or os.pread(fd, len(header), 0) != header:
+                        raise ConfigError(f"{path}: not the shard this merge's layout plans (size or header differs)")
+                for (name, dtype, shape), (begin, end) in zip(group, spans):
+                    self.slots[name] = Slot(i, len(header) + begin, end - begin, dtype, shape)
+                self.total_size += data_len
+        except BaseException:
+            self.abort()
+            raise
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Writes `tensor` (cast to the planned dtype) into its slot."""
+    @classmethod
+    def reopen(
+        cls,
+        folder: Path,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = DEFAULT_SHARD_SIZE,
+        metadata: dict[str, str] | None = None,
+        prefix: str = "model",
+    ) -> ShardedWriter:
+        """Returns a writer into the shards an earlier writer with the same layout created (ConfigError if they
+        are missing or differ)."""
+        try:
+            return cls(folder, entries, max_shard_bytes, metadata, prefix, create=False)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{e.filename}: a planned shard is missing") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> memoryview:
+        """Writes `tensor` (cast to the planned dtype) into its slot; returns the bytes written."""
         slot = self.slots[name]
         t = tensor.detach().to("cpu", slot.dtype).reshape(slot.shape)
         data = tensor_bytes(t)
@@ -109,14 +143,33 @@ class ShardedWriter:
         while done < slot.nbytes:
             done += os.pwrite(self._fds[slot.shard], view[done:], slot.offset + done)
         self._written.add(name)
+        return view
+
+    def read(self, name: str) -> bytes:
+        """Returns the bytes now in `name`'s slot (for checking what an earlier writer wrote)."""
+        slot = self.slots[name]
+        chunks = []
+        done = 0
+        while done < slot.nbytes:
+            chunk = os.pread(self._fds[slot.shard], slot.nbytes - done, slot.offset + done)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
 
     def missing(self) -> list[str]:
         return sorted(set(self.slots) - self._written)
 
-    def close(self, index_name: str = "model.safetensors.index.json") -> None:
-        """Flushes the shards and writes the index when there is more than one shard."""
+    def sync(self) -> None:
+        """Flushes what was written to disk (the shards stay open)."""
         for fd in self._fds:
             os.fsync(fd)
+
+    def close(self, index_name: str = "model.safetensors.index.json") -> None:
+        """Flushes the shards and writes the index when there is more than one shard."""
+        self.sync()
+        for fd in self._fds:
             os.close(fd)
         self._fds = []
         if len(self.filenames) > 1:
@@ -127,6 +180,7 @@ class ShardedWriter:
             (self.folder / index_name).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        """Closes the shards without flushing them or writing the index."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
