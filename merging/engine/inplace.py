@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from merging.config import MergeConfig, dump_config
 from merging.engine.output import output_dtype
 from merging.engine.plan import MergePlan
-from merging.io.writer import ShardedWriter
+from merging.io.writer import ShardedWriter, temporary_sibling
 
 PARTIAL_FORMAT = 1
 
@@ -55,6 +54,8 @@ def output_entries(config: MergeConfig, plan: MergePlan) -> list[tuple[str, torc
 
 
 def layout_record(key: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> dict[str, Any]:
+    """Returns what fixes every slot's offset in the shards: the merge key, the shard size, each tensor's name, dtype
+    and shape (a partial folder with another layout is started afresh)."""
     shapes = json.dumps([[name, str(dtype), list(shape)] for name, dtype, shape in entries])
     return {
         "format": PARTIAL_FORMAT,
@@ -65,10 +66,13 @@ def layout_record(key: str, entries: list[tuple[str, torch.dtype, tuple[int, ...
 
 
 def journal_file(part: Path, group: str) -> Path:
+    """Returns the journal entry's file of a layer group (named by a hash: group names hold dots)."""
     return part / "journal" / f"{hashlib.sha256(group.encode()).hexdigest()[:32]}.json"
 
 
 def journal_entry(part: Path, group: str) -> dict[str, Any] | None:
+    """Returns a layer group's journal entry (group, sha256 of the bytes it wrote, their size), or None when the
+    group has none or an unreadable one."""
     try:
         entry = json.loads(journal_file(part, group).read_text())
         if entry["group"] == group and isinstance(entry["sha256"], str) and isinstance(entry["nbytes"], int):
@@ -79,16 +83,19 @@ def journal_entry(part: Path, group: str) -> dict[str, Any] | None:
 
 
 def partial_matches(part: Path, layout: dict[str, Any]) -> bool:
+    """Returns whether the partial folder exists with this layout (its shards are then checked when reopened)."""
     try:
         return bool(json.loads((part / "layout.json").read_text()) == layout)
     except (OSError, ValueError):
         return False
 
 
-def create_partial(part: Path, layout: dict[str, Any], entries: list[Any], shard_size: int) -> None:
-    """Creates the partial folder whole (built aside, then renamed): shards with their headers, an empty journal."""
+def create_partial(out_dir: Path, layout: dict[str, Any], entries: list[Any], shard_size: int) -> None:
+    """Creates `out_dir`'s partial folder whole (built in a temporary sibling, then renamed): shards with their
+    headers and data space (sparse), an empty journal. An older partial folder there is removed first."""
+    part = partial_dir(out_dir)
     shutil.rmtree(part, ignore_errors=True)
-    tmp = part.with_name(f"{part.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_sibling(out_dir)  # a killed run's temporaries (dead process) are removed here
     try:
         (tmp / "model").mkdir(parents=True)
         (tmp / "journal").mkdir()

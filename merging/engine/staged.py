@@ -247,15 +247,10 @@ def prepare_output(
         needed = planned_output_bytes(config, plan, base, models) - written
         check_free_space([(out.parent, needed, "the merged model")])
         if not kept:
-            create_partial(part, layout, entries, shard_size)
+            create_partial(out, layout, entries, shard_size)
     finally:
         close_inputs(base, models)
     return replace(staged, out_dir=out, shard_size=shard_size, done={})
-
-
-def layer_key(staged: StagedPlan, group: str) -> str:
-    """Returns the key of one layer group's result."""
-    return hashlib.sha256(f"{staged.key}\0{group}".encode()).hexdigest()
 
 
 def _group_slots(plan: MergePlan, group: str) -> list[str]:
