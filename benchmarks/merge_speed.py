@@ -4,7 +4,8 @@
 
 Sizes: `220m` (hidden 1024, 12 layers, float32; results/merge_speed.json), `1b` (hidden 2048, 22 layers,
 intermediate 5632, vocab 32000, untied, bfloat16: 1.26B parameters, 2.5 GB per model; results/merge_speed_1b.json,
-which also checks that peak memory does not grow with the model against the 220M results), `small` (a quick check).
+which also compares peak memory with the 220M results), `1b-4layers` (the 1B's widths with 4 layers: the same largest
+tensor, to show peak memory does not grow with the number of layers), `small` (a quick check).
 
 Every case runs as its own process; a poller samples its /proc status every 20 ms for peak RSS
 (VmHWM) and peak anonymous memory (RssAnon: heap, not the page cache of memory-mapped inputs).
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES: dict[str, tuple[dict[str, int], str]] = {
     "220m": (dict(hidden_size=1024, num_hidden_layers=12, intermediate_size=2816, vocab_size=32000), "float32"),
     "1b": (dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, vocab_size=32000), "bfloat16"),
+    # The 1B's widths with 4 layers: the same largest tensor, so equal peak memory shows it does not grow with layers.
+    "1b-4layers": (dict(hidden_size=2048, num_hidden_layers=4, intermediate_size=5632, vocab_size=32000), "bfloat16"),
     "small": (dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, vocab_size=8000), "float32"),
 }
 
@@ -303,7 +306,7 @@ def main() -> None:
         if "mergeflow ties, trim_ties: mergekit" in results:
             diffs["ties, trim_ties: mergekit"] = max_abs_diff(outs / "mergeflow_ties_parity", outs / "mergekit_ties")
     # The per-neuron loop is timed at 220M (minutes per layer at 1B, and the ratio does not change with size).
-    loop = neuromerging_vs_loop(base, fts, "model.layers.0") if size != "1b" else None
+    loop = neuromerging_vs_loop(base, fts, "model.layers.0") if not size.startswith("1b") else None
 
     floor = results["floor TA (minimal streaming)"]["median_wall_s"]
     bound_mib = ((args.finetunes + 1) * largest) / 2**20 + 1024
@@ -356,6 +359,14 @@ def main() -> None:
             "largest_tensor_growth_f32_mib": growth,
             "peak_anon_220m_mib": {m: ref["cases"][f"mergeflow {m}"]["median_peak_anon_mib"] for m in configs},
         }
+    deep = results_dir / "merge_speed_1b.json"
+    if size == "1b-4layers" and deep.exists() and args.device == "cpu":
+        # Same largest tensor, 22 layers against 4: a ratio near 1 means memory does not grow with the layers.
+        ref = json.loads(deep.read_text())
+        for m in configs:
+            targets[f"{m} peak anon, 22 layers / 4 layers"] = (
+                ref["cases"][f"mergeflow {m}"]["median_peak_anon_mib"] / anon[m]
+            )
     report["targets"] = targets
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")

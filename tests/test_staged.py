@@ -193,3 +193,22 @@ def test_two_runs_of_one_merge_at_once_write_it_once(tmp_path: Path) -> None:
     assert sorted(r.reused for r in reports) == [False, True]  # the second waited, then found it done
     run_merge(config, tmp_path / "one", MergeOptions(progress=False))
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "out")
+
+
+def test_a_worker_thread_keeps_its_buffers_between_layer_tasks_until_finalize(tmp_path: Path) -> None:
+    from merging.engine import staged as staged_module
+
+    base, fts = build_family(tmp_path / "fam", n_finetunes=2)
+    config = load_config(write_config(tmp_path / "c.yml", "ties", base, fts))
+    staged = prepare_output(config, plan_merge(config, tmp_path / "cache"), tmp_path / "out")
+    largest = max(staged.groups, key=lambda g: staged.group_bytes[g])
+    results = [merge_layer(config, staged, largest)]
+    kept = {k: v.data_ptr() for k, v in staged_module._thread_buffers().items()}
+    assert kept
+    # Every later task on this thread works in the same memory: no fresh allocation, no page faults.
+    results += [merge_layer(config, staged, g) for g in staged.groups if g != largest]
+    assert {k: v.data_ptr() for k, v in staged_module._thread_buffers().items()} == kept
+    finalize(config, staged, results, tmp_path / "cache")
+    assert not staged_module._BUFFERS  # released once the layers are done
+    run_merge(config, tmp_path / "one", MergeOptions(progress=False))
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "out")

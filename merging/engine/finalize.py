@@ -39,6 +39,7 @@ from merging.engine.staged import (
     plan_merge,
     prepare_output,
     read_output_record,
+    release_buffers,
 )
 from merging.errors import MergeflowError
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder
@@ -87,6 +88,7 @@ def finalize(
     linked into a new folder and only what follows the weights is written again."""
     if staged.out_dir is None:
         raise MergeflowError("internal error: finalize needs a plan bound to its output (prepare_output)")
+    release_buffers()  # the layer tasks are done: their kept buffers go
     out_dir = staged.out_dir
     by_group = {r.group: r for r in layers}
     missing = [g for g in staged.groups if g not in by_group]

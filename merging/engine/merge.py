@@ -66,22 +66,30 @@ class TensorSource:
     merge's time. A returned tensor is only valid until the next `load`.
     """
 
-    def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device):
+    def __init__(
+        self,
+        base: Checkpoint,
+        models: list[Checkpoint],
+        device: torch.device,
+        buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] | None = None,
+    ):
         self.base = base
         self.models = models
         self.device = device
         self.bytes_read = 0
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # `buffers` lets a worker thread keep its buffers from one layer task to the next (staged.py).
+        self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {} if buffers is None else buffers
 
     def compute_dtype(self, plan: TensorPlan) -> torch.dtype:
         return torch.float64 if plan.dtype == torch.float64 else torch.float32
 
     def buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """Returns a reusable flat buffer of at least `numel` elements."""
-        buf = self._buffers.get((key, dtype))
+        slot = (key, dtype, str(self.device))
+        buf = self._buffers.get(slot)
         if buf is None or buf.numel() < numel:
-            self._buffers.pop((key, dtype), None)
-            buf = self._buffers[(key, dtype)] = torch.empty(numel, dtype=dtype, device=self.device)
+            self._buffers.pop(slot, None)
+            buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=self.device)
         return buf[:numel]
 
     def _orient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -259,6 +260,23 @@ def _group_slots(plan: MergePlan, group: str) -> list[str]:
     return [name for t in plan.groups()[group] for name in (t.name, *aliases.get(t.name, []))]
 
 
+_BUFFERS: dict[int, dict[tuple[str, torch.dtype, str], torch.Tensor]] = {}
+_BUFFERS_LOCK = threading.Lock()
+
+
+def _thread_buffers() -> dict[tuple[str, torch.dtype, str], torch.Tensor]:
+    """Returns this thread's task-vector buffers, kept from one layer task to the next: a fresh allocation per task
+    costs a page fault per 4 KiB of the largest tensor's (T, rows, cols)."""
+    with _BUFFERS_LOCK:
+        return _BUFFERS.setdefault(threading.get_ident(), {})
+
+
+def release_buffers() -> None:
+    """Drops every thread's kept buffers (once the layers are merged: the memory goes back before evaluation)."""
+    with _BUFFERS_LOCK:
+        _BUFFERS.clear()
+
+
 def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerResult:
     """Returns one layer group's result: merged and written into the output's shards, then journaled; or reused
     when the journal already has it and the bytes in its slots still match."""
@@ -293,7 +311,7 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerRes
             entries = config.fine_tunes()
             weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
             densities = [config.model_density(e, params) for e in entries]
-            source = TensorSource(base, models, resolve_device(config.pipeline.device))
+            source = TensorSource(base, models, resolve_device(config.pipeline.device), _thread_buffers())
             aliases = plan.aliases()
             digest = hashlib.sha256()
             nbytes = 0
