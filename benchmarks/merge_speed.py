@@ -229,6 +229,7 @@ def main() -> None:
     with Checkpoint(base) as ck:
         params = sum(i.numel for i in ck.infos.values())
         largest = max(i.nbytes for i in ck.infos.values())
+        largest_f32 = max(i.numel for i in ck.infos.values()) * 4  # every method computes in float32
     outs = workdir / "outputs"
     outs.mkdir(exist_ok=True)
     mergeflow = str(Path(sys.executable).with_name("mergeflow"))
@@ -351,7 +352,7 @@ def main() -> None:
         # Memory must not grow with the number of layers: at most 1.2x the 220M run's peak plus the growth of the
         # largest tensor, counted in float32 (the dtype every method computes in).
         ref = json.loads(small.read_text())
-        growth = (params_largest_f32(base) - ref["model"]["largest_tensor_bytes"]) / 2**20
+        growth = (largest_f32 - ref["model"]["largest_tensor_bytes"]) / 2**20
         for m in configs:
             allowed = 1.2 * ref["cases"][f"mergeflow {m}"]["median_peak_anon_mib"] + max(0.0, growth)
             targets[f"{m} peak anon / (1.2x 220M + largest-tensor growth)"] = anon[m] / allowed
@@ -395,12 +396,6 @@ def main() -> None:
     for name, value in targets.items():
         print(f"target {name}: {value:.3g}")
     print(f"wrote {json_path}")
-
-
-def params_largest_f32(folder: Path) -> int:
-    """Returns the largest tensor's size in float32 bytes."""
-    with Checkpoint(folder) as ck:
-        return max(i.numel for i in ck.infos.values()) * 4
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ def test_device() -> torch.device:
 test_device.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+def neuron_merge_on_device(base: torch.Tensor, deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """NeuroMerging's fast neuron rule on the test device (`pytest --device cuda`), its result back on the CPU."""
+    from merging.methods.neuromerging import neuron_merge
+
+    device = test_device()
+    return neuron_merge(base.to(device), deltas.to(device), *args, **kwargs).cpu()
+
+
 def write_config(path: Path, method: str, base: Path, fts: list[Path], **extra: object) -> Path:
     data: dict[str, object] = {
         "merge_method": method,

@@ -9,16 +9,10 @@ import torch
 from merging.engine.plan import Role
 from merging.methods import get_method
 from merging.methods.base import ModelStats, TensorInputs, tensor_seed
-from merging.methods.neuromerging import neuron_merge as _neuron_merge
 from merging.methods.trim import topk_mask
 from tests import reference as ref
+from tests.helpers import neuron_merge_on_device as neuron_merge
 from tests.helpers import test_device
-
-
-def neuron_merge(base: torch.Tensor, deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The fast neuron rule on the test device (`pytest --device cuda`), its result back on the CPU."""
-    device = test_device()
-    return _neuron_merge(base.to(device), deltas.to(device), *args, **kwargs).cpu()
 
 
 def make_inputs(base, fts, weights=None, densities=None, role=Role.NEURON, seed=0, name="w"):

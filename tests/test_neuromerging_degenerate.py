@@ -14,15 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merging.methods.neuromerging import neuron_merge as _neuron_merge
 from tests import reference as ref
-from tests.helpers import test_device
-
-
-def neuron_merge(base: torch.Tensor, deltas: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The fast neuron rule on the test device (`pytest --device cuda`), its result back on the CPU."""
-    device = test_device()
-    return _neuron_merge(base.to(device), deltas.to(device), *args, **kwargs).cpu()
+from tests.helpers import neuron_merge_on_device as neuron_merge
 
 
 def trim_rows(deltas: torch.Tensor, density: float) -> torch.Tensor:

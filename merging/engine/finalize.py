@@ -115,8 +115,10 @@ def finalize(
     with PeakMemory() as memory:
         try:
             plan = plan_inputs(config, base, models)
+            # Checks the shards' sizes and headers; the index was written with them (or linked), the data flushed
+            # by each layer: nothing to write here.
             writer = ShardedWriter.reopen(folder, output_entries(config, plan), staged.shard_size)
-            writer.close()  # the index (when sharded); the data was flushed by each layer
+            writer.abort()
             shards = list(writer.filenames) + ([INDEX] if len(writer.filenames) > 1 else [])
             for leftover in folder.iterdir():  # what an interrupted finalize wrote: written again below
                 if leftover.name not in shards:

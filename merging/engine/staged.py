@@ -47,7 +47,7 @@ from merging.engine.inplace import (
 from merging.engine.labels import model_labels
 from merging.engine.merge import TensorSource, compute_stats, merge_tensor, resolve_device
 from merging.engine.model_card import InputRecord
-from merging.engine.plan import MergePlan, build_plan
+from merging.engine.plan import MergePlan, TensorPlan, build_plan
 from merging.errors import ConfigError, MergeflowError
 from merging.io.checkpoint import Checkpoint, HashCache, cache_dir
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter
@@ -254,10 +254,9 @@ def prepare_output(
     return replace(staged, out_dir=out, shard_size=shard_size, done={})
 
 
-def _group_slots(plan: MergePlan, group: str) -> list[str]:
+def _group_slots(tensors: list[TensorPlan], aliases: dict[str, list[str]]) -> list[str]:
     """Returns the slots a layer group writes, in the order its digest covers them: each tensor, then its aliases."""
-    aliases = plan.aliases()
-    return [name for t in plan.groups()[group] for name in (t.name, *aliases.get(t.name, []))]
+    return [name for t in tensors for name in (t.name, *aliases.get(t.name, []))]
 
 
 _BUFFERS: dict[int, dict[tuple[str, torch.dtype, str], torch.Tensor]] = {}
@@ -297,11 +296,11 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerRes
         except ConfigError as e:
             raise MergeflowError(f"the partial output {part} is not this merge's ({e}); run the merge again") from None
         try:
-            slots = _group_slots(plan, group)
+            tensors, aliases = plan.groups()[group], plan.aliases()
             entry = journal_entry(part, group)
             if entry is not None:
                 check = hashlib.sha256()
-                for name in slots:
+                for name in _group_slots(tensors, aliases):
                     check.update(writer.read(name))
                 if check.hexdigest() == entry["sha256"]:
                     return LayerResult(group, journal, entry["sha256"], True, 0.0, entry["nbytes"])
@@ -312,10 +311,9 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerRes
             weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
             densities = [config.model_density(e, params) for e in entries]
             source = TensorSource(base, models, resolve_device(config.pipeline.device), _thread_buffers())
-            aliases = plan.aliases()
             digest = hashlib.sha256()
             nbytes = 0
-            for t in plan.groups()[group]:
+            for t in tensors:
                 merged = merge_tensor(t, source, method.merge, params, staged.stats, weights, densities, config.seed)
                 for name in (t.name, *aliases.get(t.name, [])):
                     data = writer.write(name, merged)
