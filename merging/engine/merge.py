@@ -33,8 +33,8 @@ from merging.errors import ConfigError, MergeflowError, NonFiniteError
 from merging.io.checkpoint import Checkpoint, HashCache
 from merging.io.diskspace import check_free_space, planned_output_bytes
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
-from merging.methods import REGISTRY
-from merging.methods.base import MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
+from merging.methods import REGISTRY, MergeMethod, kernels
+from merging.methods.base import FusedFn, MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
 from merging.methods.trim import ModelThreshold, TensorTrimL1, chunks
 
 
@@ -114,12 +114,26 @@ class TensorSource:
         for i, (model, src) in enumerate(zip(self.models, plan.sources)):
             ft = model.tensor(src)
             self.bytes_read += ft.numel() * ft.element_size()
-            torch.sub(self._orient(ft, plan).to(self.device), base, out=deltas[i])
+            oriented = self._orient(ft, plan).to(self.device)
+            if not kernels.sub_widened_into(oriented, base, deltas[i]):
+                torch.sub(oriented, base, out=deltas[i])
         if deltas.numel() and not torch.isfinite(deltas.sum()):
             for i, model in enumerate(self.models):
                 if not torch.isfinite(deltas[i]).all():
                     _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
         return base, deltas
+
+    def fused(
+        self, plan: TensorPlan, fn: FusedFn, params: MethodParams, weights: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Returns the merged tensor a method's fused form wrote from the stored inputs (in `out_dtype`, in a reused
+        buffer valid until the next call), or None when the fused form does not take these tensors."""
+        raw = [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
+        out = self.buffer("fused", raw[0].numel(), out_dtype).view(raw[0].shape)
+        if not fn(raw[0], raw[1:], weights, params, out):
+            return None
+        self.bytes_read += sum(x.numel() * x.element_size() for x in raw)
+        return out
 
     def unorient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
         if plan.role != Role.POINT and plan.transposed:
@@ -218,7 +232,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             bytes_written = _write_model(
-                config, plan, source, method.merge, params, stats, weights, densities, seed, tmp, options
+                config, plan, source, method, params, stats, weights, densities, seed, tmp, options
             )
             inputs = input_records(base, models, entries, hashes)
             hash_cache.save()
@@ -249,10 +263,20 @@ def merge_tensor(
     weights: torch.Tensor,
     densities: list[float],
     seed: int,
+    fused: FusedFn | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Returns one merged tensor in the base's layout (non-float tensors are the base's)."""
+    """Returns one merged tensor in the base's layout (non-float tensors are the base's).
+
+    With the method's `fused` form and the tensor's output dtype, the CPU path first tries the fused form (same
+    numbers, one pass over the stored inputs); its result is a buffer reused by the next call on `source`.
+    """
     if not t.dtype.is_floating_point:
         return source.base.tensor(t.name)
+    if fused is not None and out_dtype is not None and source.device.type == "cpu":
+        done = source.fused(t, fused, params, weights, out_dtype)
+        if done is not None:
+            return done
     base, deltas = source.load(t)
     inputs = TensorInputs(
         name=t.name,
@@ -278,7 +302,7 @@ def _write_model(
     config: MergeConfig,
     plan: MergePlan,
     source: TensorSource,
-    merge_fn: object,
+    method: MergeMethod,
     params: MethodParams,
     stats: ModelStats,
     weights: torch.Tensor,
@@ -296,7 +320,18 @@ def _write_model(
             total=total, unit="B", unit_scale=True, desc=f"merge ({config.merge_method})", disable=not options.progress
         ) as bar:
             for t in plan.merged:
-                result = merge_tensor(t, source, merge_fn, params, stats, weights, densities, seed)
+                result = merge_tensor(
+                    t,
+                    source,
+                    method.merge,
+                    params,
+                    stats,
+                    weights,
+                    densities,
+                    seed,
+                    method.fused,
+                    output_dtype(config, t),
+                )
                 writer.write(t.name, result)
                 for alias in aliases.get(t.name, []):
                     writer.write(alias, result)

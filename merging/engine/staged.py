@@ -47,6 +47,7 @@ from merging.engine.inplace import (
 from merging.engine.labels import model_labels
 from merging.engine.merge import TensorSource, compute_stats, merge_tensor, resolve_device
 from merging.engine.model_card import InputRecord
+from merging.engine.output import output_dtype
 from merging.engine.plan import MergePlan, TensorPlan, build_plan
 from merging.errors import ConfigError, MergeflowError
 from merging.io.checkpoint import Checkpoint, HashCache, cache_dir
@@ -314,7 +315,18 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerRes
             digest = hashlib.sha256()
             nbytes = 0
             for t in tensors:
-                merged = merge_tensor(t, source, method.merge, params, staged.stats, weights, densities, config.seed)
+                merged = merge_tensor(
+                    t,
+                    source,
+                    method.merge,
+                    params,
+                    staged.stats,
+                    weights,
+                    densities,
+                    config.seed,
+                    method.fused,
+                    output_dtype(config, t),
+                )
                 for name in (t.name, *aliases.get(t.name, [])):
                     data = writer.write(name, merged)
                     digest.update(data)

@@ -65,6 +65,10 @@ class StatsRequest:
 
 
 MergeFn = Callable[[TensorInputs, Any, ModelStats], torch.Tensor]
+# A fused form reads the stored tensors (base, fine-tunes) and writes the finished merged tensor (base included) into
+# `out`, in its dtype; it returns False, leaving `out` unspecified, when it cannot take these tensors (the engine then
+# takes the method's merge function, which must give the same numbers).
+FusedFn = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, Any, torch.Tensor], bool]
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class MergeMethod:
     merge: MergeFn
     stats_request: Callable[[Any], StatsRequest | None]
     describe: Callable[[Any], str] = lambda params: ""
+    fused: FusedFn | None = None
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -91,13 +96,14 @@ def register_method(
     params: type[MethodParams],
     stats_request: Callable[[Any], StatsRequest | None] = lambda params: None,
     describe: Callable[[Any], str] = lambda params: "",
+    fused: FusedFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Registers the decorated function as merge method `name`."""
 
     def wrap(fn: MergeFn) -> MergeFn:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        REGISTRY[name] = MergeMethod(name, pretty_name, reference_url, params, fn, stats_request, describe)
+        REGISTRY[name] = MergeMethod(name, pretty_name, reference_url, params, fn, stats_request, describe, fused)
         return fn
 
     return wrap

@@ -1,9 +1,15 @@
-"""Returns fused CPU kernels (numba) for the hottest loop: TIES over the columns of T task vectors.
+"""Returns fused CPU kernels (numba) for the hottest loops: TIES over the columns of T task vectors, and Task
+Arithmetic straight from the stored inputs.
 
 The torch formulation of TIES is a chain of about ten elementwise passes over (T, n) values;
 this kernel makes one pass, one column at a time, in parallel, with the same float arithmetic
 in the same order (weights applied in the values' dtype, sums accumulated t = 0..T-1), so it
 gives the torch path's (and mergekit's) numbers. Without numba the torch path is used.
+
+The Task Arithmetic kernel reads the base and the fine-tunes in their stored dtype (bfloat16 or float32), computes
+in float32 in the torch path's order and writes the output dtype (bfloat16, rounded to nearest even as torch does, or
+float32): one pass over the inputs, where the torch path converts each input to float32 first and casts the result
+again (about 4T + 6 passes over float32 copies on a bfloat16 model).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
 
 try:
     import numba
+    from numba.extending import overload
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps the library importable
     numba = None  # type: ignore[assignment]
 
@@ -42,31 +49,40 @@ if numba is not None:
         zero = values.dtype.type(0)
         one = values.dtype.type(1)
         for block in numba.prange((n + BLOCK - 1) // BLOCK):
+            # One block of columns at a time, task by task, without branches, so the loops vectorize; per column
+            # the sums still run t = 0..T-1, and adding a zero for a dropped or disagreeing entry changes no bit.
             start = block * BLOCK
-            stop = min(n, start + BLOCK)
-            for j in range(start, stop):
-                total = zero
-                for t in range(t_count):
-                    v = values[t, j]
-                    a = np.float32(abs(v))  # thresholds are float32 magnitudes, as in trim.py
-                    if a < thresholds[t] or (a == thresholds[t] and j > last_tied[t]):
-                        v = zero
-                    elif not uniform:
-                        v = v * weights[t]
-                    values[t, j] = v
-                    total += v
-                sign = one if total >= zero else -one
-                num = zero
-                den = zero
-                for t in range(t_count):
-                    v = values[t, j]
-                    if v * sign > zero:
-                        num += v
-                        den += one if uniform else weights[t]
-                if normalize:
-                    out[j] = lam * (num / den if den != zero else num)
-                else:
-                    out[j] = lam * num
+            count = min(n, start + BLOCK) - start
+            kept = np.empty((t_count, count), dtype=values.dtype)  # trimmed, weighted values
+            total = np.zeros(count, dtype=values.dtype)
+            for t in range(t_count):
+                threshold = thresholds[t]  # float32 magnitudes, as in trim.py
+                last = last_tied[t] - start
+                w = one if uniform else weights[t]  # v * 1 is v: uniform weights change no bit
+                row = values[t, start : start + count]
+                kept_row = kept[t]
+                for i in range(count):
+                    v = row[i]
+                    a = np.float32(abs(v))
+                    keep = (a > threshold) | ((a == threshold) & (i <= last))
+                    v = v * w
+                    v = v if keep else zero
+                    kept_row[i] = v
+                    total[i] += v
+            num = np.zeros(count, dtype=values.dtype)
+            den = np.zeros(count, dtype=values.dtype)
+            for t in range(t_count):
+                w = one if uniform else weights[t]
+                kept_row = kept[t]
+                for i in range(count):
+                    v = kept_row[i]
+                    positive = total[i] >= zero
+                    agree = (positive & (v > zero)) | ((~positive) & (v < zero))  # v * sign(total) > 0
+                    num[i] += v if agree else zero
+                    den[i] += w if agree else zero
+            for i in range(count):
+                mean = num[i] / den[i] if den[i] != zero else num[i]
+                out[start + i] = lam * (mean if normalize else num[i])
 
     @numba.njit(parallel=True, cache=True)
     def _abs_bit_histograms(bits, bucket, high, low):
@@ -93,6 +109,167 @@ if numba is not None:
                 if seen == nth:
                     return i
         return -1
+
+    def _widen(src, start, count, bits):  # pragma: no cover - replaced by the overload below inside kernels
+        raise NotImplementedError
+
+    def _narrow(values, start, count, out):  # pragma: no cover - replaced by the overload below inside kernels
+        raise NotImplementedError
+
+    @overload(_widen)
+    def _widen_impl(src, start, count, bits):
+        # bits (uint32 scratch) <- src[start:start+count] as float32 bit patterns; bfloat16 arrives as its uint16 bits.
+        if src.dtype == numba.types.uint16:
+
+            def from_bf16(src, start, count, bits):
+                for i in range(count):
+                    bits[i] = np.uint32(src[start + i]) << np.uint32(16)
+
+            return from_bf16
+
+        def from_f32(src, start, count, bits):
+            vals = bits.view(np.float32)
+            for i in range(count):
+                vals[i] = src[start + i]
+
+        return from_f32
+
+    @overload(_narrow)
+    def _narrow_impl(values, start, count, out):
+        # out[start:start+count] <- values (float32, finite) in out's dtype; bfloat16 is written as uint16 bits,
+        # rounded to nearest even like torch's cast.
+        if out.dtype == numba.types.uint16:
+
+            def to_bf16(values, start, count, out):
+                bits = values.view(np.uint32)
+                for i in range(count):
+                    u = bits[i]
+                    out[start + i] = np.uint16((u + (((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> 16)
+
+            return to_bf16
+
+        def to_f32(values, start, count, out):
+            for i in range(count):
+                out[start + i] = values[i]
+
+        return to_f32
+
+    @numba.njit(parallel=True, cache=True, fastmath=False)
+    def _weighted_sum_into(base, fts, weights, divisor, lam, out):
+        # out = base + lam * (sum_t w_t (ft_t - base)) [/ divisor], in float32 in weighted_sum's order; returns the
+        # number of blocks holding a non-finite input or result (the caller then takes the checked torch path).
+        n = base.size
+        blocks = (n + BLOCK - 1) // BLOCK
+        bad = np.zeros(blocks, dtype=np.int64)
+        for block in numba.prange(blocks):
+            start = block * BLOCK
+            count = min(n, start + BLOCK) - start
+            base_bits = np.empty(count, dtype=np.uint32)
+            ft_bits = np.empty(count, dtype=np.uint32)
+            acc = np.empty(count, dtype=np.float32)
+            b = base_bits.view(np.float32)
+            f = ft_bits.view(np.float32)
+            _widen(base, start, count, base_bits)
+            finite = True
+            for t in range(len(fts)):
+                _widen(fts[t], start, count, ft_bits)
+                w = weights[t]
+                for i in range(count):
+                    d = (f[i] - b[i]) * w
+                    acc[i] = d if t == 0 else acc[i] + d
+            for i in range(count):
+                v = acc[i]
+                if divisor != np.float32(0):
+                    v = v / divisor
+                if lam != np.float32(1):
+                    v = v * lam
+                v = v + b[i]
+                acc[i] = v
+                if not np.isfinite(v) or not np.isfinite(b[i]):
+                    finite = False
+            if not finite:
+                bad[block] = 1
+                continue
+            _narrow(acc, start, count, out)
+        return bad.sum()
+
+    @numba.njit(parallel=True, cache=True)
+    def _sub_widened(src, base, out):
+        # out = float32(src) - base, elementwise; src bfloat16 (as uint16 bits) or float32.
+        n = base.size
+        for block in numba.prange((n + BLOCK - 1) // BLOCK):
+            start = block * BLOCK
+            count = min(n, start + BLOCK) - start
+            bits = np.empty(count, dtype=np.uint32)
+            _widen(src, start, count, bits)
+            f = bits.view(np.float32)
+            for i in range(count):
+                out[start + i] = f[i] - base[start + i]
+
+
+def sub_widened_into(src: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
+    """Writes float32(src) - base into `out` (what torch.sub(src, base, out=out) gives) in one pass, for a bfloat16
+    `src`; returns False, writing nothing, when the kernel cannot take these tensors (the caller uses torch.sub)."""
+    if numba is None or src.dtype != torch.bfloat16 or src.shape != base.shape or out.shape != base.shape:
+        return False
+    if base.dtype != torch.float32 or out.dtype != torch.float32:
+        return False
+    arrays = [_flat_array(x) for x in (src, base, out)]
+    if any(a is None for a in arrays):
+        return False
+    _sub_widened(arrays[0], arrays[1], arrays[2])
+    return True
+
+
+def _flat_array(tensor: torch.Tensor) -> np.ndarray | None:
+    """Returns a contiguous CPU tensor's flat numpy view (bfloat16 as its uint16 bits), or None if the kernels
+    cannot read it."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    if tensor.dtype == torch.bfloat16:
+        return tensor.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    if tensor.dtype == torch.float32:
+        return tensor.reshape(-1).numpy()
+    return None
+
+
+def weighted_sum_into(
+    base: torch.Tensor,
+    fts: list[torch.Tensor],
+    weights: torch.Tensor,
+    normalize: bool,
+    lambda_: float,
+    out: torch.Tensor,
+) -> bool:
+    """Writes Task Arithmetic's merged tensor, base + lambda * sum_t w_t (ft_t - base) [/ sum_t w_t], into `out`.
+
+    Reads the stored tensors as they are: every input bfloat16, or every input float32, all of `base`'s shape,
+    contiguous, on the CPU; `out` bfloat16 or float32. Returns False, with `out` unspecified, when the kernel cannot
+    take these tensors or an input or the result is not finite: the caller then takes the torch path, which gives the
+    same numbers (bit for bit) and names the tensor that is not finite.
+    """
+    if numba is None or not fts or out.shape != base.shape:
+        return False
+    arrays = [_flat_array(x) for x in (base, *fts)]
+    target = _flat_array(out)
+    if target is None or any(a is None for a in arrays):
+        return False
+    if any(x.dtype != base.dtype or x.shape != base.shape for x in fts):
+        return False
+    divisor = np.float32(0)
+    if normalize:
+        total = weights.sum().to(torch.float32)
+        if float(total.abs()) >= 1e-8:
+            divisor = np.float32(float(total))
+    bad = _weighted_sum_into(
+        arrays[0],
+        tuple(arrays[1:]),
+        np.asarray([float(w) for w in weights], dtype=np.float32),
+        divisor,
+        np.float32(lambda_),
+        target,
+    )
+    return int(bad) == 0
 
 
 def abs_bit_histogram(row: torch.Tensor, bucket: int, bins: int) -> torch.Tensor:
@@ -126,7 +303,7 @@ def ties_columns(
     lam: float,
     out: torch.Tensor,
 ) -> None:
-    """Writes lambda * TIES(values) into `out` (n,); `values` (T, n) is trimmed and weighted in place.
+    """Writes lambda * TIES(values) into `out` (n,); `values` (T, n) is only read.
 
     Task t keeps |v| > thresholds[t], and |v| == thresholds[t] at flat index <= last_tied[t].
     With uniform weights the caller folds the common weight in itself (see ties_merge).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from merging.methods import kernels
 from merging.methods.base import MethodParams, ModelStats, TensorInputs, register_method
 
 
@@ -30,12 +31,20 @@ def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool, l
     return mixed
 
 
+def task_arithmetic_fused(
+    base: torch.Tensor, fts: list[torch.Tensor], weights: torch.Tensor, params: TaskArithmeticParams, out: torch.Tensor
+) -> bool:
+    """Writes base + the merged task vector into `out` in one pass over the stored inputs (see kernels)."""
+    return kernels.weighted_sum_into(base, fts, weights, params.normalize, params.lambda_, out)
+
+
 @register_method(
     "task_arithmetic",
     pretty_name="Task Arithmetic",
     reference_url="https://arxiv.org/abs/2212.04089",
     params=TaskArithmeticParams,
     describe=lambda p: f"lambda={p.lambda_}, normalize={p.normalize}",
+    fused=task_arithmetic_fused,
 )
 def task_arithmetic(inputs: TensorInputs, params: TaskArithmeticParams, stats: ModelStats) -> torch.Tensor:
     """Returns the merged task vector lambda * sum_t w_t tau_t."""

@@ -128,9 +128,8 @@ def tensor_trim_rule(values: torch.Tensor, density: float, ties: str = "index") 
         return KEEP_ALL
     k = keep_count(density, n)
     flat = values.reshape(-1)
-    threshold, greater, equal = kth_largest(
-        flat.abs().to(torch.float32) if flat.dtype != torch.float32 else flat.abs(), k
-    )
+    # float32 needs no abs pass: the radix select reads |x| from the bit patterns with the sign bit cleared.
+    threshold, greater, equal = kth_largest(flat if flat.dtype == torch.float32 else flat.abs().to(torch.float32), k)
     if greater + equal <= k:
         return TrimRule(threshold)
     if ties == "mergekit":

@@ -1,0 +1,239 @@
+"""Task Arithmetic's fused kernel (one pass over the stored inputs) against the torch path it replaces: bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from merging.config import load_config
+from merging.engine.merge import MergeOptions, run_merge
+from merging.errors import NonFiniteError
+from merging.methods import REGISTRY, kernels
+from merging.methods.task_arithmetic import weighted_sum
+from merging.methods.ties import ties_merge
+from merging.methods.trim import trim_rules
+from merging.synthetic import build_family
+from tests.helpers import write_config
+
+
+def torch_path(base, fts, weights, normalize, lam, out_dtype):
+    """What the engine computes without the kernel: float32 task vectors, weighted_sum, + base, cast."""
+    b = base.float()
+    deltas = torch.stack([ft.float() - b for ft in fts])
+    mixed = weighted_sum(deltas, torch.tensor(weights, dtype=torch.float64), normalize, lam)
+    return mixed.add_(b).to(out_dtype)
+
+
+def family(seed, n, t, dtype, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    fts = [(base + scale * torch.randn(n, generator=g)).to(dtype) for _ in range(t)]
+    return base.to(dtype), fts
+
+
+@pytest.mark.parametrize(
+    "dtype,out_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("t", [1, 4])
+def test_fused_equals_the_torch_path_bit_for_bit(dtype, out_dtype, normalize, t):
+    # 3 blocks and a ragged tail; weights that are not powers of two, lambda != 1.
+    base, fts = family(t, 2 * kernels.BLOCK + 77, t, dtype)
+    weights = [0.3 + 0.37 * i for i in range(t)]
+    out = torch.empty(base.shape, dtype=out_dtype)
+    assert kernels.weighted_sum_into(base, fts, torch.tensor(weights, dtype=torch.float64), normalize, 0.7, out)
+    assert torch.equal(out, torch_path(base, fts, weights, normalize, 0.7, out_dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    t=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    lam=st.floats(-3, 3, allow_nan=False, width=32),
+    normalize=st.booleans(),
+    scale=st.sampled_from([1e-3, 0.05, 10.0]),
+    bf16=st.booleans(),
+)
+def test_fused_equals_the_torch_path_property(n, t, seed, lam, normalize, scale, bf16):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base, fts = family(seed, n, t, dtype, scale)
+    g = torch.Generator().manual_seed(seed + 1)
+    weights = (torch.rand(t, generator=g, dtype=torch.float64) * 2 - 0.5).tolist()
+    out = torch.empty(n, dtype=dtype)
+    assert kernels.weighted_sum_into(base, fts, torch.tensor(weights, dtype=torch.float64), normalize, lam, out)
+    assert torch.equal(out, torch_path(base, fts, weights, normalize, lam, dtype))
+
+
+def test_weights_summing_to_zero_are_not_divided_by():
+    base, fts = family(3, 500, 2, torch.bfloat16)
+    out = torch.empty(500, dtype=torch.bfloat16)
+    assert kernels.weighted_sum_into(base, fts, torch.tensor([1.0, -1.0], dtype=torch.float64), True, 1.0, out)
+    assert torch.equal(out, torch_path(base, fts, [1.0, -1.0], True, 1.0, torch.bfloat16))
+
+
+def test_rounding_ties_go_to_even_like_torch():
+    # Results that fall exactly halfway between two bfloat16 values, both parities, and the largest finite values.
+    base = torch.tensor([1.0, 1.0, -1.0, 3.0e38, 0.0, -0.0] * 10, dtype=torch.float32)
+    step = 2.0**-8  # half a bfloat16 ulp at 1.0
+    ft = base.clone()
+    ft[0::6] += step
+    ft[1::6] += 3 * step
+    ft[2::6] -= 3 * step
+    for out_dtype in (torch.bfloat16, torch.float32):
+        out = torch.empty(base.shape, dtype=out_dtype)
+        assert kernels.weighted_sum_into(base, [ft], torch.ones(1, dtype=torch.float64), False, 1.0, out)
+        assert torch.equal(out, torch_path(base, [ft], [1.0], False, 1.0, out_dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["base", "finetune"])
+def test_non_finite_inputs_are_left_to_the_checked_path(bad, where):
+    base, fts = family(5, 9000, 3, torch.bfloat16)
+    (base if where == "base" else fts[2])[8500] = bad
+    out = torch.empty(base.shape, dtype=torch.bfloat16)
+    assert not kernels.weighted_sum_into(base, fts, torch.ones(3, dtype=torch.float64), False, 1.0, out)
+
+
+def test_an_overflowing_result_is_left_to_the_checked_path():
+    base, fts = family(6, 100, 2, torch.float32)
+    fts[0][7] = 3.0e38
+    out = torch.empty(100, dtype=torch.float32)
+    assert not kernels.weighted_sum_into(base, fts, torch.ones(2, dtype=torch.float64), False, 3.0, out)
+
+
+@pytest.mark.parametrize("case", ["float16", "mixed dtypes", "shape", "not contiguous", "float16 out", "no fine-tunes"])
+def test_tensors_the_kernel_does_not_take_are_refused(case):
+    base, fts = family(7, 64, 2, torch.bfloat16)
+    out = torch.empty(64, dtype=torch.bfloat16)
+    if case == "float16":
+        base, fts = base.half(), [f.half() for f in fts]
+        out = out.half()
+    elif case == "mixed dtypes":
+        fts[1] = fts[1].float()
+    elif case == "shape":
+        fts[1] = fts[1][:63]
+    elif case == "not contiguous":
+        base, fts, out = base.reshape(8, 8).t(), [f.reshape(8, 8).t() for f in fts], out.reshape(8, 8)
+    elif case == "float16 out":
+        out = out.half()
+    else:
+        fts = []
+    assert not kernels.weighted_sum_into(base, fts, torch.ones(len(fts), dtype=torch.float64), False, 1.0, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_whole_merge_with_and_without_the_kernel_is_identical(tmp_path, dtype, monkeypatch):
+    base, fts = build_family(tmp_path / "fam", "llama", 3, dtype=dtype, hidden=48, intermediate=96)
+    models = [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, [0.6, 0.5, 1.0])]
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yml",
+            "task_arithmetic",
+            base,
+            fts,
+            models=models,
+            parameters={"lambda": 0.7, "normalize": True},
+        )
+    )
+    taken = []
+    real = kernels.weighted_sum_into
+    monkeypatch.setattr(kernels, "weighted_sum_into", lambda *a: taken.append(real(*a)) or taken[-1])
+    run_merge(cfg, tmp_path / "fused", MergeOptions(progress=False))
+    # Every floating tensor went through the kernel, except in float16, which it does not read.
+    assert taken and all(taken) == (dtype != torch.float16)
+    monkeypatch.setitem(REGISTRY, "task_arithmetic", dataclasses.replace(REGISTRY["task_arithmetic"], fused=None))
+    run_merge(cfg, tmp_path / "torch", MergeOptions(progress=False))
+    ours, theirs = (
+        load_file(tmp_path / "fused" / "model.safetensors"),
+        load_file(tmp_path / "torch" / "model.safetensors"),
+    )
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert ours[name].dtype == dtype and torch.equal(ours[name], theirs[name]), name
+    base_t = load_file(base / "model.safetensors")
+    assert any(not torch.equal(ours[k], base_t[k]) for k in ours)
+
+
+def test_a_nan_in_a_bfloat16_fine_tune_is_still_named(tmp_path):
+    base, fts = build_family(tmp_path / "fam", "llama", 2, dtype=torch.bfloat16, hidden=48, intermediate=96)
+    weights = load_file(fts[1] / "model.safetensors")
+    name = sorted(weights)[3]
+    weights[name].view(-1)[5] = float("nan")
+    save_file(weights, fts[1] / "model.safetensors", metadata={"format": "pt"})
+    cfg = load_config(write_config(tmp_path / "c.yml", "task_arithmetic", base, fts))
+    with pytest.raises(NonFiniteError, match=name.replace(".", r"\.")):
+        run_merge(cfg, tmp_path / "out", MergeOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n", [1, kernels.BLOCK, 3 * kernels.BLOCK + 5])
+def test_bfloat16_task_vectors_equal_torch_sub(n):
+    g = torch.Generator().manual_seed(n)
+    src = (torch.randn(n, generator=g) * 3).to(torch.bfloat16)
+    src[0] = float("inf") if n > 1 else src[0]  # carried through like torch.sub: the caller checks finiteness
+    base = torch.randn(n, generator=g)
+    out = torch.empty(n)
+    assert kernels.sub_widened_into(src, base, out)
+    assert torch.equal(out, torch.sub(src, base))
+
+
+@pytest.mark.parametrize("case", ["float32 src", "float16 src", "transposed", "float64 base", "shape"])
+def test_task_vectors_the_kernel_does_not_take_are_left_to_torch(case):
+    src, base, out = torch.zeros(4, 6, dtype=torch.bfloat16), torch.zeros(4, 6), torch.full((4, 6), 7.0)
+    if case == "float32 src":
+        src = src.float()
+    elif case == "float16 src":
+        src = src.half()
+    elif case == "transposed":
+        src, base, out = src.t(), base.t().contiguous(), out.t().contiguous()
+    elif case == "float64 base":
+        base = base.double()
+    else:
+        src = src[:3]
+    assert not kernels.sub_widened_into(src, base, out)
+    assert bool((out == 7.0).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 9000),
+    t=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    uniform=st.sampled_from([None, 1.0, 0.5, -0.7]),
+    normalize=st.booleans(),
+    density=st.sampled_from([0.05, 0.3, 1.0]),
+    f64=st.booleans(),
+    bf16_grid=st.booleans(),
+)
+def test_ties_kernel_equals_the_torch_formulation_bit_for_bit(n, t, seed, uniform, normalize, density, f64, bf16_grid):
+    """The column kernel (branch-free, block by block) gives the chunked torch formulation's bits, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(t, n, generator=g, dtype=torch.float64 if f64 else torch.float32)
+    if bf16_grid:  # coarse values: many entries tie at the trim threshold and in the sign vote
+        deltas = deltas.to(torch.bfloat16).to(deltas.dtype)
+    weights = (
+        torch.full((t,), uniform, dtype=torch.float64)
+        if uniform is not None
+        else torch.rand(t, generator=g, dtype=torch.float64) * 2 - 0.6
+    )
+    results = []
+    with pytest.MonkeyPatch.context() as patch:
+        for use_kernel in (True, False):
+            if not use_kernel:
+                patch.setattr(kernels, "available", lambda *x: False)
+            d = deltas.clone()
+            rules = trim_rules(d, [density] * t, None, "index")
+            results.append(ties_merge(d, weights, normalize, 0.8, rules).clone())
+    assert torch.equal(results[0], results[1])
