@@ -35,7 +35,7 @@ from merging.io.diskspace import check_free_space, planned_output_bytes
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
 from merging.methods import REGISTRY, MergeMethod, kernels
 from merging.methods.base import FusedFn, MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
-from merging.methods.trim import ModelThreshold, TensorTrimL1, chunks
+from merging.methods.trim import ModelThreshold, TensorTrimL1
 
 
 @dataclass
@@ -111,13 +111,16 @@ class TensorSource:
             _raise_non_finite(base, plan.name, f"base model ({self.base.path})")
         t = len(self.models)
         deltas = self.buffer("deltas", t * base.numel(), dtype).view(t, *base.shape)
+        unchecked = False  # a task vector not known to be finite
         for i, (model, src) in enumerate(zip(self.models, plan.sources)):
             ft = model.tensor(src)
             self.bytes_read += ft.numel() * ft.element_size()
             oriented = self._orient(ft, plan).to(self.device)
-            if not kernels.sub_widened_into(oriented, base, deltas[i]):
+            non_finite = kernels.sub_widened_into(oriented, base, deltas[i])
+            if non_finite is None:
                 torch.sub(oriented, base, out=deltas[i])
-        if deltas.numel() and not torch.isfinite(deltas.sum()):
+            unchecked |= non_finite != 0
+        if unchecked and deltas.numel() and not torch.isfinite(deltas.sum()):
             for i, model in enumerate(self.models):
                 if not torch.isfinite(deltas[i]).all():
                     _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
@@ -179,9 +182,7 @@ def compute_stats(
                 _, deltas = source.load(t)
                 for acc, delta in zip(accs, deltas):
                     if acc.needs_pass2:
-                        row = delta.reshape(-1)
-                        for s, e in chunks(row.numel()):
-                            acc.add_pass2(row[s:e].abs())
+                        acc.add_pass2(delta)
         results = [acc.result() for acc in accs]
         return ModelStats(
             thresholds=tuple(r[0] for r in results),

@@ -99,6 +99,30 @@ if numba is not None:
                 elif (b >> 16) == bucket:
                     low[p, b & 0xFFFF] += 1
 
+    @numba.njit(parallel=True, cache=True)
+    def _threshold_pass2(values, bits, bucket, low_hist, low_l1, total_l1, above_l1):
+        # Part p of a fixed number of parts (not of threads: the float64 sums do not depend on the thread count)
+        # adds its |x| to total_l1[p], those whose high half is above `bucket` to above_l1[p], and counts and sums
+        # those in `bucket` by their low half.
+        parts = low_hist.shape[0]
+        n = values.size
+        per = (n + parts - 1) // parts
+        for p in numba.prange(parts):
+            total = 0.0
+            above = 0.0
+            for i in range(p * per, min(n, (p + 1) * per)):
+                v = np.float64(abs(values[i]))
+                total += v
+                b = bits[i] & 0x7FFFFFFF
+                high = b >> 16
+                if high > bucket:
+                    above += v
+                elif high == bucket:
+                    low_hist[p, b & 0xFFFF] += 1
+                    low_l1[p, b & 0xFFFF] += v
+            total_l1[p] += total
+            above_l1[p] += above
+
     @numba.njit(cache=True)
     def _nth_equal(values, threshold, nth):
         # Flat index of the nth (1-based) entry with |x| == threshold (float32), -1 if fewer.
@@ -195,9 +219,13 @@ if numba is not None:
 
     @numba.njit(parallel=True, cache=True)
     def _sub_widened(src, base, out):
-        # out = float32(src) - base, elementwise; src bfloat16 (as uint16 bits) or float32.
+        # out = float32(src) - base, elementwise; src bfloat16 (as uint16 bits) or float32. Returns the number of
+        # results that are not finite.
         n = base.size
-        for block in numba.prange((n + BLOCK - 1) // BLOCK):
+        blocks = (n + BLOCK - 1) // BLOCK
+        bad = np.zeros(blocks, dtype=np.int64)
+        out_bits = out.view(np.uint32)
+        for block in numba.prange(blocks):
             start = block * BLOCK
             count = min(n, start + BLOCK) - start
             bits = np.empty(count, dtype=np.uint32)
@@ -205,20 +233,26 @@ if numba is not None:
             f = bits.view(np.float32)
             for i in range(count):
                 out[start + i] = f[i] - base[start + i]
+            exponent = np.uint32(0x7F800000)  # all ones: Inf or NaN
+            found = 0
+            for i in range(count):
+                found += (out_bits[start + i] & exponent) == exponent
+            bad[block] = found
+        return bad.sum()
 
 
-def sub_widened_into(src: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> bool:
+def sub_widened_into(src: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> int | None:
     """Writes float32(src) - base into `out` (what torch.sub(src, base, out=out) gives) in one pass, for a bfloat16
-    `src`; returns False, writing nothing, when the kernel cannot take these tensors (the caller uses torch.sub)."""
+    `src`, and returns how many results are not finite; returns None, writing nothing, when the kernel cannot take
+    these tensors (the caller uses torch.sub)."""
     if numba is None or src.dtype != torch.bfloat16 or src.shape != base.shape or out.shape != base.shape:
-        return False
+        return None
     if base.dtype != torch.float32 or out.dtype != torch.float32:
-        return False
+        return None
     arrays = [_flat_array(x) for x in (src, base, out)]
     if any(a is None for a in arrays):
-        return False
-    _sub_widened(arrays[0], arrays[1], arrays[2])
-    return True
+        return None
+    return int(_sub_widened(arrays[0], arrays[1], arrays[2]))
 
 
 def _flat_array(tensor: torch.Tensor) -> np.ndarray | None:
@@ -288,6 +322,19 @@ def abs_bit_histogram(row: torch.Tensor, bucket: int, bins: int) -> torch.Tensor
     return torch.from_numpy(counts.sum(axis=0))
 
 
+PASS2_PARTS = 16
+
+
+def threshold_pass2(
+    row: torch.Tensor, bucket: int, low_hist: np.ndarray, low_l1: np.ndarray, total_l1: np.ndarray, above_l1: np.ndarray
+) -> None:
+    """Adds a contiguous float32 CPU row (signed; see available) to a model threshold's second pass: per part of
+    PASS2_PARTS, the L1 of |x|, the L1 above the high-half `bucket`, and the low-half counts and L1 inside it."""
+    assert numba is not None
+    values = row.numpy()
+    _threshold_pass2(values, values.view(np.int32), bucket, low_hist, low_l1, total_l1, above_l1)
+
+
 def nth_equal(row: torch.Tensor, threshold: float, nth: int) -> int:
     """Returns the flat index of the nth entry of `row` whose float32 |x| equals `threshold`."""
     assert numba is not None
@@ -303,7 +350,8 @@ def ties_columns(
     lam: float,
     out: torch.Tensor,
 ) -> None:
-    """Writes lambda * TIES(values) into `out` (n,); `values` (T, n) is only read.
+    """Writes lambda * TIES(values) into `out` (n,); `values` (T, n) is only read, and `out` may be its row 0 (each
+    block of columns is read whole before its results are written).
 
     Task t keeps |v| > thresholds[t], and |v| == thresholds[t] at flat index <= last_tied[t].
     With uniform weights the caller folds the common weight in itself (see ties_merge).

@@ -46,9 +46,8 @@ def ties_merge(
         flat.neg_()  # the agreeing set is chosen on the signs of w * tau
     if kernels.available(flat) and flat.is_contiguous():
         forms = [threshold_form(flat[i], rules[i]) if rules is not None else (0.0, flat.shape[1]) for i in range(t)]
-        result = torch.empty(flat.shape[1], dtype=flat.dtype)
-        kernels.ties_columns(flat, [f[0] for f in forms], [f[1] for f in forms], weights, normalize, 1.0, result)
-        out.copy_(result)
+        # The kernel writes each block of columns after reading it, so it can write into row 0 itself.
+        kernels.ties_columns(flat, [f[0] for f in forms], [f[1] for f in forms], weights, normalize, 1.0, out)
         _finish_uniform(out, uniform, w0, normalize)
         if lambda_ != 1:
             out.mul_(lambda_)

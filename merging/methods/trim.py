@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from merging.methods import kernels
@@ -240,6 +241,11 @@ class ModelThreshold:
     above_count: int = 0
     above_l1: float = 0.0
     total_l1: float = 0.0
+    # The fused kernel's second pass sums per fixed part, folded in part order by result().
+    part_low_hist: np.ndarray | None = None
+    part_low_l1: np.ndarray | None = None
+    part_total_l1: np.ndarray | None = None
+    part_above_l1: np.ndarray | None = None
 
     def add_pass1(self, values: torch.Tensor) -> None:
         self.numel += values.numel()
@@ -255,7 +261,25 @@ class ModelThreshold:
     def needs_pass2(self) -> bool:
         return self.bucket >= 0
 
-    def add_pass2(self, abs_values: torch.Tensor) -> None:
+    def add_pass2(self, values: torch.Tensor) -> None:
+        """Adds one task vector's entries (any sign) to the second pass."""
+        flat = values.reshape(-1)
+        if _kernel_ready(flat):
+            if self.part_low_hist is None:
+                parts = kernels.PASS2_PARTS
+                self.part_low_hist = np.zeros((parts, LOW_BINS), dtype=np.int64)
+                self.part_low_l1 = np.zeros((parts, LOW_BINS), dtype=np.float64)
+                self.part_total_l1 = np.zeros(parts, dtype=np.float64)
+                self.part_above_l1 = np.zeros(parts, dtype=np.float64)
+            assert self.part_low_l1 is not None and self.part_total_l1 is not None and self.part_above_l1 is not None
+            kernels.threshold_pass2(
+                flat, self.bucket, self.part_low_hist, self.part_low_l1, self.part_total_l1, self.part_above_l1
+            )
+            return
+        for s, e in chunks(flat.numel()):
+            self._add_pass2_chunk(flat[s:e].abs())
+
+    def _add_pass2_chunk(self, abs_values: torch.Tensor) -> None:
         values = abs_values.reshape(-1).to(torch.float32)
         bits = values.contiguous().view(torch.int32)
         high = bits >> 16
@@ -266,10 +290,22 @@ class ModelThreshold:
         self.low_hist += torch.bincount(low, minlength=LOW_BINS)
         self.low_l1 += torch.bincount(low, weights=values[in_bucket].double(), minlength=LOW_BINS)
 
+    def _fold_parts(self) -> None:
+        """Adds the kernel's per-part sums (in part order) into the totals."""
+        if self.part_low_hist is None:
+            return
+        assert self.part_low_l1 is not None and self.part_total_l1 is not None and self.part_above_l1 is not None
+        self.low_hist += torch.from_numpy(self.part_low_hist.sum(axis=0))
+        self.low_l1 += torch.from_numpy(self.part_low_l1.sum(axis=0))
+        self.total_l1 += float(self.part_total_l1.sum())
+        self.above_l1 += float(self.part_above_l1.sum())
+        self.part_low_hist = self.part_low_l1 = self.part_total_l1 = self.part_above_l1 = None
+
     def result(self) -> tuple[float, float]:
         """Returns (threshold, sigma): keep |tau| >= threshold; sigma = share of L1 removed."""
         if not self.needs_pass2:
             return 0.0, 0.0
+        self._fold_parts()
         low, _ = _locate(self.low_hist, keep_count(self.density, self.numel) - self.above_count)
         threshold = _float_from_bits((self.bucket << 16) | low)
         kept_l1 = self.above_l1 + float(self.low_l1[low:].sum())
