@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from merging.config import load_config
-from merging.engine.merge import MergeOptions, run_merge
+from merging.engine.merge import MergeOptions, TensorSource, run_merge
 from merging.errors import NonFiniteError
 from merging.methods import REGISTRY, kernels
 from merging.methods.task_arithmetic import weighted_sum
 from merging.methods.ties import ties_merge
-from merging.methods.trim import trim_rules
+from merging.methods.trim import ModelThreshold, trim_rules
 from merging.synthetic import build_family
 from tests.helpers import write_config
 
@@ -288,3 +288,78 @@ def test_ties_kernel_and_torch_formulation_agree(n, t, seed, uniform, normalize,
             rules = trim_rules(d, [density] * t, None, "index")
             results.append(ties_merge(d, weights, normalize, 0.8, rules).clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 20000), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    density=st.sampled_from([0.01, 0.2, 0.9]),
+    bf16=st.booleans(),
+)
+def test_model_threshold_from_stored_tensors_equals_the_formed_task_vectors(sizes, seed, density, bf16):
+    """The difference kernels (task vectors never formed) give the same threshold, and sigma to rounding."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    pairs = [family(seed + i, n, 1, dtype) for i, n in enumerate(sizes)]
+    fused, formed = ModelThreshold(density), ModelThreshold(density)
+    for base, (ft,) in pairs:
+        assert fused.add_difference(base, ft, second=False) == 0
+        formed.add_pass1(ft.float() - base.float())
+    fused.finish_pass1()
+    formed.finish_pass1()
+    assert fused.needs_pass2 == formed.needs_pass2
+    if formed.needs_pass2:
+        for base, (ft,) in pairs:
+            assert fused.add_difference(base, ft, second=True) == 0
+            formed.add_pass2(ft.float() - base.float())
+    (threshold, sigma), (want_threshold, want_sigma) = fused.result(), formed.result()
+    assert threshold == want_threshold
+    assert abs(sigma - want_sigma) <= 1e-12
+
+
+def test_model_threshold_from_stored_tensors_counts_non_finite_entries():
+    base, (ft,) = family(9, 5000, 1, torch.bfloat16)
+    ft[[10, 4000]] = float("inf")
+    ft[20] = float("nan")
+    assert ModelThreshold(0.2).add_difference(base, ft, second=False) == 3
+
+
+@pytest.mark.parametrize("method", ["neuromerging", "ties"])
+def test_whole_model_trim_statistics_from_stored_tensors_match_the_formed_ones(tmp_path, monkeypatch, method):
+    base, fts = build_family(tmp_path / "fam", "llama", 3, dtype=torch.bfloat16, hidden=48, intermediate=96)
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yml",
+            method,
+            base,
+            fts,
+            parameters={"trim_scope": "model", "lambda": "auto"}
+            if method == "neuromerging"
+            else {"trim_scope": "model"},
+        )
+    )
+    stored = run_merge(cfg, tmp_path / "stored", MergeOptions(progress=False))
+    monkeypatch.setattr(TensorSource, "stored", lambda self, plan: None)
+    formed = run_merge(cfg, tmp_path / "formed", MergeOptions(progress=False))
+    assert stored.stats.thresholds == formed.stats.thresholds
+    if method == "neuromerging":
+        for a, b in zip(stored.stats.trimmed_l1_fraction, formed.stats.trimmed_l1_fraction):
+            assert abs(a - b) <= 1e-12
+    ours, theirs = (
+        load_file(tmp_path / "stored" / "model.safetensors"),
+        load_file(tmp_path / "formed" / "model.safetensors"),
+    )
+    for name in ours:
+        torch.testing.assert_close(ours[name].float(), theirs[name].float(), rtol=1e-2, atol=1e-6)
+
+
+def test_a_nan_in_a_fine_tune_is_named_by_the_whole_model_trim_pass(tmp_path):
+    base, fts = build_family(tmp_path / "fam", "llama", 2, dtype=torch.bfloat16, hidden=48, intermediate=96)
+    weights = load_file(fts[0] / "model.safetensors")
+    name = sorted(weights)[-1]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, fts[0] / "model.safetensors", metadata={"format": "pt"})
+    cfg = load_config(write_config(tmp_path / "c.yml", "neuromerging", base, fts, parameters={"trim_scope": "model"}))
+    with pytest.raises(NonFiniteError, match=name.replace(".", r"\.")):
+        run_merge(cfg, tmp_path / "out", MergeOptions(progress=False))
+    assert not (tmp_path / "out").exists()

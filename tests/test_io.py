@@ -46,6 +46,36 @@ def test_writer_round_trip_all_dtypes(tmp_path, shard_size):
     ck.close()
 
 
+@pytest.mark.parametrize("piece", [2, 6, 1 << 20])
+def test_writer_casts_piece_by_piece_with_the_same_bytes_and_digest(tmp_path, monkeypatch, piece):
+    """A tensor written in another dtype is converted WRITE_PIECE bytes at a time: the same bytes as one whole cast,
+    and the digest the writer reports is that of the whole cast's bytes."""
+    import hashlib
+
+    import merging.io.writer
+
+    monkeypatch.setattr(merging.io.writer, "WRITE_PIECE", piece)
+    g = torch.Generator().manual_seed(3)
+    source = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g), "e": torch.zeros(0, 2)}
+    writer = ShardedWriter(tmp_path, [(k, torch.bfloat16, tuple(v.shape)) for k, v in source.items()])
+    for name, tensor in source.items():
+        digest = hashlib.sha256()
+        assert writer.write(name, tensor, digest) == tensor.numel() * 2
+        whole = tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes()
+        assert digest.hexdigest() == hashlib.sha256(whole).hexdigest()
+    writer.close()
+    written = load_file(tmp_path / "model.safetensors")
+    for name, tensor in source.items():
+        assert torch.equal(written[name], tensor.to(torch.bfloat16))
+
+
+def test_writer_refuses_a_tensor_that_does_not_fit_its_slot(tmp_path):
+    writer = ShardedWriter(tmp_path, [("w", torch.float32, (4, 4))])
+    with pytest.raises(ValueError, match="'w'"):
+        writer.write("w", torch.zeros(4, 5))
+    writer.abort()
+
+
 def test_reads_sharded_single_bare_and_pickle(tmp_path):
     tensors = {"x.weight": torch.randn(4, 4), "y.bias": torch.randn(4)}
     (tmp_path / "single").mkdir()

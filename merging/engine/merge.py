@@ -126,6 +126,17 @@ class TensorSource:
                     _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
         return base, deltas
 
+    def stored(self, plan: TensorPlan) -> list[torch.Tensor] | None:
+        """Returns [base, fine-tunes...] as stored, flattened, when the CPU kernels read them directly (see
+        kernels.stored_flat), else None. Entry order is the stored one, not the oriented one."""
+        if self.device.type != "cpu":
+            return None
+        raw = [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
+        flat = kernels.stored_flat(raw)
+        if flat is not None:
+            self.bytes_read += sum(x.numel() * x.element_size() for x in raw)
+        return flat
+
     def fused(
         self, plan: TensorPlan, fn: FusedFn, params: MethodParams, weights: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor | None:
@@ -157,6 +168,27 @@ def mergeable(plan: MergePlan) -> Iterator[TensorPlan]:
             yield t
 
 
+def _threshold_pass(
+    source: TensorSource, t: TensorPlan, accs: list[ModelThreshold] | list[ModelThreshold | None], second: bool
+) -> None:
+    """Adds one tensor's task vectors to a pass of the model-wide thresholds: straight from the stored tensors when
+    the kernels read them (the task vectors are never formed), else from TensorSource.load."""
+    stored = source.stored(t)
+    if stored is not None:
+        for acc, ft in zip(accs, stored[1:]):
+            if acc is not None and acc.add_difference(stored[0], ft, second):
+                source.load(t)  # names the tensor and the model that are not finite
+                raise MergeflowError(f"internal error: tensor {t.name!r} has non-finite task vectors")
+        return
+    _, deltas = source.load(t)
+    for acc, delta in zip(accs, deltas):
+        if acc is not None:
+            if second:
+                acc.add_pass2(delta)
+            else:
+                acc.add_pass1(delta)
+
+
 def compute_stats(
     request: StatsRequest | None,
     plan: MergePlan,
@@ -172,17 +204,12 @@ def compute_stats(
     if request.model_thresholds:
         accs = [ModelThreshold(d) for d in densities]
         for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
-            _, deltas = source.load(t)
-            for acc, delta in zip(accs, deltas):
-                acc.add_pass1(delta)
+            _threshold_pass(source, t, accs, second=False)
         for acc in accs:
             acc.finish_pass1()
         if any(acc.needs_pass2 for acc in accs):
             for t in tqdm(tensors, desc="trim thresholds (2/2)", disable=not progress, leave=False):
-                _, deltas = source.load(t)
-                for acc, delta in zip(accs, deltas):
-                    if acc.needs_pass2:
-                        acc.add_pass2(delta)
+                _threshold_pass(source, t, [a if a.needs_pass2 else None for a in accs], second=True)
         results = [acc.result() for acc in accs]
         return ModelStats(
             thresholds=tuple(r[0] for r in results),

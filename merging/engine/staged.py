@@ -328,9 +328,7 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerRes
                     output_dtype(config, t),
                 )
                 for name in (t.name, *aliases.get(t.name, [])):
-                    data = writer.write(name, merged)
-                    digest.update(data)
-                    nbytes += data.nbytes
+                    nbytes += writer.write(name, merged, digest)
                 del merged
             writer.sync()  # the bytes are on disk before the journal says so
         finally:

@@ -15,6 +15,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from merging.errors import ConfigError
 from merging.io.safetensors_format import dtype_itemsize, header_bytes, tensor_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+WRITE_PIECE = 64 << 20  # bytes of output converted at a time when a tensor needs a cast
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "B": 1,
@@ -133,17 +135,29 @@ class ShardedWriter:
         except FileNotFoundError as e:
             raise ConfigError(f"{e.filename}: a planned shard is missing") from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> memoryview:
-        """Writes `tensor` (cast to the planned dtype) into its slot; returns the bytes written."""
+    def write(self, name: str, tensor: torch.Tensor, digest: Any = None) -> int:
+        """Writes `tensor` (cast to the planned dtype) into its slot; returns the number of bytes written, and adds
+        them to `digest` (a hashlib object) when given.
+
+        A tensor that needs a cast or a move is converted one piece at a time (WRITE_PIECE bytes of output), so no
+        whole-size copy is made."""
         slot = self.slots[name]
-        t = tensor.detach().to("cpu", slot.dtype).reshape(slot.shape)
-        data = tensor_bytes(t)
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < slot.nbytes:
-            done += os.pwrite(self._fds[slot.shard], view[done:], slot.offset + done)
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() * slot.dtype.itemsize != slot.nbytes:
+            raise ValueError(f"tensor {name!r}: {tuple(tensor.shape)} does not fit its slot {slot.shape}")
+        direct = flat.dtype == slot.dtype and flat.device.type == "cpu"
+        step = max(1, flat.numel()) if direct else max(1, WRITE_PIECE // slot.dtype.itemsize)
+        for start in range(0, max(1, flat.numel()), step):
+            piece = flat[start : start + step]
+            view = memoryview(tensor_bytes(piece.to("cpu", slot.dtype))).cast("B")
+            if digest is not None:
+                digest.update(view)
+            offset = slot.offset + start * slot.dtype.itemsize
+            done = 0
+            while done < view.nbytes:
+                done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
         self._written.add(name)
-        return view
+        return slot.nbytes
 
     def read(self, name: str) -> bytes:
         """Returns the bytes now in `name`'s slot (for checking what an earlier writer wrote)."""

@@ -123,6 +123,53 @@ if numba is not None:
             total_l1[p] += total
             above_l1[p] += above
 
+    @numba.njit(parallel=True, cache=True)
+    def _difference_stats(base, ft, bucket, high, low_hist, low_l1, total_l1, above_l1):
+        # The statistics of a model-wide trim threshold over d = float32(ft) - float32(base), entry by entry, the
+        # task vector never stored. bucket < 0: counts |d|'s high halves into high[p]; else the second pass, as
+        # _threshold_pass2. Parts are fixed, not threads. Returns the number of non-finite d (left out).
+        parts = total_l1.shape[0]
+        n = base.size
+        per = (n + parts - 1) // parts
+        bad = np.zeros(parts, dtype=np.int64)
+        for p in numba.prange(parts):
+            stop = min(n, (p + 1) * per)
+            base_bits = np.empty(BLOCK, dtype=np.uint32)
+            ft_bits = np.empty(BLOCK, dtype=np.uint32)
+            diff = np.empty(BLOCK, dtype=np.float32)
+            b = base_bits.view(np.float32)
+            f = ft_bits.view(np.float32)
+            diff_bits = diff.view(np.uint32)
+            total = 0.0
+            above = 0.0
+            found = 0
+            for start in range(p * per, stop, BLOCK):
+                count = min(stop, start + BLOCK) - start
+                _widen(base, start, count, base_bits)
+                _widen(ft, start, count, ft_bits)
+                for i in range(count):
+                    diff[i] = f[i] - b[i]
+                for i in range(count):
+                    u = diff_bits[i] & np.uint32(0x7FFFFFFF)
+                    if u >= np.uint32(0x7F800000):
+                        found += 1
+                        continue
+                    top = np.int64(u >> np.uint32(16))
+                    if bucket < 0:
+                        high[p, top] += 1
+                        continue
+                    v = np.float64(abs(diff[i]))
+                    total += v
+                    # A select, not a branch: about `density` of the entries are above, in no order.
+                    above += v if top > bucket else 0.0
+                    if top == bucket:  # rare: one bucket of 2**15
+                        low_hist[p, u & np.uint32(0xFFFF)] += 1
+                        low_l1[p, u & np.uint32(0xFFFF)] += v
+            total_l1[p] += total
+            above_l1[p] += above
+            bad[p] = found
+        return bad.sum()
+
     @numba.njit(cache=True)
     def _nth_equal(values, threshold, nth):
         # Flat index of the nth (1-based) entry with |x| == threshold (float32), -1 if fewer.
@@ -333,6 +380,38 @@ def threshold_pass2(
     assert numba is not None
     values = row.numpy()
     _threshold_pass2(values, values.view(np.int32), bucket, low_hist, low_l1, total_l1, above_l1)
+
+
+def stored_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Returns the stored tensors flattened when the difference kernels can read them all (CPU, contiguous, one dtype,
+    bfloat16 or float32, the same number of entries), else None."""
+    if numba is None or not tensors:
+        return None
+    first = tensors[0]
+    if any(x.dtype != first.dtype or x.numel() != first.numel() for x in tensors):
+        return None
+    if any(_flat_array(x) is None for x in tensors):
+        return None
+    return [x.reshape(-1) for x in tensors]
+
+
+def difference_stats(
+    base: torch.Tensor,
+    ft: torch.Tensor,
+    bucket: int,
+    high: np.ndarray,
+    low_hist: np.ndarray,
+    low_l1: np.ndarray,
+    total_l1: np.ndarray,
+    above_l1: np.ndarray,
+) -> int:
+    """Adds the task vector ft - base (stored tensors from stored_flat, computed in float32 as TensorSource.load does,
+    never stored) to a model threshold's first pass (bucket < 0: the high-half counts, per part) or second pass (see
+    threshold_pass2); returns how many of its entries are not finite."""
+    assert numba is not None
+    arrays = [_flat_array(base), _flat_array(ft)]
+    assert arrays[0] is not None and arrays[1] is not None
+    return int(_difference_stats(arrays[0], arrays[1], bucket, high, low_hist, low_l1, total_l1, above_l1))
 
 
 def nth_equal(row: torch.Tensor, threshold: float, nth: int) -> int:

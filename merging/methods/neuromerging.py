@@ -156,8 +156,12 @@ def neuron_merge(
     lambda_orth: float,
     energy_threshold: float = 1.0,
     compute_dtype: torch.dtype = torch.float64,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Returns lambda_1 psi_par + lambda_2 psi_perp for a (rows, d) weight and (T, rows, d) task vectors.
+
+    The result is written into `out` when given, which may be deltas[0]: each block of rows is copied out of the task
+    vectors before its result is written.
 
     Per neuron, X = [tau_1 .. tau_T; w0] (T+1 rows). One batched Gram matrix X X^T holds every
     <tau_a, tau_b>, <tau_t, w0> and ||w0||^2; the orthogonal parts' Gram matrix follows as
@@ -170,7 +174,8 @@ def neuron_merge(
     (a zero row, or one parallel to w0), are zero, as they are in the authors' kernel (C = O V).
     """
     t, m, d = deltas.shape
-    out = torch.empty((m, d), dtype=deltas.dtype, device=base.device)
+    if out is None:
+        out = torch.empty((m, d), dtype=deltas.dtype, device=base.device)
     c = noise_factor(t, d)
     scalars = torch.empty((m, t), dtype=torch.float64, device=base.device)
     s_bars = torch.empty(m, dtype=torch.float64, device=base.device)
@@ -246,4 +251,8 @@ def neuromerging(inputs: TensorInputs, params: NeuroMergingParams, stats: ModelS
         flat = deltas.reshape(deltas.shape[0], -1)
         return lambda_orth * disjoint_mean(flat, elect_sign(flat, 1.0)).reshape(inputs.base.shape)
     dtype = torch.float64 if params.compute_dtype == "float64" else torch.float32
-    return neuron_merge(inputs.base, deltas, params.lambda_parallel, lambda_orth, params.energy_threshold, dtype)
+    # Written into the first task vector's rows (a view of `deltas`, as the method contract allows): at 1B that
+    # saves a float32 copy of the embedding.
+    return neuron_merge(
+        inputs.base, deltas, params.lambda_parallel, lambda_orth, params.energy_threshold, dtype, out=deltas[0]
+    )

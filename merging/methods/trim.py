@@ -247,12 +247,43 @@ class ModelThreshold:
     part_total_l1: np.ndarray | None = None
     part_above_l1: np.ndarray | None = None
 
+    part_high: np.ndarray | None = None
+
     def add_pass1(self, values: torch.Tensor) -> None:
         self.numel += values.numel()
         self.high_hist += high_histogram(values)
 
+    def add_difference(self, base: torch.Tensor, ft: torch.Tensor, second: bool) -> int:
+        """Adds the task vector ft - base to the first pass (or the `second`) without forming it; `base` and `ft`
+        are stored tensors from kernels.stored_flat. Returns how many of its entries are not finite (the caller
+        stops: the sums are then not promised)."""
+        parts = kernels.PASS2_PARTS
+        if self.part_total_l1 is None:
+            self.part_low_hist = np.zeros((parts, LOW_BINS), dtype=np.int64)
+            self.part_low_l1 = np.zeros((parts, LOW_BINS), dtype=np.float64)
+            self.part_total_l1 = np.zeros(parts, dtype=np.float64)
+            self.part_above_l1 = np.zeros(parts, dtype=np.float64)
+        if self.part_high is None:
+            self.part_high = np.zeros((parts, HIGH_BINS), dtype=np.int64)
+        assert self.part_low_hist is not None and self.part_low_l1 is not None and self.part_above_l1 is not None
+        if not second:
+            self.numel += base.numel()
+        return kernels.difference_stats(
+            base,
+            ft,
+            self.bucket if second else -1,
+            self.part_high,
+            self.part_low_hist,
+            self.part_low_l1,
+            self.part_total_l1,
+            self.part_above_l1,
+        )
+
     def finish_pass1(self) -> None:
         """Finds the high-half bucket that holds the k-th largest value."""
+        if self.part_high is not None:
+            self.high_hist += torch.from_numpy(self.part_high.sum(axis=0))
+            self.part_high = None
         if self.density >= 1 or self.numel == 0:
             return
         self.bucket, self.above_count = _locate(self.high_hist, keep_count(self.density, self.numel))
