@@ -132,37 +132,50 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return worst
 
 
+def _ties_mean(values: torch.Tensor, tie_sign: float) -> torch.Tensor:
+    """Returns the mean of the entries whose sign is that of their sum (tie_sign when the sum is 0); 0 if none."""
+    total = values.sum()
+    sign = torch.sign(total) if total != 0 else torch.tensor(tie_sign, dtype=values.dtype)
+    agree = torch.sign(values) == sign
+    return values[agree].mean() if agree.any() else torch.zeros((), dtype=values.dtype)
+
+
 def neuron_loop(base: torch.Tensor, deltas: torch.Tensor, lam_par: float, lam_orth: float) -> torch.Tensor:
-    """NeuroMerging's neuron rule one neuron at a time, with a torch SVD per neuron (the naive way)."""
+    """NeuroMerging's neuron rule one neuron at a time, with a torch SVD per neuron (the naive way).
+
+    The rule of tests/reference.py: coordinates C = O V, and float32 rounding noise never votes (c = max(T, d) *
+    eps32: scalars, orthogonal rows, directions and coordinates at or below it count as zero).
+    """
     t, m, d = deltas.shape
     base = base.double()
     deltas = deltas.double()
+    c = max(t, d) * torch.finfo(torch.float32).eps
     norm2 = (base * base).sum(-1)
-    scalars = torch.where(norm2 > 1e-30, (deltas * base).sum(-1) / norm2.clamp_min(1e-30), 0.0)
+    dots = (deltas * base).sum(-1)  # (T, m)
+    tau_energy = (deltas * deltas).sum(-1)  # (T, m)
+    live = norm2 > 1e-30
+    s_all = torch.where(live, dots / norm2.clamp_min(1e-30), 0.0)
+    votes = live & (dots.abs() > c * (tau_energy * norm2).sqrt())
+    scalars = torch.where(votes, s_all, 0.0)
     tie = 1.0 if float(scalars.sum()) >= 0 else -1.0
     out = torch.empty(m, d, dtype=torch.float64)
     for k in range(m):
         w0 = base[k]
-        s = scalars[:, k]
-        sign = torch.sign(s.sum()) if s.sum() != 0 else torch.tensor(tie, dtype=torch.float64)
-        agree = torch.sign(s) == sign
-        s_bar = s[agree].mean() if agree.any() else torch.tensor(0.0, dtype=torch.float64)
-        orth = deltas[:, k] - s[:, None] * w0
+        s_bar = _ties_mean(scalars[:, k], tie)
+        orth = deltas[:, k] - s_all[:, k, None] * w0
+        keep = (orth * orth).sum(-1) > c * tau_energy[:, k]
+        orth = torch.where(keep[:, None], orth, 0.0)
         _, sing, vh = torch.linalg.svd(orth, full_matrices=False)
         coords = orth @ vh.T
-        energy = sing * sing
-        keep = energy > energy.max() * max(t, d) * torch.finfo(torch.float64).eps
+        noise = c * max(float(sing.max()) ** 2, float(tau_energy[:, k].max()))
         psi = torch.zeros(d, dtype=torch.float64)
         for j in range(sing.numel()):
-            if not keep[j]:
+            if float(sing[j]) ** 2 <= noise:
                 continue
-            col = coords[:, j]
-            total = col.sum()
-            sign_j = torch.sign(total) if total != 0 else torch.sign(col[col.abs().argmax()])
-            agree_j = torch.sign(col) == sign_j
-            if agree_j.any():
-                psi += col[agree_j].mean() * vh[j]
-        if norm2[k] > 1e-30:
+            col = torch.where(coords[:, j].abs() > c * sing[j], coords[:, j], 0.0)
+            tie_j = float(torch.sign(col[col.abs().argmax()])) or 1.0
+            psi += _ties_mean(col, tie_j) * vh[j]
+        if live[k]:
             psi -= (psi @ w0) / norm2[k] * w0
         out[k] = lam_orth * psi + lam_par * s_bar * w0
     return out.float()
