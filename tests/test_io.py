@@ -56,7 +56,12 @@ def test_writer_casts_piece_by_piece_with_the_same_bytes_and_digest(tmp_path, mo
 
     monkeypatch.setattr(merging.io.writer, "WRITE_PIECE", piece)
     g = torch.Generator().manual_seed(3)
-    source = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g), "e": torch.zeros(0, 2)}
+    source = {
+        "w": torch.randn(7, 5, generator=g),
+        "b": torch.randn(3, generator=g),
+        "e": torch.zeros(0, 2),
+        "t": torch.randn(4, 6, generator=g).t(),  # strided: copied once, in the output dtype
+    }
     writer = ShardedWriter(tmp_path, [(k, torch.bfloat16, tuple(v.shape)) for k, v in source.items()])
     for name, tensor in source.items():
         digest = hashlib.sha256()

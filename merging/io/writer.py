@@ -139,17 +139,20 @@ class ShardedWriter:
         """Writes `tensor` (cast to the planned dtype) into its slot; returns the number of bytes written, and adds
         them to `digest` (a hashlib object) when given.
 
-        A tensor that needs a cast or a move is converted one piece at a time (WRITE_PIECE bytes of output), so no
-        whole-size copy is made."""
+        A contiguous CPU tensor that needs a cast is converted one piece at a time (WRITE_PIECE bytes of output), so
+        no whole-size copy is made."""
         slot = self.slots[name]
-        flat = tensor.detach().reshape(-1)
+        t = tensor.detach()
+        if not t.is_contiguous() or t.device.type != "cpu":
+            # One contiguous copy in the output dtype (a strided view would be copied whole anyway).
+            t = torch.empty(t.shape, dtype=slot.dtype).copy_(t)
+        flat = t.reshape(-1)
         if flat.numel() * slot.dtype.itemsize != slot.nbytes:
             raise ValueError(f"tensor {name!r}: {tuple(tensor.shape)} does not fit its slot {slot.shape}")
-        direct = flat.dtype == slot.dtype and flat.device.type == "cpu"
-        step = max(1, flat.numel()) if direct else max(1, WRITE_PIECE // slot.dtype.itemsize)
+        step = max(1, flat.numel()) if flat.dtype == slot.dtype else max(1, WRITE_PIECE // slot.dtype.itemsize)
         for start in range(0, max(1, flat.numel()), step):
             piece = flat[start : start + step]
-            view = memoryview(tensor_bytes(piece.to("cpu", slot.dtype))).cast("B")
+            view = memoryview(tensor_bytes(piece.to(slot.dtype))).cast("B")
             if digest is not None:
                 digest.update(view)
             offset = slot.offset + start * slot.dtype.itemsize

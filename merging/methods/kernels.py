@@ -1,15 +1,15 @@
-"""Returns fused CPU kernels (numba) for the hottest loops: TIES over the columns of T task vectors, and Task
-Arithmetic straight from the stored inputs.
+"""Returns fused CPU kernels (numba) for the hottest loops; the torch formulations still run where they do not apply.
 
-The torch formulation of TIES is a chain of about ten elementwise passes over (T, n) values;
-this kernel makes one pass, one column at a time, in parallel, with the same float arithmetic
-in the same order (weights applied in the values' dtype, sums accumulated t = 0..T-1), so it
-gives the torch path's (and mergekit's) numbers. Without numba the torch path is used.
-
-The Task Arithmetic kernel reads the base and the fine-tunes in their stored dtype (bfloat16 or float32), computes
-in float32 in the torch path's order and writes the output dtype (bfloat16, rounded to nearest even as torch does, or
-float32): one pass over the inputs, where the torch path converts each input to float32 first and casts the result
-again (about 4T + 6 passes over float32 copies on a bfloat16 model).
+- TIES over the columns of T task vectors: one pass, block by block without branches (trim, weights, sign election,
+  disjoint mean), every column's sums accumulated t = 0..T-1. That is mergekit's order, and torch's for most shapes;
+  torch's `sum(dim=0)` over a few columns may add in another order, so the torch path agrees to rounding.
+- Task Arithmetic straight from the stored inputs: base and fine-tunes read in their stored dtype (bfloat16 or
+  float32), computed in float32 in the torch path's order, written in the output dtype (bfloat16 rounded to nearest
+  even, as torch's cast does, or float32): bit-equal to the torch path, which converts each input to float32 first
+  and casts the result again (about 4T + 6 passes over float32 copies on a bfloat16 model).
+- bfloat16 task vectors formed in one pass, counting non-finite entries.
+- The radix histograms of the trim thresholds, and both passes of a whole-model threshold straight from the stored
+  base and fine-tune (each task-vector entry formed in a register, never stored).
 """
 
 from __future__ import annotations
