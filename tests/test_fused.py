@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 from merging.config import load_config
 from merging.engine.merge import MergeOptions, TensorSource, run_merge
 from merging.errors import NonFiniteError
-from merging.methods import REGISTRY, kernels
+from merging.methods import REGISTRY, kernels, stored_kernels
 from merging.methods.task_arithmetic import weighted_sum
 from merging.methods.ties import ties_merge
-from merging.methods.trim import ModelThreshold, trim_rules
+from merging.methods.trim import trim_rules
+from merging.methods.trim_stats import ModelThreshold
 from merging.synthetic import build_family
 from tests.helpers import write_config
 
@@ -53,7 +54,7 @@ def test_fused_equals_the_torch_path_bit_for_bit(dtype, out_dtype, normalize, t)
     base, fts = family(t, 2 * kernels.BLOCK + 77, t, dtype)
     weights = [0.3 + 0.37 * i for i in range(t)]
     out = torch.empty(base.shape, dtype=out_dtype)
-    assert kernels.weighted_sum_into(base, fts, torch.tensor(weights, dtype=torch.float64), normalize, 0.7, out)
+    assert stored_kernels.weighted_sum_into(base, fts, torch.tensor(weights, dtype=torch.float64), normalize, 0.7, out)
     assert torch.equal(out, torch_path(base, fts, weights, normalize, 0.7, out_dtype))
 
 
@@ -73,14 +74,14 @@ def test_fused_equals_the_torch_path_property(n, t, seed, lam, normalize, scale,
     g = torch.Generator().manual_seed(seed + 1)
     weights = (torch.rand(t, generator=g, dtype=torch.float64) * 2 - 0.5).tolist()
     out = torch.empty(n, dtype=dtype)
-    assert kernels.weighted_sum_into(base, fts, torch.tensor(weights, dtype=torch.float64), normalize, lam, out)
+    assert stored_kernels.weighted_sum_into(base, fts, torch.tensor(weights, dtype=torch.float64), normalize, lam, out)
     assert torch.equal(out, torch_path(base, fts, weights, normalize, lam, dtype))
 
 
 def test_weights_summing_to_zero_are_not_divided_by():
     base, fts = family(3, 500, 2, torch.bfloat16)
     out = torch.empty(500, dtype=torch.bfloat16)
-    assert kernels.weighted_sum_into(base, fts, torch.tensor([1.0, -1.0], dtype=torch.float64), True, 1.0, out)
+    assert stored_kernels.weighted_sum_into(base, fts, torch.tensor([1.0, -1.0], dtype=torch.float64), True, 1.0, out)
     assert torch.equal(out, torch_path(base, fts, [1.0, -1.0], True, 1.0, torch.bfloat16))
 
 
@@ -94,7 +95,7 @@ def test_rounding_ties_go_to_even_like_torch():
     ft[2::6] -= 3 * step
     for out_dtype in (torch.bfloat16, torch.float32):
         out = torch.empty(base.shape, dtype=out_dtype)
-        assert kernels.weighted_sum_into(base, [ft], torch.ones(1, dtype=torch.float64), False, 1.0, out)
+        assert stored_kernels.weighted_sum_into(base, [ft], torch.ones(1, dtype=torch.float64), False, 1.0, out)
         assert torch.equal(out, torch_path(base, [ft], [1.0], False, 1.0, out_dtype))
 
 
@@ -104,14 +105,14 @@ def test_non_finite_inputs_are_left_to_the_checked_path(bad, where):
     base, fts = family(5, 9000, 3, torch.bfloat16)
     (base if where == "base" else fts[2])[8500] = bad
     out = torch.empty(base.shape, dtype=torch.bfloat16)
-    assert not kernels.weighted_sum_into(base, fts, torch.ones(3, dtype=torch.float64), False, 1.0, out)
+    assert not stored_kernels.weighted_sum_into(base, fts, torch.ones(3, dtype=torch.float64), False, 1.0, out)
 
 
 def test_an_overflowing_result_is_left_to_the_checked_path():
     base, fts = family(6, 100, 2, torch.float32)
     fts[0][7] = 3.0e38
     out = torch.empty(100, dtype=torch.float32)
-    assert not kernels.weighted_sum_into(base, fts, torch.ones(2, dtype=torch.float64), False, 3.0, out)
+    assert not stored_kernels.weighted_sum_into(base, fts, torch.ones(2, dtype=torch.float64), False, 3.0, out)
 
 
 @pytest.mark.parametrize("case", ["float16", "mixed dtypes", "shape", "not contiguous", "float16 out", "no fine-tunes"])
@@ -131,7 +132,7 @@ def test_tensors_the_kernel_does_not_take_are_refused(case):
         out = out.half()
     else:
         fts = []
-    assert not kernels.weighted_sum_into(base, fts, torch.ones(len(fts), dtype=torch.float64), False, 1.0, out)
+    assert not stored_kernels.weighted_sum_into(base, fts, torch.ones(len(fts), dtype=torch.float64), False, 1.0, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
@@ -149,8 +150,8 @@ def test_whole_merge_with_and_without_the_kernel_is_identical(tmp_path, dtype, m
         )
     )
     taken = []
-    real = kernels.weighted_sum_into
-    monkeypatch.setattr(kernels, "weighted_sum_into", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = stored_kernels.weighted_sum_into
+    monkeypatch.setattr(stored_kernels, "weighted_sum_into", lambda *a: taken.append(real(*a)) or taken[-1])
     run_merge(cfg, tmp_path / "fused", MergeOptions(progress=False))
     # Every floating tensor went through the kernel, except in float16, which it does not read.
     assert taken and all(taken) == (dtype != torch.float16)
@@ -186,7 +187,7 @@ def test_bfloat16_task_vectors_equal_torch_sub(n):
     src[0] = float("inf") if n > 1 else src[0]  # carried through like torch.sub: the caller checks finiteness
     base = torch.randn(n, generator=g)
     out = torch.empty(n)
-    assert kernels.sub_widened_into(src, base, out) == (1 if n > 1 else 0)  # the Inf is counted
+    assert stored_kernels.sub_widened_into(src, base, out) == (1 if n > 1 else 0)  # the Inf is counted
     assert torch.equal(out, torch.sub(src, base))
 
 
@@ -203,7 +204,7 @@ def test_task_vectors_the_kernel_does_not_take_are_left_to_torch(case):
         base = base.double()
     else:
         src = src[:3]
-    assert kernels.sub_widened_into(src, base, out) is None
+    assert stored_kernels.sub_widened_into(src, base, out) is None
     assert bool((out == 7.0).all())
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merging.methods.neuromerging import merge_in_basis, neuron_merge, singular_basis
-from merging.methods.trim import ModelThreshold
+from merging.methods.trim_stats import ModelThreshold
 from tests import reference as ref
 
 dims = st.tuples(st.integers(1, 6), st.integers(1, 8), st.integers(1, 12))  # (T, rows, d)

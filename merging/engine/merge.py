@@ -28,14 +28,15 @@ from merging.engine.output import (
     input_records,
     output_dtype,
 )
-from merging.engine.plan import MergePlan, Role, TensorPlan, build_plan
+from merging.engine.plan import MergePlan, TensorPlan, build_plan
+from merging.engine.source import TensorSource
 from merging.errors import ConfigError, MergeflowError, NonFiniteError
 from merging.io.checkpoint import Checkpoint, HashCache
 from merging.io.diskspace import check_free_space, planned_output_bytes
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
-from merging.methods import REGISTRY, MergeMethod, kernels
+from merging.methods import REGISTRY, MergeMethod
 from merging.methods.base import FusedFn, MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
-from merging.methods.trim import ModelThreshold, TensorTrimL1
+from merging.methods.trim_stats import ModelThreshold, TensorTrimL1
 
 
 @dataclass
@@ -56,109 +57,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: expected cpu, cuda or auto, got {device!r}")
     return torch.device(device)
-
-
-class TensorSource:
-    """Returns oriented compute-dtype base and task vectors for one planned tensor.
-
-    Task vectors land in one grow-only buffer reused for every tensor: allocating a fresh
-    (T, rows, cols) tensor each time costs a page fault per 4 KiB, which is most of a naive
-    merge's time. A returned tensor is only valid until the next `load`.
-    """
-
-    def __init__(
-        self,
-        base: Checkpoint,
-        models: list[Checkpoint],
-        device: torch.device,
-        buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] | None = None,
-    ):
-        self.base = base
-        self.models = models
-        self.device = device
-        self.bytes_read = 0
-        # `buffers` lets a worker thread keep its buffers from one layer task to the next (staged.py).
-        self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {} if buffers is None else buffers
-
-    def compute_dtype(self, plan: TensorPlan) -> torch.dtype:
-        return torch.float64 if plan.dtype == torch.float64 else torch.float32
-
-    def buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Returns a reusable flat buffer of at least `numel` elements."""
-        slot = (key, dtype, str(self.device))
-        buf = self._buffers.get(slot)
-        if buf is None or buf.numel() < numel:
-            self._buffers.pop(slot, None)
-            buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=self.device)
-        return buf[:numel]
-
-    def _orient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
-        if plan.role == Role.POINT:
-            return tensor.reshape(-1)
-        if plan.transposed:
-            return tensor.t()
-        return tensor.reshape(plan.neuron_shape)
-
-    def load(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (base, deltas (T, ...)) oriented so rows are neurons, checked for NaN/Inf."""
-        dtype = self.compute_dtype(plan)
-        raw = self.base.tensor(plan.name)
-        self.bytes_read += raw.numel() * raw.element_size()
-        base = self._orient(raw, plan)
-        if base.dtype != dtype or base.device != self.device:
-            base = self.buffer("base", base.numel(), dtype).view(base.shape).copy_(base)
-        if not torch.isfinite(base.sum()):
-            _raise_non_finite(base, plan.name, f"base model ({self.base.path})")
-        t = len(self.models)
-        deltas = self.buffer("deltas", t * base.numel(), dtype).view(t, *base.shape)
-        unchecked = False  # a task vector not known to be finite
-        for i, (model, src) in enumerate(zip(self.models, plan.sources)):
-            ft = model.tensor(src)
-            self.bytes_read += ft.numel() * ft.element_size()
-            oriented = self._orient(ft, plan).to(self.device)
-            non_finite = kernels.sub_widened_into(oriented, base, deltas[i])
-            if non_finite is None:
-                torch.sub(oriented, base, out=deltas[i])
-            unchecked |= non_finite != 0
-        if unchecked and deltas.numel() and not torch.isfinite(deltas.sum()):
-            for i, model in enumerate(self.models):
-                if not torch.isfinite(deltas[i]).all():
-                    _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
-        return base, deltas
-
-    def stored(self, plan: TensorPlan) -> list[torch.Tensor] | None:
-        """Returns [base, fine-tunes...] as stored, flattened, when the CPU kernels read them directly (see
-        kernels.stored_flat), else None. Entry order is the stored one, not the oriented one."""
-        if self.device.type != "cpu":
-            return None
-        raw = [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
-        flat = kernels.stored_flat(raw)
-        if flat is not None:
-            self.bytes_read += sum(x.numel() * x.element_size() for x in raw)
-        return flat
-
-    def fused(
-        self, plan: TensorPlan, fn: FusedFn, params: MethodParams, weights: torch.Tensor, out_dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """Returns the merged tensor a method's fused form wrote from the stored inputs (in `out_dtype`, in a reused
-        buffer valid until the next call), or None when the fused form does not take these tensors."""
-        raw = [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
-        out = self.buffer("fused", raw[0].numel(), out_dtype).view(raw[0].shape)
-        if not fn(raw[0], raw[1:], weights, params, out):
-            return None
-        self.bytes_read += sum(x.numel() * x.element_size() for x in raw)
-        return out
-
-    def unorient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
-        if plan.role != Role.POINT and plan.transposed:
-            tensor = tensor.t()
-        return tensor.reshape(plan.shape)
-
-
-def _raise_non_finite(tensor: torch.Tensor, name: str, where: str) -> None:
-    bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
-        raise NonFiniteError(f"tensor {name!r} in {where} holds {bad} NaN/Inf values")
 
 
 def mergeable(plan: MergePlan) -> Iterator[TensorPlan]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merging.methods import kernels
+from merging.methods import stored_kernels
 from merging.methods.base import MethodParams, ModelStats, TensorInputs, register_method
 
 
@@ -34,8 +34,8 @@ def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool, l
 def task_arithmetic_fused(
     base: torch.Tensor, fts: list[torch.Tensor], weights: torch.Tensor, params: TaskArithmeticParams, out: torch.Tensor
 ) -> bool:
-    """Writes base + the merged task vector into `out` in one pass over the stored inputs (see kernels)."""
-    return kernels.weighted_sum_into(base, fts, weights, params.normalize, params.lambda_, out)
+    """Writes base + the merged task vector into `out` in one pass over the stored inputs (see stored_kernels)."""
+    return stored_kernels.weighted_sum_into(base, fts, weights, params.normalize, params.lambda_, out)
 
 
 @register_method(
