@@ -19,6 +19,8 @@ import torch
 from tqdm import tqdm
 
 from merging.config import MergeConfig
+from merging.engine.blocks import blockable, merge_in_blocks, row_blocks, threshold_pass
+from merging.engine.job import MergeJob
 from merging.engine.labels import model_labels
 from merging.engine.memory import PeakMemory
 from merging.engine.output import (
@@ -30,12 +32,12 @@ from merging.engine.output import (
 )
 from merging.engine.plan import MergePlan, TensorPlan, build_plan
 from merging.engine.source import TensorSource
-from merging.errors import ConfigError, MergeflowError, NonFiniteError
+from merging.errors import ConfigError, MergeflowError
 from merging.io.checkpoint import Checkpoint, HashCache
 from merging.io.diskspace import check_free_space, planned_output_bytes
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
-from merging.methods import REGISTRY, MergeMethod
-from merging.methods.base import FusedFn, MethodParams, ModelStats, StatsRequest, TensorInputs, tensor_seed
+from merging.methods import REGISTRY
+from merging.methods.base import MethodParams, ModelStats, StatsRequest
 from merging.methods.trim_stats import ModelThreshold, TensorTrimL1
 
 
@@ -66,27 +68,6 @@ def mergeable(plan: MergePlan) -> Iterator[TensorPlan]:
             yield t
 
 
-def _threshold_pass(
-    source: TensorSource, t: TensorPlan, accs: list[ModelThreshold] | list[ModelThreshold | None], second: bool
-) -> None:
-    """Adds one tensor's task vectors to a pass of the model-wide thresholds: straight from the stored tensors when
-    the kernels read them (the task vectors are never formed), else from TensorSource.load."""
-    stored = source.stored(t)
-    if stored is not None:
-        for acc, ft in zip(accs, stored[1:]):
-            if acc is not None and acc.add_difference(stored[0], ft, second):
-                source.load(t)  # names the tensor and the model that are not finite
-                raise MergeflowError(f"internal error: tensor {t.name!r} has non-finite task vectors")
-        return
-    _, deltas = source.load(t)
-    for acc, delta in zip(accs, deltas):
-        if acc is not None:
-            if second:
-                acc.add_pass2(delta)
-            else:
-                acc.add_pass1(delta)
-
-
 def compute_stats(
     request: StatsRequest | None,
     plan: MergePlan,
@@ -102,12 +83,12 @@ def compute_stats(
     if request.model_thresholds:
         accs = [ModelThreshold(d) for d in densities]
         for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
-            _threshold_pass(source, t, accs, second=False)
+            threshold_pass(source, t, accs, second=False)
         for acc in accs:
             acc.finish_pass1()
         if any(acc.needs_pass2 for acc in accs):
             for t in tqdm(tensors, desc="trim thresholds (2/2)", disable=not progress, leave=False):
-                _threshold_pass(source, t, [a if a.needs_pass2 else None for a in accs], second=True)
+                threshold_pass(source, t, [a if a.needs_pass2 else None for a in accs], second=True)
         results = [acc.result() for acc in accs]
         return ModelStats(
             thresholds=tuple(r[0] for r in results),
@@ -157,9 +138,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
             )
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-            bytes_written = _write_model(
-                config, plan, source, method, params, stats, weights, densities, seed, tmp, options
-            )
+            job = MergeJob(method, params, stats, weights, densities, seed)
+            bytes_written = _write_model(config, plan, source, job, tmp, options)
             inputs = input_records(base, models, entries, hashes)
             hash_cache.save()
             report = finish_output(
@@ -180,62 +160,29 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
     return report
 
 
-def merge_tensor(
-    t: TensorPlan,
-    source: TensorSource,
-    merge_fn: object,
-    params: MethodParams,
-    stats: ModelStats,
-    weights: torch.Tensor,
-    densities: list[float],
-    seed: int,
-    fused: FusedFn | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def merge_tensor(t: TensorPlan, source: TensorSource, job: MergeJob, out_dtype: torch.dtype) -> torch.Tensor:
     """Returns one merged tensor in the base's layout (non-float tensors are the base's).
 
-    With the method's `fused` form and the tensor's output dtype, the CPU path first tries the fused form (same
-    numbers, one pass over the stored inputs); its result is a buffer reused by the next call on `source`.
+    The CPU path first tries the method's fused form (same numbers, one pass over the stored inputs). A large tensor
+    is merged in blocks of rows when the method allows it (blocks.py), in `out_dtype`. Either result is a buffer
+    reused by the next call on `source`.
     """
     if not t.dtype.is_floating_point:
         return source.base.tensor(t.name)
-    if fused is not None and out_dtype is not None and source.device.type == "cpu":
-        done = source.fused(t, fused, params, weights, out_dtype)
+    if job.method.fused is not None and source.device.type == "cpu":
+        done = source.fused(t, job.method.fused, job.params, job.weights, out_dtype)
         if done is not None:
             return done
+    if blockable(job):
+        blocks = row_blocks(t, len(source.models), source.compute_dtype(t).itemsize)
+        if blocks is not None:
+            return merge_in_blocks(t, blocks, source, job, out_dtype)
     base, deltas = source.load(t)
-    inputs = TensorInputs(
-        name=t.name,
-        role=t.role,
-        base=base,
-        deltas=deltas,
-        weights=weights.to(device=deltas.device),
-        densities=tuple(densities),
-        seed=tensor_seed(seed, t.name),
-    )
-    merged = merge_fn(inputs, params, stats).to(base.dtype)  # type: ignore[operator]
-    del deltas, inputs
-    if merged.numel() and not torch.isfinite(merged.sum()):
-        bad = int((~torch.isfinite(merged)).sum())
-        raise NonFiniteError(
-            f"tensor {t.name!r}: the merge produced {bad} NaN/Inf values (inputs are finite: "
-            "check the method's parameters, e.g. lambda, weights, or a sum of weights of 0 with normalize)"
-        )
-    return source.unorient(merged.add_(base), t)  # the method's tensor is its own
+    return source.unorient(job.merged(t, base, deltas), t)
 
 
 def _write_model(
-    config: MergeConfig,
-    plan: MergePlan,
-    source: TensorSource,
-    method: MergeMethod,
-    params: MethodParams,
-    stats: ModelStats,
-    weights: torch.Tensor,
-    densities: list[float],
-    seed: int,
-    folder: Path,
-    options: MergeOptions,
+    config: MergeConfig, plan: MergePlan, source: TensorSource, job: MergeJob, folder: Path, options: MergeOptions
 ) -> int:
     entries = [(t.name, output_dtype(config, t), t.shape) for t in plan.tensors]
     writer = ShardedWriter(folder, entries, options.out_shard_size)
@@ -246,18 +193,7 @@ def _write_model(
             total=total, unit="B", unit_scale=True, desc=f"merge ({config.merge_method})", disable=not options.progress
         ) as bar:
             for t in plan.merged:
-                result = merge_tensor(
-                    t,
-                    source,
-                    method.merge,
-                    params,
-                    stats,
-                    weights,
-                    densities,
-                    seed,
-                    method.fused,
-                    output_dtype(config, t),
-                )
+                result = merge_tensor(t, source, job, output_dtype(config, t))
                 writer.write(t.name, result)
                 for alias in aliases.get(t.name, []):
                     writer.write(alias, result)

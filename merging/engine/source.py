@@ -46,19 +46,21 @@ class TensorSource:
             buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=self.device)
         return buf[:numel]
 
-    def _orient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+    def orient(self, tensor: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
+        """Returns a view of a tensor in the stored layout with rows as neurons (1-D for POINT tensors)."""
         if plan.role == Role.POINT:
             return tensor.reshape(-1)
         if plan.transposed:
             return tensor.t()
         return tensor.reshape(plan.neuron_shape)
 
-    def load(self, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (base, deltas (T, ...)) oriented so rows are neurons, checked for NaN/Inf."""
+    def load(self, plan: TensorPlan, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (base, deltas (T, ...)) oriented so rows are neurons, checked for NaN/Inf; only rows
+        [start, end) of them when `rows` is given (see blocks.py)."""
         dtype = self.compute_dtype(plan)
         raw = self.base.tensor(plan.name)
-        self.bytes_read += raw.numel() * raw.element_size()
-        base = self._orient(raw, plan)
+        base = self._rows(self.orient(raw, plan), rows)
+        self.bytes_read += base.numel() * raw.element_size()
         if base.dtype != dtype or base.device != self.device:
             base = self.buffer("base", base.numel(), dtype).view(base.shape).copy_(base)
         if not torch.isfinite(base.sum()):
@@ -68,8 +70,8 @@ class TensorSource:
         unchecked = False  # a task vector not known to be finite
         for i, (model, src) in enumerate(zip(self.models, plan.sources)):
             ft = model.tensor(src)
-            self.bytes_read += ft.numel() * ft.element_size()
-            oriented = self._orient(ft, plan).to(self.device)
+            oriented = self._rows(self.orient(ft, plan), rows).to(self.device)
+            self.bytes_read += oriented.numel() * ft.element_size()
             non_finite = stored_kernels.sub_widened_into(oriented, base, deltas[i])
             if non_finite is None:
                 torch.sub(oriented, base, out=deltas[i])
@@ -80,12 +82,20 @@ class TensorSource:
                     _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
         return base, deltas
 
+    @staticmethod
+    def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+    def _stored_inputs(self, plan: TensorPlan) -> list[torch.Tensor]:
+        """Returns [base, fine-tunes...] as stored (memory-mapped, not oriented, not converted)."""
+        return [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
+
     def stored(self, plan: TensorPlan) -> list[torch.Tensor] | None:
         """Returns [base, fine-tunes...] as stored, flattened, when the CPU kernels read them directly (see
         stored_kernels.stored_flat), else None. Entry order is the stored one, not the oriented one."""
         if self.device.type != "cpu":
             return None
-        raw = [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
+        raw = self._stored_inputs(plan)
         flat = stored_kernels.stored_flat(raw)
         if flat is not None:
             self.bytes_read += sum(x.numel() * x.element_size() for x in raw)
@@ -96,7 +106,7 @@ class TensorSource:
     ) -> torch.Tensor | None:
         """Returns the merged tensor a method's fused form wrote from the stored inputs (in `out_dtype`, in a reused
         buffer valid until the next call), or None when the fused form does not take these tensors."""
-        raw = [self.base.tensor(plan.name), *(m.tensor(s) for m, s in zip(self.models, plan.sources))]
+        raw = self._stored_inputs(plan)
         out = self.buffer("fused", raw[0].numel(), out_dtype).view(raw[0].shape)
         if not fn(raw[0], raw[1:], weights, params, out):
             return None

@@ -44,6 +44,7 @@ from merging.engine.inplace import (
     partial_dir,
     partial_matches,
 )
+from merging.engine.job import MergeJob
 from merging.engine.labels import model_labels
 from merging.engine.merge import TensorSource, compute_stats, merge_tensor, resolve_device
 from merging.engine.model_card import InputRecord
@@ -312,21 +313,11 @@ def merge_layer(config: MergeConfig, staged: StagedPlan, group: str) -> LayerRes
             weights = torch.tensor([config.model_weight(e, params) for e in entries], dtype=torch.float64)
             densities = [config.model_density(e, params) for e in entries]
             source = TensorSource(base, models, resolve_device(config.pipeline.device), _thread_buffers())
+            job = MergeJob(method, params, staged.stats, weights, densities, config.seed)
             digest = hashlib.sha256()
             nbytes = 0
             for t in tensors:
-                merged = merge_tensor(
-                    t,
-                    source,
-                    method.merge,
-                    params,
-                    staged.stats,
-                    weights,
-                    densities,
-                    config.seed,
-                    method.fused,
-                    output_dtype(config, t),
-                )
+                merged = merge_tensor(t, source, job, output_dtype(config, t))
                 for name in (t.name, *aliases.get(t.name, [])):
                     nbytes += writer.write(name, merged, digest)
                 del merged

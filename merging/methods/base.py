@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.engine.plan import Role
+
+if TYPE_CHECKING:
+    from merging.methods.trim import TrimRule
 
 
 class MethodParams(BaseModel):
@@ -46,6 +49,9 @@ class TensorInputs:
     weights: torch.Tensor  # (T,)
     densities: tuple[float, ...]
     seed: int
+    # Per-task trim rules found by the engine for the whole tensor when these inputs are a block of its rows
+    # (engine/blocks.py); a trimming method uses them instead of a per-tensor top-k of `deltas`.
+    rules: tuple[TrimRule, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class MergeMethod:
     stats_request: Callable[[Any], StatsRequest | None]
     describe: Callable[[Any], str] = lambda params: ""
     fused: FusedFn | None = None
+    # True when merging a block of a tensor's rows (with `TensorInputs.rules` for per-tensor trimming) gives that
+    # block of the whole-tensor merge, so the engine may merge large tensors in row blocks.
+    row_blocks: bool = False
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -97,13 +106,16 @@ def register_method(
     stats_request: Callable[[Any], StatsRequest | None] = lambda params: None,
     describe: Callable[[Any], str] = lambda params: "",
     fused: FusedFn | None = None,
+    row_blocks: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Registers the decorated function as merge method `name`."""
 
     def wrap(fn: MergeFn) -> MergeFn:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        REGISTRY[name] = MergeMethod(name, pretty_name, reference_url, params, fn, stats_request, describe, fused)
+        REGISTRY[name] = MergeMethod(
+            name, pretty_name, reference_url, params, fn, stats_request, describe, fused, row_blocks
+        )
         return fn
 
     return wrap

@@ -241,11 +241,12 @@ def _describe(p: NeuroMergingParams) -> str:
     params=NeuroMergingParams,
     stats_request=_stats,
     describe=_describe,
+    row_blocks=True,
 )
 def neuromerging(inputs: TensorInputs, params: NeuroMergingParams, stats: ModelStats) -> torch.Tensor:
     """Returns the NeuroMerging task vector of one tensor (TIES for 1-D tensors)."""
     lambda_orth = resolve_lambda(params, stats)
-    deltas = trim_(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties)
+    deltas = trim_(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties, inputs.rules)
     deltas.mul_(broadcast_weights(inputs.weights, deltas))
     if inputs.role == Role.POINT or inputs.base.dim() != 2:
         flat = deltas.reshape(deltas.shape[0], -1)

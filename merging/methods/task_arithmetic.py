@@ -45,6 +45,7 @@ def task_arithmetic_fused(
     params=TaskArithmeticParams,
     describe=lambda p: f"lambda={p.lambda_}, normalize={p.normalize}",
     fused=task_arithmetic_fused,
+    row_blocks=True,
 )
 def task_arithmetic(inputs: TensorInputs, params: TaskArithmeticParams, stats: ModelStats) -> torch.Tensor:
     """Returns the merged task vector lambda * sum_t w_t tau_t."""

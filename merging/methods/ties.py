@@ -95,8 +95,9 @@ def trim_stats(params: TrimParams) -> StatsRequest | None:
     params=TiesParams,
     stats_request=trim_stats,
     describe=lambda p: f"lambda={p.lambda_}, normalize={p.normalize}, trim_scope={p.trim_scope}",
+    row_blocks=True,
 )
 def ties(inputs: TensorInputs, params: TiesParams, stats: ModelStats) -> torch.Tensor:
     """Returns the TIES-merged task vector of one tensor."""
-    rules = trim_rules(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties)
+    rules = trim_rules(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties, inputs.rules)
     return ties_merge(inputs.deltas, inputs.weights, params.normalize, params.lambda_, rules)

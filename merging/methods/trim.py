@@ -53,7 +53,7 @@ class TrimRule:
     """Which entries of one task vector trimming keeps.
 
     |x| > threshold are kept; of the entries equal to it, the first `keep_ties` in flat order
-    (all of them when keep_ties < 0). An explicit `mask` overrides both.
+    (all of them when keep_ties < 0 or fewer are there). An explicit `mask` overrides both.
     """
 
     threshold: float
@@ -182,10 +182,12 @@ def threshold_form(row: torch.Tensor, rule: TrimRule) -> tuple[float, int]:
         return rule.threshold, n
     if rule.keep_ties == 0:
         return rule.threshold, -1
+    # A block of a tensor's rows (engine/blocks.py) may hold fewer ties than it may keep: then it keeps them all.
     if kernels.available(row) and row.is_contiguous():
-        return rule.threshold, kernels.nth_equal(row, rule.threshold, rule.keep_ties)
+        last = kernels.nth_equal(row, rule.threshold, rule.keep_ties)
+        return rule.threshold, n if last < 0 else last
     tied = torch.nonzero(row.abs().to(torch.float32) == rule.threshold).reshape(-1)
-    return rule.threshold, int(tied[rule.keep_ties - 1])
+    return rule.threshold, int(tied[rule.keep_ties - 1]) if tied.numel() >= rule.keep_ties else n
 
 
 def topk_mask(values: torch.Tensor, density: float, ties: str = "index") -> torch.Tensor:
@@ -202,8 +204,12 @@ def trim_rules(
     densities: tuple[float, ...],
     thresholds: tuple[float, ...] | None,
     ties: str = "index",
+    given: tuple[TrimRule, ...] | None = None,
 ) -> list[TrimRule]:
-    """Returns each task's trim rule: the model-wide threshold, or a per-tensor top-k."""
+    """Returns each task's trim rule: the model-wide threshold, the `given` rules (a block of a tensor's rows, see
+    engine/blocks.py), or a per-tensor top-k."""
+    if given is not None:
+        return list(given)
     if thresholds is not None:
         return [TrimRule(thr) if thr > 0 else KEEP_ALL for thr in thresholds]
     return [tensor_trim_rule(deltas[t], d, ties) for t, d in enumerate(densities)]
@@ -214,9 +220,10 @@ def trim_(
     densities: tuple[float, ...],
     thresholds: tuple[float, ...] | None,
     ties: str = "index",
+    given: tuple[TrimRule, ...] | None = None,
 ) -> torch.Tensor:
-    """Returns `deltas` (T, ...) trimmed in place, per tensor or by model-wide thresholds."""
-    for t, rule in enumerate(trim_rules(deltas, densities, thresholds, ties)):
+    """Returns `deltas` (T, ...) trimmed in place, per tensor, by model-wide thresholds or by `given` rules."""
+    for t, rule in enumerate(trim_rules(deltas, densities, thresholds, ties, given)):
         row = deltas[t].reshape(-1)
         seen = 0
         for s, e in chunks(row.numel()):

@@ -11,7 +11,9 @@ import torch
 from merging.methods import kernels, stored_kernels
 from merging.methods.trim import (
     HIGH_BINS,
+    KEEP_ALL,
     LOW_BINS,
+    TrimRule,
     _float_from_bits,
     _keep,
     _kernel_ready,
@@ -55,27 +57,37 @@ class ModelThreshold:
         """Adds the task vector ft - base to the first pass (or the `second`) without forming it; `base` and `ft`
         are stored tensors from stored_kernels.stored_flat. Returns how many of its entries are not finite (the caller
         stops: the sums are then not promised)."""
-        parts = kernels.PASS2_PARTS
+        if second:
+            self._pass2_parts()
+            assert self.part_low_hist is not None and self.part_low_l1 is not None
+            assert self.part_total_l1 is not None and self.part_above_l1 is not None
+            return stored_kernels.difference_stats(
+                base,
+                ft,
+                self.bucket,
+                np.zeros((1, 1), dtype=np.int64),  # the high halves: not read by the second pass
+                self.part_low_hist,
+                self.part_low_l1,
+                self.part_total_l1,
+                self.part_above_l1,
+            )
+        if self.part_high is None:
+            self.part_high = np.zeros((kernels.PASS2_PARTS, HIGH_BINS), dtype=np.int64)
+        self.numel += base.numel()
+        sums = np.zeros(kernels.PASS2_PARTS, dtype=np.float64)  # the second pass's: added to, never read
+        empty_hist = np.zeros((1, 1), dtype=np.int64)
+        return stored_kernels.difference_stats(
+            base, ft, -1, self.part_high, empty_hist, np.zeros((1, 1), dtype=np.float64), sums, sums
+        )
+
+    def _pass2_parts(self) -> None:
+        """Allocates the second pass's per-part sums (folded in part order by result())."""
         if self.part_total_l1 is None:
+            parts = kernels.PASS2_PARTS
             self.part_low_hist = np.zeros((parts, LOW_BINS), dtype=np.int64)
             self.part_low_l1 = np.zeros((parts, LOW_BINS), dtype=np.float64)
             self.part_total_l1 = np.zeros(parts, dtype=np.float64)
             self.part_above_l1 = np.zeros(parts, dtype=np.float64)
-        if self.part_high is None:
-            self.part_high = np.zeros((parts, HIGH_BINS), dtype=np.int64)
-        assert self.part_low_hist is not None and self.part_low_l1 is not None and self.part_above_l1 is not None
-        if not second:
-            self.numel += base.numel()
-        return stored_kernels.difference_stats(
-            base,
-            ft,
-            self.bucket if second else -1,
-            self.part_high,
-            self.part_low_hist,
-            self.part_low_l1,
-            self.part_total_l1,
-            self.part_above_l1,
-        )
 
     def finish_pass1(self) -> None:
         """Finds the high-half bucket that holds the k-th largest value."""
@@ -94,12 +106,8 @@ class ModelThreshold:
         """Adds one task vector's entries (any sign) to the second pass."""
         flat = values.reshape(-1)
         if _kernel_ready(flat):
-            if self.part_low_hist is None:
-                parts = kernels.PASS2_PARTS
-                self.part_low_hist = np.zeros((parts, LOW_BINS), dtype=np.int64)
-                self.part_low_l1 = np.zeros((parts, LOW_BINS), dtype=np.float64)
-                self.part_total_l1 = np.zeros(parts, dtype=np.float64)
-                self.part_above_l1 = np.zeros(parts, dtype=np.float64)
+            self._pass2_parts()
+            assert self.part_low_hist is not None
             assert self.part_low_l1 is not None and self.part_total_l1 is not None and self.part_above_l1 is not None
             kernels.threshold_pass2(
                 flat, self.bucket, self.part_low_hist, self.part_low_l1, self.part_total_l1, self.part_above_l1
@@ -129,6 +137,20 @@ class ModelThreshold:
         self.total_l1 += float(self.part_total_l1.sum())
         self.above_l1 += float(self.part_above_l1.sum())
         self.part_low_hist = self.part_low_l1 = self.part_total_l1 = self.part_above_l1 = None
+
+    def tensor_rule(self) -> TrimRule:
+        """Returns, when the passes saw one tensor, the rule tensor_trim_rule(values, density, "index") gives: keep
+        exactly max(1, int(density * n)) entries, ties at the threshold by lowest flat index."""
+        if not self.needs_pass2:
+            return KEEP_ALL
+        self._fold_parts()
+        k = keep_count(self.density, self.numel)
+        low, above_low = _locate(self.low_hist, k - self.above_count)
+        threshold = _float_from_bits((self.bucket << 16) | low)
+        greater = self.above_count + above_low
+        if greater + int(self.low_hist[low]) <= k:
+            return TrimRule(threshold)
+        return TrimRule(threshold, keep_ties=k - greater)
 
     def result(self) -> tuple[float, float]:
         """Returns (threshold, sigma): keep |tau| >= threshold; sigma = share of L1 removed."""
