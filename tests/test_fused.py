@@ -17,7 +17,7 @@ from merging.errors import NonFiniteError
 from merging.methods import REGISTRY, kernels, stored_kernels
 from merging.methods.task_arithmetic import weighted_sum
 from merging.methods.ties import ties_merge
-from merging.methods.trim import trim_rules
+from merging.methods.trim import trim_, trim_rules
 from merging.methods.trim_stats import ModelThreshold
 from merging.synthetic import build_family
 from tests.helpers import write_config
@@ -364,3 +364,56 @@ def test_a_nan_in_a_fine_tune_is_named_by_the_whole_model_trim_pass(tmp_path):
     with pytest.raises(NonFiniteError, match=name.replace(".", r"\.")):
         run_merge(cfg, tmp_path / "out", MergeOptions(progress=False))
     assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3 * kernels.BLOCK),
+    seed=st.integers(0, 2**16),
+    level=st.sampled_from([0.0, 0.01, 0.05, 0.2]),
+    scale=st.sampled_from([1.0, 0.3, -1.7, 0.0]),
+)
+def test_task_vectors_trimmed_and_scaled_while_formed_equal_trim_then_multiply(n, seed, level, scale):
+    base, (ft,) = family(seed, n, 1, torch.bfloat16)
+    b = base.float()
+    expected = ft.float() - b
+    # A threshold that some differences equal exactly (kept: |d| >= threshold), or none at all.
+    threshold = float(expected.abs().quantile(level)) if level else 0.0
+    trim_(expected.unsqueeze(0), (1.0,), (threshold,))
+    expected.mul_(torch.tensor([scale], dtype=torch.float64).to(torch.float32))
+    out = torch.empty(n)
+    assert stored_kernels.sub_widened_into(ft, b, out, threshold, scale) == 0
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))  # the signs of zeros too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_neuromerging_with_task_vectors_prepared_while_formed_is_identical(tmp_path, monkeypatch, dtype, blocked):
+    from merging.engine import blocks
+
+    if blocked:
+        monkeypatch.setattr(blocks, "MIN_BLOCKED_BYTES", 0)
+        monkeypatch.setattr(blocks, "BLOCK_BYTES", 3000)
+    base, fts = build_family(tmp_path / "fam", "llama", 3, dtype=dtype, hidden=48, intermediate=96)
+    models = [{"model": str(f), "parameters": {"weight": w, "density": 0.3}} for f, w in zip(fts, [0.6, 1.3, 1.0])]
+    cfg = load_config(
+        write_config(tmp_path / "c.yml", "neuromerging", base, fts, models=models, parameters={"trim_scope": "model"})
+    )
+    assert REGISTRY["neuromerging"].trims_first
+    prepared = []
+    real = TensorSource.load
+    monkeypatch.setattr(
+        TensorSource, "load", lambda self, *a, **k: prepared.append(k.get("prepare", a[2] if len(a) > 2 else None)) or real(self, *a, **k)
+    )
+    run_merge(cfg, tmp_path / "prepared", MergeOptions(progress=False))
+    assert any(p for p in prepared)  # the merge pass's loads (the statistics passes' are plain)
+    monkeypatch.setitem(REGISTRY, "neuromerging", dataclasses.replace(REGISTRY["neuromerging"], trims_first=False))
+    prepared.clear()
+    run_merge(cfg, tmp_path / "plain", MergeOptions(progress=False))
+    assert prepared and not any(p for p in prepared)
+    ours, theirs = (
+        load_file(tmp_path / "prepared" / "model.safetensors"),
+        load_file(tmp_path / "plain" / "model.safetensors"),
+    )
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name

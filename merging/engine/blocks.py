@@ -103,7 +103,7 @@ def merge_in_blocks(
     out = source.buffer("blocked", t.numel, out_dtype).view(t.shape)
     rows_of_out = source.orient(out, t)
     for r0, r1 in blocks:
-        base, deltas = source.load(t, (r0, r1))
+        base, deltas = source.load(t, (r0, r1), job.prepare)
         block_rules = None if rules is None else _block_rules(rules, deltas, ties_seen)
         rows_of_out[r0:r1].copy_(job.merged(t, base, deltas, block_rules, f" (rows {r0}..{r1 - 1})"))
     return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from merging.engine.plan import TensorPlan
+from merging.engine.source import Prepare
 from merging.errors import NonFiniteError
 from merging.methods.base import MergeMethod, MethodParams, ModelStats, TensorInputs, tensor_seed
 from merging.methods.trim import TrimRule
@@ -23,6 +24,13 @@ class MergeJob:
     densities: list[float]
     seed: int
 
+    @property
+    def prepare(self) -> Prepare | None:
+        """Returns what TensorSource.load may do for the method while forming the task vectors (or None)."""
+        if not self.method.trims_first or self.stats.thresholds is None:
+            return None
+        return Prepare(self.stats.thresholds, self.weights.to(torch.float32))
+
     def merged(
         self,
         t: TensorPlan,
@@ -32,7 +40,7 @@ class MergeJob:
         where: str = "",
     ) -> torch.Tensor:
         """Returns base + the method's merged task vector, oriented as `base`, checked for NaN/Inf (`where` names a
-        block of rows in the error)."""
+        block of rows in the error). `deltas` come from TensorSource.load with this job's `prepare`."""
         inputs = TensorInputs(
             name=t.name,
             role=t.role,
@@ -42,6 +50,7 @@ class MergeJob:
             densities=tuple(self.densities),
             seed=tensor_seed(self.seed, t.name),
             rules=rules,
+            prepared=self.prepare is not None,
         )
         merged = self.method.merge(inputs, self.params, self.stats).to(base.dtype)
         del inputs

@@ -177,7 +177,7 @@ def merge_tensor(t: TensorPlan, source: TensorSource, job: MergeJob, out_dtype: 
         blocks = row_blocks(t, len(source.models), source.compute_dtype(t).itemsize)
         if blocks is not None:
             return merge_in_blocks(t, blocks, source, job, out_dtype)
-    base, deltas = source.load(t)
+    base, deltas = source.load(t, prepare=job.prepare)
     return source.unorient(job.merged(t, base, deltas), t)
 
 

@@ -3,6 +3,8 @@ stored tensors themselves for the fused CPU kernels."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from merging.engine.plan import Role, TensorPlan
@@ -10,6 +12,16 @@ from merging.errors import NonFiniteError
 from merging.io.checkpoint import Checkpoint
 from merging.methods import stored_kernels
 from merging.methods.base import FusedFn, MethodParams
+from merging.methods.trim import TrimRule, trim_row_
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """What a method that trims at model-wide thresholds and then weighs (MergeMethod.trims_first) asks of the
+    task vectors as they are formed: keep |tau_t| >= thresholds[t] (all when <= 0), then multiply by scales[t]."""
+
+    thresholds: tuple[float, ...]
+    scales: torch.Tensor  # (T,) float32
 
 
 class TensorSource:
@@ -54,9 +66,11 @@ class TensorSource:
             return tensor.t()
         return tensor.reshape(plan.neuron_shape)
 
-    def load(self, plan: TensorPlan, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(
+        self, plan: TensorPlan, rows: tuple[int, int] | None = None, prepare: Prepare | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (base, deltas (T, ...)) oriented so rows are neurons, checked for NaN/Inf; only rows
-        [start, end) of them when `rows` is given (see blocks.py)."""
+        [start, end) of them when `rows` is given (see blocks.py); trimmed and scaled as `prepare` says."""
         dtype = self.compute_dtype(plan)
         raw = self.base.tensor(plan.name)
         base = self._rows(self.orient(raw, plan), rows)
@@ -68,18 +82,26 @@ class TensorSource:
         t = len(self.models)
         deltas = self.buffer("deltas", t * base.numel(), dtype).view(t, *base.shape)
         unchecked = False  # a task vector not known to be finite
+        left = []  # the task vectors torch formed, to prepare below
         for i, (model, src) in enumerate(zip(self.models, plan.sources)):
             ft = model.tensor(src)
             oriented = self._rows(self.orient(ft, plan), rows).to(self.device)
             self.bytes_read += oriented.numel() * ft.element_size()
-            non_finite = stored_kernels.sub_widened_into(oriented, base, deltas[i])
+            thr, scale = (0.0, 1.0) if prepare is None else (prepare.thresholds[i], float(prepare.scales[i]))
+            non_finite = stored_kernels.sub_widened_into(oriented, base, deltas[i], thr, scale)
             if non_finite is None:
                 torch.sub(oriented, base, out=deltas[i])
+                left.append(i)
             unchecked |= non_finite != 0
         if unchecked and deltas.numel() and not torch.isfinite(deltas.sum()):
             for i, model in enumerate(self.models):
                 if not torch.isfinite(deltas[i]).all():
                     _raise_non_finite(deltas[i], plan.sources[i], f"model {model.label!r} ({model.path})")
+        if prepare is not None:
+            for i in left:
+                if prepare.thresholds[i] > 0:
+                    trim_row_(deltas[i], TrimRule(prepare.thresholds[i]))
+                deltas[i].mul_(prepare.scales[i].to(deltas.dtype))
         return base, deltas
 
     @staticmethod

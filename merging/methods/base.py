@@ -52,6 +52,9 @@ class TensorInputs:
     # Per-task trim rules found by the engine for the whole tensor when these inputs are a block of its rows
     # (engine/blocks.py); a trimming method uses them instead of a per-tensor top-k of `deltas`.
     rules: tuple[TrimRule, ...] | None = None
+    # True when the engine already trimmed `deltas` at the model-wide thresholds and multiplied them by the weights
+    # while forming them (MergeMethod.trims_first).
+    prepared: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ class MergeMethod:
     # True when merging a block of a tensor's rows (with `TensorInputs.rules` for per-tensor trimming) gives that
     # block of the whole-tensor merge, so the engine may merge large tensors in row blocks.
     row_blocks: bool = False
+    # True when, given model-wide thresholds, the method begins with trim_ at them and then multiplies each task
+    # vector by its weight: the engine may then do both while forming the task vectors (TensorInputs.prepared).
+    trims_first: bool = False
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -107,6 +113,7 @@ def register_method(
     describe: Callable[[Any], str] = lambda params: "",
     fused: FusedFn | None = None,
     row_blocks: bool = False,
+    trims_first: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Registers the decorated function as merge method `name`."""
 
@@ -114,7 +121,7 @@ def register_method(
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
         REGISTRY[name] = MergeMethod(
-            name, pretty_name, reference_url, params, fn, stats_request, describe, fused, row_blocks
+            name, pretty_name, reference_url, params, fn, stats_request, describe, fused, row_blocks, trims_first
         )
         return fn
 

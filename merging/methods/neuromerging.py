@@ -242,12 +242,15 @@ def _describe(p: NeuroMergingParams) -> str:
     stats_request=_stats,
     describe=_describe,
     row_blocks=True,
+    trims_first=True,
 )
 def neuromerging(inputs: TensorInputs, params: NeuroMergingParams, stats: ModelStats) -> torch.Tensor:
     """Returns the NeuroMerging task vector of one tensor (TIES for 1-D tensors)."""
     lambda_orth = resolve_lambda(params, stats)
-    deltas = trim_(inputs.deltas, inputs.densities, stats.thresholds, params.trim_ties, inputs.rules)
-    deltas.mul_(broadcast_weights(inputs.weights, deltas))
+    deltas = inputs.deltas
+    if not inputs.prepared:
+        trim_(deltas, inputs.densities, stats.thresholds, params.trim_ties, inputs.rules)
+        deltas.mul_(broadcast_weights(inputs.weights, deltas))
     if inputs.role == Role.POINT or inputs.base.dim() != 2:
         flat = deltas.reshape(deltas.shape[0], -1)
         return lambda_orth * disjoint_mean(flat, elect_sign(flat, 1.0)).reshape(inputs.base.shape)

@@ -145,33 +145,41 @@ if numba is not None:
         return bad.sum()
 
     @numba.njit(parallel=True, cache=True)
-    def _sub_widened(src, base, out):
-        # out = float32(src) - base, elementwise; src bfloat16 (as uint16 bits) or float32. Returns the number of
-        # results that are not finite.
+    def _sub_widened(src, base, out, threshold, scale):
+        # out = float32(src) - base, elementwise; src bfloat16 (as uint16 bits) or float32. Each difference d is
+        # then trimmed and scaled in trim_'s and NeuroMerging's order, (d * (|d| >= threshold)) * scale, which with
+        # threshold 0 and scale 1 leaves it as it is. Returns the number of differences that are not finite.
         n = base.size
         blocks = (n + BLOCK - 1) // BLOCK
         bad = np.zeros(blocks, dtype=np.int64)
-        out_bits = out.view(np.uint32)
         for block in numba.prange(blocks):
             start = block * BLOCK
             count = min(n, start + BLOCK) - start
             bits = np.empty(count, dtype=np.uint32)
             _widen(src, start, count, bits)
             f = bits.view(np.float32)
+            diff = np.empty(count, dtype=np.float32)  # in cache: one write of `out`, whatever the options
             for i in range(count):
-                out[start + i] = f[i] - base[start + i]
+                diff[i] = f[i] - base[start + i]
+            diff_bits = diff.view(np.uint32)
             exponent = np.uint32(0x7F800000)  # all ones: Inf or NaN
             found = 0
             for i in range(count):
-                found += (out_bits[start + i] & exponent) == exponent
+                found += (diff_bits[i] & exponent) == exponent
             bad[block] = found
+            for i in range(count):
+                d = diff[i]
+                out[start + i] = (d * np.float32(abs(d) >= threshold)) * scale
         return bad.sum()
 
 
-def sub_widened_into(src: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> int | None:
+def sub_widened_into(
+    src: torch.Tensor, base: torch.Tensor, out: torch.Tensor, threshold: float = 0.0, scale: float = 1.0
+) -> int | None:
     """Writes float32(src) - base into `out` (what torch.sub(src, base, out=out) gives) in one pass, for a bfloat16
-    `src`, and returns how many results are not finite; returns None, writing nothing, when the kernel cannot take
-    these tensors (the caller uses torch.sub)."""
+    `src`, and returns how many differences are not finite; returns None, writing nothing, when the kernel cannot take
+    these tensors (the caller uses torch.sub). A `threshold` > 0 then zeroes the differences below it in magnitude
+    and a `scale` multiplies them, bit for bit as trim_ with TrimRule(threshold) and a float32 multiply do."""
     if numba is None or src.dtype != torch.bfloat16 or src.shape != base.shape or out.shape != base.shape:
         return None
     if base.dtype != torch.float32 or out.dtype != torch.float32:
@@ -179,7 +187,7 @@ def sub_widened_into(src: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -
     arrays = [_flat_array(x) for x in (src, base, out)]
     if any(a is None for a in arrays):
         return None
-    return int(_sub_widened(arrays[0], arrays[1], arrays[2]))
+    return int(_sub_widened(arrays[0], arrays[1], arrays[2], np.float32(threshold), np.float32(scale)))
 
 
 def _flat_array(tensor: torch.Tensor) -> np.ndarray | None:

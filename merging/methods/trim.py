@@ -224,8 +224,13 @@ def trim_(
 ) -> torch.Tensor:
     """Returns `deltas` (T, ...) trimmed in place, per tensor, by model-wide thresholds or by `given` rules."""
     for t, rule in enumerate(trim_rules(deltas, densities, thresholds, ties, given)):
-        row = deltas[t].reshape(-1)
-        seen = 0
-        for s, e in chunks(row.numel()):
-            seen = apply_trim_(row[s:e], rule, s, seen)
+        trim_row_(deltas[t], rule)
     return deltas
+
+
+def trim_row_(values: torch.Tensor, rule: TrimRule) -> None:
+    """Zeroes, in place, the entries of one task vector the rule drops, a chunk at a time."""
+    row = values.reshape(-1)
+    seen = 0
+    for s, e in chunks(row.numel()):
+        seen = apply_trim_(row[s:e], rule, s, seen)
