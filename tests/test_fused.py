@@ -402,9 +402,12 @@ def test_neuromerging_with_task_vectors_prepared_while_formed_is_identical(tmp_p
     assert REGISTRY["neuromerging"].trims_first
     prepared = []
     real = TensorSource.load
-    monkeypatch.setattr(
-        TensorSource, "load", lambda self, *a, **k: prepared.append(k.get("prepare", a[2] if len(a) > 2 else None)) or real(self, *a, **k)
-    )
+
+    def spy(self, *a, **k):
+        prepared.append(k.get("prepare", a[2] if len(a) > 2 else None))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TensorSource, "load", spy)
     run_merge(cfg, tmp_path / "prepared", MergeOptions(progress=False))
     assert any(p for p in prepared)  # the merge pass's loads (the statistics passes' are plain)
     monkeypatch.setitem(REGISTRY, "neuromerging", dataclasses.replace(REGISTRY["neuromerging"], trims_first=False))

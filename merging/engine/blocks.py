@@ -2,12 +2,12 @@
 of T compute-dtype copies of the whole tensor (at 1B in bfloat16 the 262 MB embedding's four float32 task vectors
 alone took 1 GB).
 
-Rows are independent for the methods that register `row_blocks`: Task Arithmetic and the disjoint mean work entry
-by entry, NeuroMerging neuron by neuron, and what they share across rows is either model-wide (the statistics pass)
-or a per-tensor trim rule, which is found here first from the whole tensor's histograms (two passes over the stored
-tensors, the task vectors never formed) and then applied block by block with the threshold ties counted in flat
-order, so the kept entries are exactly those of the whole-tensor rule. The result equals the whole-tensor merge bit
-for bit (tests/test_blocks.py).
+On the CPU only: a GPU merges whole tensors, as before. Rows are independent for the methods that register
+`row_blocks`: Task Arithmetic and the disjoint mean work entry by entry, NeuroMerging neuron by neuron, and what they
+share across rows is either model-wide (the statistics pass) or a per-tensor trim rule, which is found here first
+from the whole tensor's histograms (two passes over the stored tensors, the task vectors never formed) and then
+applied block by block with the threshold ties counted in flat order, so the kept entries are exactly those of the
+whole-tensor rule. The result equals the whole-tensor merge bit for bit (tests/test_blocks.py).
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def threshold_pass(source: TensorSource, t: TensorPlan, accs: Sequence[ModelThre
 
 
 def _blocks_or_whole(source: TensorSource, t: TensorPlan) -> Iterator[tuple[int, int] | None]:
+    if source.device.type != "cpu":
+        yield None
+        return
     blocks = row_blocks(t, len(source.models), source.compute_dtype(t).itemsize)
     yield from blocks if blocks is not None else [None]
 

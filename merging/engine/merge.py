@@ -173,7 +173,7 @@ def merge_tensor(t: TensorPlan, source: TensorSource, job: MergeJob, out_dtype: 
         done = source.fused(t, job.method.fused, job.params, job.weights, out_dtype)
         if done is not None:
             return done
-    if blockable(job):
+    if source.device.type == "cpu" and blockable(job):  # the GPU path, never run yet, stays the referenced one
         blocks = row_blocks(t, len(source.models), source.compute_dtype(t).itemsize)
         if blocks is not None:
             return merge_in_blocks(t, blocks, source, job, out_dtype)

@@ -87,7 +87,7 @@ def high_histogram(values: torch.Tensor) -> torch.Tensor:
         return kernels.abs_bit_histogram(flat, -1, HIGH_BINS)
     hist = torch.zeros(HIGH_BINS, dtype=torch.int64)
     for s, e in chunks(flat.numel()):
-        hist += torch.bincount(_abs_bits(flat, s, e) >> 16, minlength=HIGH_BINS)
+        hist += torch.bincount(_abs_bits(flat, s, e) >> 16, minlength=HIGH_BINS).cpu()
     return hist
 
 
@@ -99,7 +99,7 @@ def low_histogram(values: torch.Tensor, bucket: int) -> torch.Tensor:
     hist = torch.zeros(LOW_BINS, dtype=torch.int64)
     for s, e in chunks(flat.numel()):
         bits = _abs_bits(flat, s, e)
-        hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS)
+        hist += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BINS).cpu()
     return hist
 
 

@@ -124,8 +124,8 @@ class ModelThreshold:
         self.above_l1 += float(torch.where(high > self.bucket, values, 0.0).sum(dtype=torch.float64))
         in_bucket = high == self.bucket
         low = bits[in_bucket] & 0xFFFF
-        self.low_hist += torch.bincount(low, minlength=LOW_BINS)
-        self.low_l1 += torch.bincount(low, weights=values[in_bucket].double(), minlength=LOW_BINS)
+        self.low_hist += torch.bincount(low, minlength=LOW_BINS).cpu()  # the sums live on the CPU
+        self.low_l1 += torch.bincount(low, weights=values[in_bucket].double(), minlength=LOW_BINS).cpu()
 
     def _fold_parts(self) -> None:
         """Adds the kernel's per-part sums (in part order) into the totals."""
