@@ -181,10 +181,12 @@ def _fetch_mlflow(ref: str, store: Snapshots, tracking_uri: str | None) -> Fetch
         downloads = store.root / "mlflow-download"
         remove_stale_temporaries(downloads)  # what a killed run left (its process is gone)
         with tempfile.TemporaryDirectory(dir=store.root, prefix=f".{downloads.name}.tmp-{os.getpid()}-") as tmp:
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+            try:  # the URI is passed, never set process-wide (a later run must not inherit it)
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri
+                    )
+                )
             except MlflowException as exc:
                 if is_transient(exc):
                     raise

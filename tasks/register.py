@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,12 +215,12 @@ def register_merge(
 ) -> Registration:
     """Returns the registration of the merged model (run, version, aliases moved by the gate)."""
     import mlflow
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
     registry = config.registry
     assert registry is not None
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     try:
         experiment = client.get_experiment_by_name(registry.experiment)
@@ -251,34 +252,34 @@ def register_merge(
     try:
         params = flatten(redact(config.model_dump(mode="json", exclude_none=True)))
         lineage = redact(lineage)
-        with mlflow.start_run(run_id=run_id):
-            for start in range(0, len(params), 100):
-                chunk = dict(list(params.items())[start : start + 100])
-                mlflow.log_params(chunk)
-            if metrics:
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(v)})
-            mlflow.set_tags(
-                {
-                    f"mergeflow.{k}": str(v)[:5000]
-                    for k, v in lineage.items()
-                    if not isinstance(v, dict | list) and v is not None
-                }
+        # The client's calls, not mlflow's fluent ones: those read the process-wide tracking URI (and
+        # $MLFLOW_TRACKING_URI), which a registration must neither set nor inherit from a run before it.
+        param_list = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(param_list), 100):
+            client.log_batch(run_id, params=param_list[start : start + 100])
+        now = int(time.time() * 1000)
+        logged = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and not math.isnan(v)]
+        run_tags = [
+            RunTag(f"mergeflow.{k}", str(v)[:5000])
+            for k, v in lineage.items()
+            if not isinstance(v, dict | list) and v is not None
+        ]
+        if lineage.get("warnings"):
+            run_tags.append(RunTag("mergeflow.warnings", " | ".join(lineage["warnings"])[:5000]))
+        client.log_batch(run_id, metrics=logged, tags=run_tags)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.log_dict(run_id, lineage, "lineage.json")
+        with tempfile.TemporaryDirectory(dir=workdir, prefix=".mlflow-model-") as tmp:
+            saved = Path(tmp) / "model"
+            _save_mlflow_model(
+                merged_dir,
+                saved,
+                pipeline_task_for(merged_dir, registry.pipeline_task),
+                task_metadata(config),
+                published_reference(config, reference_uri),
             )
-            if lineage.get("warnings"):
-                mlflow.set_tag("mergeflow.warnings", " | ".join(lineage["warnings"])[:5000])
-            for path in artifacts:
-                mlflow.log_artifact(str(path))
-            mlflow.log_dict(lineage, "lineage.json")
-            with tempfile.TemporaryDirectory(dir=workdir, prefix=".mlflow-model-") as tmp:
-                saved = Path(tmp) / "model"
-                _save_mlflow_model(
-                    merged_dir,
-                    saved,
-                    pipeline_task_for(merged_dir, registry.pipeline_task),
-                    task_metadata(config),
-                    published_reference(config, reference_uri),
-                )
-                mlflow.log_artifacts(str(saved), "model")
+            client.log_artifacts(run_id, str(saved), "model")
         with promotion_lock(tracking_uri, registry.model_name):
             champion_before, champion_value = read_champion(client, registry.model_name, registry.gate.metric)
             try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -37,6 +38,25 @@ def pytest_configure(config: pytest.Config) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: no CUDA device is available")
     os.environ[DEVICE_ENV] = device
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_is_per_test():
+    """Puts MLflow's process-wide tracking URI back after each test.
+
+    `mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI, which the pipeline reads as its default: a
+    test that sets it would point every later test at its own (by then deleted) store.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -123,7 +124,9 @@ def test_registry_fetch_checks_every_file_against_the_logged_manifest(saved, tmp
         _save_mlflow_model(merged, tmp_path / "saved", "feature-extraction", {"two": {"max_length": 8}})
         mlflow.log_artifacts(str(tmp_path / "saved"), "model")
     ref = f"runs:/{run.info.run_id}/model"
+    mlflow.set_tracking_uri(None)  # the fetch uses the URI it is given, and leaves the process's alone
     fetched = fetch_model(ref, tracking_uri=tracking, cache=tmp_path / "cache")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != tracking
     assert fetched.detail["manifest"] == "yes"
     assert (fetched.path / "config.json").exists() and (fetched.path / "heads" / "two.safetensors").exists()
     weights = next((tmp_path / "art").rglob("artifacts/model/model.safetensors"))

@@ -123,6 +123,7 @@ def test_min_merging_flow_calibrates_evaluates_and_registers_the_routed_model(pr
         assert (store / part).exists(), part
     assert json.loads((store / "routed.json").read_text())["base"] == "base"
     # One copy per version: the registered model references the published folder and holds no weights.
+    mlflow.set_tracking_uri(reg.tracking_uri)  # registering did not set it (the conftest puts it back)
     logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{reg.run_id}/model", dst_path=str(tmp_path / "logged")))
     assert [p.parent.parent.name for p in logged.rglob("published.json")] == ["artifacts"]
     assert not list(logged.rglob("*.safetensors"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,10 +63,15 @@ def versions(tracking_uri: str, name: str) -> list[str]:
 
 
 def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, family, tmp_path: Path):
+    import mlflow
+
     root, base, fts, _ = family
     work = tmp_path / "work"
     data = pipeline_config(root, base, fts, work)
+    uri_before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     result = run_pipeline(parse_config(data, "test"))
+    # The run's tracking URI stays the run's: a later run in this process must not inherit it.
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == uri_before
     # The merged folder is the one `mergeflow merge` writes for the same config.
     run_merge(load_config_from(data, tmp_path), tmp_path / "one", MergeOptions(progress=False))
     assert folder_bytes(result.merged_dir) == folder_bytes(tmp_path / "one")
@@ -88,8 +94,6 @@ def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, fa
     # Registered: version 1 is candidate and champion; lineage tags are on the version.
     reg = result.registration
     assert reg is not None and reg.version == "1" and reg.aliases == ["candidate", "champion"]
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=reg.tracking_uri)
     mv = client.get_model_version("tiny", "1")
     assert mv.tags["mergeflow.merge_key"] == result.merge_key
@@ -110,6 +114,7 @@ def test_flow_merges_evaluates_publishes_registers_and_gates(prefect_harness, fa
     # The registered model is a multi-task classifier: a task and a text in, that task's label out.
     import pandas as pd
 
+    mlflow.set_tracking_uri(reg.tracking_uri)  # the conftest puts it back after the test
     model = mlflow.pyfunc.load_model("models:/tiny@champion")
     out = model.predict(pd.DataFrame({"task": ["two", "three"], "text": ["merge model", "the neuron"]}))
     assert list(out["task"]) == ["two", "three"] and out["label_index"].iloc[0] in (0, 1)
