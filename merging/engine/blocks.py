@@ -51,9 +51,7 @@ def threshold_pass(source: TensorSource, t: TensorPlan, accs: Sequence[ModelThre
     if stored is not None:
         for acc, ft in zip(accs, stored[1:]):
             if acc is not None and acc.add_difference(stored[0], ft, second):
-                for rows in _blocks_or_whole(source, t):
-                    source.load(t, rows)  # names the tensor and the model that are not finite
-                raise MergeflowError(f"internal error: tensor {t.name!r} has non-finite task vectors")
+                name_non_finite(source, t)
         return
     for rows in _blocks_or_whole(source, t):
         _, deltas = source.load(t, rows)
@@ -63,6 +61,13 @@ def threshold_pass(source: TensorSource, t: TensorPlan, accs: Sequence[ModelThre
                     acc.add_pass2(delta)
                 else:
                     acc.add_pass1(delta)
+
+
+def name_non_finite(source: TensorSource, t: TensorPlan) -> None:
+    """Raises the error that names the model whose task vector of `t` is not finite (a kernel counted one)."""
+    for rows in _blocks_or_whole(source, t):
+        source.load(t, rows)  # names the tensor and the model that are not finite
+    raise MergeflowError(f"internal error: tensor {t.name!r} has non-finite task vectors")
 
 
 def _blocks_or_whole(source: TensorSource, t: TensorPlan) -> Iterator[tuple[int, int] | None]:

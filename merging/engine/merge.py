@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from merging.config import MergeConfig
-from merging.engine.blocks import blockable, merge_in_blocks, row_blocks, threshold_pass
+from merging.engine.blocks import blockable, merge_in_blocks, row_blocks
 from merging.engine.job import MergeJob
 from merging.engine.labels import model_labels
 from merging.engine.memory import PeakMemory
@@ -32,13 +32,14 @@ from merging.engine.output import (
 )
 from merging.engine.plan import MergePlan, TensorPlan, build_plan
 from merging.engine.source import TensorSource
+from merging.engine.thresholds import model_thresholds
 from merging.errors import ConfigError, MergeflowError
 from merging.io.checkpoint import Checkpoint, HashCache
 from merging.io.diskspace import check_free_space, planned_output_bytes
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams, ModelStats, StatsRequest
-from merging.methods.trim_stats import ModelThreshold, TensorTrimL1
+from merging.methods.trim_stats import TensorTrimL1
 
 
 @dataclass
@@ -81,15 +82,7 @@ def compute_stats(
         return ModelStats()
     tensors = list(mergeable(plan))
     if request.model_thresholds:
-        accs = [ModelThreshold(d) for d in densities]
-        for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
-            threshold_pass(source, t, accs, second=False)
-        for acc in accs:
-            acc.finish_pass1()
-        if any(acc.needs_pass2 for acc in accs):
-            for t in tqdm(tensors, desc="trim thresholds (2/2)", disable=not progress, leave=False):
-                threshold_pass(source, t, [a if a.needs_pass2 else None for a in accs], second=True)
-        results = [acc.result() for acc in accs]
+        results = [acc.result() for acc in model_thresholds(source, tensors, densities, progress)]
         return ModelStats(
             thresholds=tuple(r[0] for r in results),
             trimmed_l1_fraction=tuple(r[1] for r in results) if request.trimmed_l1 else None,

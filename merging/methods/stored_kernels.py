@@ -15,10 +15,11 @@ if numba is not None:
 if numba is not None:
 
     @numba.njit(parallel=True, cache=True)
-    def _difference_stats(base, ft, bucket, high, low_hist, low_l1, total_l1, above_l1):
+    def _difference_stats(base, ft, bucket, high, low_hist, low_l1, total_l1, above_l1, step):
         # The statistics of a model-wide trim threshold over d = float32(ft) - float32(base), entry by entry, the
-        # task vector never stored. bucket < 0: counts |d|'s high halves into high[p]; else the second pass, as
-        # _threshold_pass2. Parts are fixed, not threads. Returns the number of non-finite d (left out).
+        # task vector never stored. bucket < 0: counts |d|'s high halves into high[p], of one block in every `step`
+        # (step 1: all); else the second pass, as _threshold_pass2. Parts are fixed, not threads. Returns the number
+        # of non-finite d (left out).
         parts = total_l1.shape[0]
         n = base.size
         per = (n + parts - 1) // parts
@@ -34,7 +35,7 @@ if numba is not None:
             total = 0.0
             above = 0.0
             found = 0
-            for start in range(p * per, stop, BLOCK):
+            for start in range(p * per, stop, BLOCK * step):
                 count = min(stop, start + BLOCK) - start
                 _widen(base, start, count, base_bits)
                 _widen(ft, start, count, ft_bits)
@@ -58,6 +59,53 @@ if numba is not None:
                         low_l1[p, u & np.uint32(0xFFFF)] += v
             total_l1[p] += total
             above_l1[p] += above
+            bad[p] = found
+        return bad.sum()
+
+    @numba.njit(parallel=True, cache=True)
+    def _window_stats(base, ft, lo, window, above_count, total_l1, above_l1):
+        # The one exact pass of the sampled threshold over d = float32(ft) - float32(base): window[p] counts the low
+        # halves of the |d| whose high halves lie in [lo, lo + window width) (index: bits - lo * 2**16),
+        # above_count[p] and above_l1[p] the entries above the window, total_l1[p] all. Returns the non-finite count.
+        parts = total_l1.shape[0]
+        n = base.size
+        per = (n + parts - 1) // parts
+        hi = lo + window.shape[1] // 65536 - 1
+        bad = np.zeros(parts, dtype=np.int64)
+        for p in numba.prange(parts):
+            stop = min(n, (p + 1) * per)
+            base_bits = np.empty(BLOCK, dtype=np.uint32)
+            ft_bits = np.empty(BLOCK, dtype=np.uint32)
+            diff = np.empty(BLOCK, dtype=np.float32)
+            b = base_bits.view(np.float32)
+            f = ft_bits.view(np.float32)
+            diff_bits = diff.view(np.uint32)
+            total = 0.0
+            above = 0.0
+            higher = 0
+            found = 0
+            for start in range(p * per, stop, BLOCK):
+                count = min(stop, start + BLOCK) - start
+                _widen(base, start, count, base_bits)
+                _widen(ft, start, count, ft_bits)
+                for i in range(count):
+                    diff[i] = f[i] - b[i]
+                for i in range(count):
+                    u = diff_bits[i] & np.uint32(0x7FFFFFFF)
+                    if u >= np.uint32(0x7F800000):
+                        found += 1
+                        continue
+                    top = np.int64(u >> np.uint32(16))
+                    v = np.float64(abs(diff[i]))
+                    total += v
+                    # Selects, not branches: about `density` of the entries are above, in no order.
+                    above += v if top > hi else 0.0
+                    higher += 1 if top > hi else 0
+                    if top >= lo and top <= hi:  # rare: a few buckets of 2**15
+                        window[p, ((top - lo) << 16) | np.int64(u & np.uint32(0xFFFF))] += 1
+            total_l1[p] += total
+            above_l1[p] += above
+            above_count[p] += higher
             bad[p] = found
         return bad.sum()
 
@@ -263,6 +311,7 @@ def difference_stats(
     low_l1: np.ndarray,
     total_l1: np.ndarray,
     above_l1: np.ndarray,
+    step: int = 1,
 ) -> int:
     """Adds the task vector ft - base (stored tensors from stored_flat, computed in float32 as TensorSource.load does,
     never stored) to a model threshold's first pass (bucket < 0: the high-half counts, per part) or second pass (see
@@ -270,4 +319,23 @@ def difference_stats(
     assert numba is not None
     arrays = [_flat_array(base), _flat_array(ft)]
     assert arrays[0] is not None and arrays[1] is not None
-    return int(_difference_stats(arrays[0], arrays[1], bucket, high, low_hist, low_l1, total_l1, above_l1))
+    return int(_difference_stats(arrays[0], arrays[1], bucket, high, low_hist, low_l1, total_l1, above_l1, step))
+
+
+def window_stats(
+    base: torch.Tensor,
+    ft: torch.Tensor,
+    lo: int,
+    window: np.ndarray,
+    above_count: np.ndarray,
+    total_l1: np.ndarray,
+    above_l1: np.ndarray,
+) -> int:
+    """Adds the task vector ft - base (stored tensors from stored_flat, never formed) to a sampled threshold's exact
+    pass: per part, the low-half counts of the entries whose high half is in the window of buckets that starts at
+    `lo` (window: [parts, buckets * 2**16]), the count and L1 of the entries above it, and the L1 of all; returns how
+    many entries are not finite."""
+    assert numba is not None
+    arrays = [_flat_array(base), _flat_array(ft)]
+    assert arrays[0] is not None and arrays[1] is not None
+    return int(_window_stats(arrays[0], arrays[1], lo, window, above_count, total_l1, above_l1))

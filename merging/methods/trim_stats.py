@@ -1,8 +1,10 @@
 """Returns the streaming statistics of trimming over a whole model: the exact whole-model threshold (two passes of
-radix histograms, one task at a time) and the share of the L1 norm per-tensor trimming removes."""
+radix histograms, one task at a time, or a sample and one exact pass over a window of buckets) and the share of the L1
+norm per-tensor trimming removes."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +25,11 @@ from merging.methods.trim import (
     keep_count,
     tensor_trim_rule,
 )
+
+SAMPLE_STEP = 16  # the sampled route reads one block of entries in every SAMPLE_STEP
+# At most this many high-half buckets in the exact pass's window: 16 parts x 16 x 2**16 counts, int32 (64 MB per task)
+# below 2**31 task-vector entries per task, int64 above.
+WINDOW_BUCKETS = 16
 
 
 @dataclass
@@ -48,6 +55,11 @@ class ModelThreshold:
     part_above_l1: np.ndarray | None = None
 
     part_high: np.ndarray | None = None
+    # The sampled route (sample, choose_window, add_window, finish_window): the first of the window's buckets, and
+    # per part the window's low-half counts and the count above it.
+    window_lo: int = -1
+    part_window: np.ndarray | None = None
+    part_above: np.ndarray | None = None
 
     def add_pass1(self, values: torch.Tensor) -> None:
         self.numel += values.numel()
@@ -71,14 +83,95 @@ class ModelThreshold:
                 self.part_total_l1,
                 self.part_above_l1,
             )
+        self.numel += base.numel()
+        return self._add_high(base, ft, 1)
+
+    def _add_high(self, base: torch.Tensor, ft: torch.Tensor, step: int) -> int:
         if self.part_high is None:
             self.part_high = np.zeros((kernels.PASS2_PARTS, HIGH_BINS), dtype=np.int64)
-        self.numel += base.numel()
         sums = np.zeros(kernels.PASS2_PARTS, dtype=np.float64)  # the second pass's: added to, never read
         empty_hist = np.zeros((1, 1), dtype=np.int64)
-        return stored_kernels.difference_stats(
-            base, ft, -1, self.part_high, empty_hist, np.zeros((1, 1), dtype=np.float64), sums, sums
+        empty_l1 = np.zeros((1, 1), dtype=np.float64)
+        return stored_kernels.difference_stats(base, ft, -1, self.part_high, empty_hist, empty_l1, sums, sums, step)
+
+    def add_sample(self, base: torch.Tensor, ft: torch.Tensor) -> int:
+        """Adds one block in every SAMPLE_STEP of the task vector ft - base (stored tensors, as add_difference) to the
+        sample's high-half counts; returns how many sampled entries are not finite."""
+        return self._add_high(base, ft, SAMPLE_STEP)
+
+    def choose_window(self, entries: int) -> bool:
+        """Returns whether the sample narrows the bucket of the k-th largest entry to WINDOW_BUCKETS - 2 buckets
+        (then sets the window: those buckets and one more on each side); False when no threshold is needed or the
+        sample is too wide. `entries`: how many task-vector entries the window pass will count.
+        The margin is eight binomial deviations of the sampled rank plus 0.2% of it (the sample is drawn in blocks of
+        neighbouring entries, so it varies more than independent draws would)."""
+        hist = torch.from_numpy(self.part_high.sum(axis=0)) if self.part_high is not None else None
+        self.part_high = None
+        sampled = int(hist.sum()) if hist is not None else 0
+        if hist is None or self.density >= 1 or sampled == 0:
+            return False
+        rank = self.density * sampled
+        margin = 8.0 * math.sqrt(rank) + 0.002 * rank
+        top, _ = _locate(hist, max(1, math.floor(rank - margin)))
+        bottom, _ = _locate(hist, min(sampled, math.ceil(rank + margin)))
+        if top - bottom + 3 > WINDOW_BUCKETS:
+            return False
+        self.open_window(bottom - 1, top - bottom + 3, entries)
+        return True
+
+    def open_window(self, lo: int, buckets: int, entries: int) -> None:
+        """Sets the window to the `buckets` buckets from `lo` (moved inside the range of buckets), its counts wide
+        enough for `entries`."""
+        self.window_lo = min(max(lo, 0), HIGH_BINS - buckets)
+        self.part_high = None
+        counts = np.int32 if entries < 2**31 - 1 else np.int64
+        self.part_window = np.zeros((kernels.PASS2_PARTS, buckets * LOW_BINS), dtype=counts)
+        self.part_above = np.zeros(kernels.PASS2_PARTS, dtype=np.int64)
+        self.part_total_l1 = np.zeros(kernels.PASS2_PARTS, dtype=np.float64)
+        self.part_above_l1 = np.zeros(kernels.PASS2_PARTS, dtype=np.float64)
+
+    def add_window(self, base: torch.Tensor, ft: torch.Tensor) -> int:
+        """Adds the task vector ft - base to the exact pass over the chosen window; returns how many entries are not
+        finite (the caller stops)."""
+        assert self.part_window is not None and self.part_above is not None
+        assert self.part_total_l1 is not None and self.part_above_l1 is not None
+        self.numel += base.numel()
+        return stored_kernels.window_stats(
+            base, ft, self.window_lo, self.part_window, self.part_above, self.part_total_l1, self.part_above_l1
         )
+
+    def finish_window(self) -> bool:
+        """Returns whether the k-th largest entry fell in the window; then the accumulator holds what the two passes
+        would (its bucket, the count and L1 above it, that bucket's low halves), result() and tensor_rule() apply,
+        and the L1 of the window's entries is each low bin's count times its value (exact: one value per bin).
+        False: the caller runs the two passes on a fresh accumulator."""
+        if self.density >= 1:
+            return True
+        if self.part_window is None or self.numel == 0:
+            return False
+        assert self.part_above is not None and self.part_total_l1 is not None and self.part_above_l1 is not None
+        counts = self.part_window.sum(axis=0, dtype=np.int64).reshape(-1, LOW_BINS)
+        self.part_window = None
+        k = keep_count(self.density, self.numel)
+        higher, above_l1 = int(self.part_above.sum()), float(self.part_above_l1.sum())
+        total_l1 = float(self.part_total_l1.sum())
+        self.part_above = self.part_total_l1 = self.part_above_l1 = None
+        if higher >= k:  # the k-th largest is above the window
+            return False
+        low_bits = np.arange(LOW_BINS, dtype=np.uint32)
+        for j in range(counts.shape[0] - 1, -1, -1):
+            in_bucket = int(counts[j].sum())
+            bucket = self.window_lo + j
+            values = (low_bits | np.uint32(bucket << 16)).view(np.float32).astype(np.float64)
+            if higher + in_bucket >= k:
+                self.bucket, self.above_count = bucket, higher
+                self.low_hist = torch.from_numpy(counts[j].copy())
+                self.low_l1 = torch.from_numpy(counts[j] * values)
+                self.above_l1, self.total_l1 = above_l1, total_l1
+                return True
+            higher += in_bucket
+            above_l1 += float((counts[j] * values).sum())
+        return False
 
     def _pass2_parts(self) -> None:
         """Allocates the second pass's per-part sums (folded in part order by result())."""
