@@ -56,6 +56,44 @@ def test_tensor_scope_sigma_is_share_of_l1_removed(family, tmp_path):
         assert abs(report.stats.trimmed_l1_fraction[t] - (1 - kept / total)) < 1e-9
 
 
+@pytest.mark.parametrize("route", ["stored", "row blocks", "mergekit ties"])
+def test_tensor_scope_sigma_never_forms_a_whole_tensors_task_vectors(family, tmp_path, monkeypatch, route):
+    """sigma with per-tensor trim comes from each tensor's histogram passes: over the stored tensors, or (where the
+    kernels cannot read them) over task vectors formed a block of rows at a time; mergekit's tie order keeps other
+    tied entries but the same L1."""
+    from merging.engine import blocks
+    from merging.engine.source import TensorSource
+
+    base, fts = family
+    parameters = {"trim_scope": "tensor", **({"trim_ties": "mergekit"} if route == "mergekit ties" else {})}
+    cfg = write_config(tmp_path / "c.yml", "neuromerging", base, fts, parameters=parameters)
+    b = _load(base)
+    loads: list[tuple[str, object]] = []
+    if route == "row blocks":
+        original = TensorSource.load
+
+        def recorded(self, plan, rows=None, prepare=None):
+            loads.append((plan.name, rows))
+            return original(self, plan, rows, prepare)
+
+        monkeypatch.setattr(TensorSource, "stored", lambda self, plan: None)
+        monkeypatch.setattr(TensorSource, "load", recorded)
+        monkeypatch.setattr(blocks, "MIN_BLOCKED_BYTES", 0)
+        monkeypatch.setattr(blocks, "BLOCK_BYTES", 1)  # a row at a time
+    stats = run_merge(load_config(cfg), tmp_path / "out", MergeOptions(progress=False)).stats
+    if route == "row blocks":
+        matrices = {name for name in b if b[name].dim() == 2 and b[name].shape[0] > 1}
+        assert matrices and all(rows is not None for name, rows in loads if name in matrices)
+    for t, ft in enumerate(fts):
+        f = _load(ft)
+        total = kept = 0.0
+        for n in b:
+            tau = (f[n] - b[n]).numpy().astype(np.float64)
+            total += np.abs(tau).sum()
+            kept += np.abs(ref.keep_topk(tau, 0.5)).sum()
+        assert abs(stats.trimmed_l1_fraction[t] - (1 - kept / total)) < 1e-9
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "neuromerging"])
 def test_low_precision_inputs_match_reference(tmp_path, dtype, method):

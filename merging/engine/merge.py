@@ -32,14 +32,13 @@ from merging.engine.output import (
 )
 from merging.engine.plan import MergePlan, TensorPlan, build_plan
 from merging.engine.source import TensorSource
-from merging.engine.thresholds import model_thresholds
+from merging.engine.thresholds import model_thresholds, tensor_trimmed_l1
 from merging.errors import ConfigError, MergeflowError
 from merging.io.checkpoint import Checkpoint, HashCache
 from merging.io.diskspace import check_free_space, planned_output_bytes
 from merging.io.writer import DEFAULT_SHARD_SIZE, ShardedWriter, publish_folder, temporary_sibling
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams, ModelStats, StatsRequest
-from merging.methods.trim_stats import TensorTrimL1
 
 
 @dataclass
@@ -75,7 +74,6 @@ def compute_stats(
     source: TensorSource,
     densities: list[float],
     progress: bool,
-    ties: str = "index",
 ) -> ModelStats:
     """Returns model-wide trim thresholds and/or sigma_t, streaming the task vectors."""
     if request is None:
@@ -87,12 +85,7 @@ def compute_stats(
             thresholds=tuple(r[0] for r in results),
             trimmed_l1_fraction=tuple(r[1] for r in results) if request.trimmed_l1 else None,
         )
-    l1 = [TensorTrimL1(d, ties) for d in densities]
-    for t in tqdm(tensors, desc="trim statistics", disable=not progress, leave=False):
-        _, deltas = source.load(t)
-        for l1_acc, delta in zip(l1, deltas):
-            l1_acc.add(delta)
-    return ModelStats(trimmed_l1_fraction=tuple(a.sigma() for a in l1))
+    return ModelStats(trimmed_l1_fraction=tensor_trimmed_l1(source, tensors, densities, progress))
 
 
 def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | None = None) -> MergeReport:
@@ -127,7 +120,6 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: MergeOptions | 
                 source,
                 densities,
                 options.progress,
-                getattr(params, "trim_ties", "index"),
             )
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()

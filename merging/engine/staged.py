@@ -175,7 +175,7 @@ def plan_merge(config: MergeConfig, cache: Path | None = None, progress: bool = 
             densities = [config.model_density(e, params) for e in config.fine_tunes()]
             source = TensorSource(base, models, resolve_device(config.pipeline.device))
             request = REGISTRY[config.merge_method].stats_request(params)
-            stats = compute_stats(request, plan, source, densities, progress, getattr(params, "trim_ties", "index"))
+            stats = compute_stats(request, plan, source, densities, progress)
             atomic_write(stats_file, json.dumps(asdict(stats)).encode())
         groups = plan.groups()
         return StagedPlan(

@@ -68,3 +68,29 @@ def _sampled(
                 if on and acc.add_window(stored[0], ft):
                     name_non_finite(source, t)
     return [acc if on and acc.finish_window() else ModelThreshold(acc.density) for acc, on in zip(accs, windowed)]
+
+
+def tensor_trimmed_l1(
+    source: TensorSource, tensors: Sequence[TensorPlan], densities: Sequence[float], progress: bool
+) -> tuple[float, ...]:
+    """Returns each task's share of its task vector's L1 norm that per-tensor trimming removes (sigma with
+    `trim_scope: tensor`), from each tensor's two histogram passes over the stored tensors (or its task vectors in row
+    blocks), so no tensor's task vectors are formed whole."""
+    kept, total = [0.0] * len(densities), [0.0] * len(densities)
+    for t in tqdm(tensors, desc="trim statistics", disable=not progress, leave=False):
+        accs = [ModelThreshold(d) if d < 1 else None for d in densities]
+        if all(acc is None for acc in accs):
+            break
+        threshold_pass(source, t, accs, second=False)
+        for acc in accs:
+            if acc is not None:
+                acc.finish_pass1()
+        second = [acc if acc is not None and acc.needs_pass2 else None for acc in accs]
+        if any(acc is not None for acc in second):
+            threshold_pass(source, t, second, second=True)
+        for i, acc in enumerate(second):
+            if acc is not None:
+                k, n = acc.trimmed_l1()
+                kept[i] += k
+                total[i] += n
+    return tuple(1.0 - k / n if n > 0 else 0.0 for k, n in zip(kept, total))

@@ -17,13 +17,11 @@ from merging.methods.trim import (
     LOW_BINS,
     TrimRule,
     _float_from_bits,
-    _keep,
     _kernel_ready,
     _locate,
     chunks,
     high_histogram,
     keep_count,
-    tensor_trim_rule,
 )
 
 SAMPLE_STEP = 16  # the sampled route reads one block of entries in every SAMPLE_STEP
@@ -245,6 +243,18 @@ class ModelThreshold:
             return TrimRule(threshold)
         return TrimRule(threshold, keep_ties=k - greater)
 
+    def trimmed_l1(self) -> tuple[float, float]:
+        """Returns (kept L1, total L1) under tensor_rule()'s rule, when the passes saw one tensor: exactly k entries
+        kept. The entries tying at the threshold all have its magnitude, so the kept L1 is the same whichever of them
+        a tie order keeps (`index` or `mergekit`)."""
+        assert self.needs_pass2
+        self._fold_parts()
+        k = keep_count(self.density, self.numel)
+        low, above_low = _locate(self.low_hist, k - self.above_count)
+        threshold = _float_from_bits((self.bucket << 16) | low)
+        tied = min(int(self.low_hist[low]), k - self.above_count - above_low)
+        return self.above_l1 + float(self.low_l1[low + 1 :].sum()) + tied * threshold, self.total_l1
+
     def result(self) -> tuple[float, float]:
         """Returns (threshold, sigma): keep |tau| >= threshold; sigma = share of L1 removed."""
         if not self.needs_pass2:
@@ -255,29 +265,3 @@ class ModelThreshold:
         kept_l1 = self.above_l1 + float(self.low_l1[low:].sum())
         sigma = 1.0 - kept_l1 / self.total_l1 if self.total_l1 > 0 else 0.0
         return threshold, min(max(sigma, 0.0), 1.0)
-
-
-@dataclass
-class TensorTrimL1:
-    """Accumulates the L1 norm that per-tensor trimming removes from one task vector."""
-
-    density: float
-    ties: str = "index"
-    total_l1: float = 0.0
-    kept_l1: float = 0.0
-
-    def add(self, delta: torch.Tensor) -> None:
-        rule = tensor_trim_rule(delta, self.density, self.ties)
-        flat = delta.reshape(-1)
-        seen = 0
-        for s, e in chunks(flat.numel()):
-            magnitude = flat[s:e].abs().to(torch.float32)
-            self.total_l1 += float(magnitude.sum(dtype=torch.float64))
-            if rule.keeps_all:
-                self.kept_l1 += float(magnitude.sum(dtype=torch.float64))
-            else:
-                keep, seen = _keep(magnitude, rule, s, seen)
-                self.kept_l1 += float((magnitude * keep).sum(dtype=torch.float64))
-
-    def sigma(self) -> float:
-        return 1.0 - self.kept_l1 / self.total_l1 if self.total_l1 > 0 else 0.0
