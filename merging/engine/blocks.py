@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+from tqdm import tqdm
 
 from merging.engine.job import MergeJob
 from merging.engine.plan import Role, TensorPlan
@@ -78,15 +79,32 @@ def _blocks_or_whole(source: TensorSource, t: TensorPlan) -> Iterator[tuple[int,
     yield from blocks if blocks is not None else [None]
 
 
+def select_passes(
+    source: TensorSource,
+    tensors: Sequence[TensorPlan],
+    accs: Sequence[ModelThreshold | None],
+    progress: bool = False,
+) -> None:
+    """Runs the two-pass select of the accumulators that are not None over `tensors`: the high halves, then the low
+    halves of the bucket holding each one's k-th largest entry."""
+    if all(acc is None for acc in accs):
+        return
+    for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
+        threshold_pass(source, t, accs, second=False)
+    for acc in accs:
+        if acc is not None:
+            acc.finish_pass1()
+    second = [acc if acc is not None and acc.needs_pass2 else None for acc in accs]
+    if any(acc is not None for acc in second):
+        for t in tqdm(tensors, desc="trim thresholds (2/2)", disable=not progress, leave=False):
+            threshold_pass(source, t, second, second=True)
+
+
 def tensor_trim_rules(source: TensorSource, t: TensorPlan, densities: Sequence[float]) -> list[TrimRule]:
     """Returns each task's per-tensor trim rule (tensor_trim_rule with ties kept by lowest index), from two histogram
     passes over the tensor instead of its formed task vectors."""
     accs = [ModelThreshold(d) for d in densities]
-    threshold_pass(source, t, accs, second=False)
-    for acc in accs:
-        acc.finish_pass1()
-    if any(acc.needs_pass2 for acc in accs):
-        threshold_pass(source, t, [a if a.needs_pass2 else None for a in accs], second=True)
+    select_passes(source, [t], accs)
     return [acc.tensor_rule() for acc in accs]
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from merging.engine.blocks import name_non_finite, threshold_pass
+from merging.engine.blocks import name_non_finite, select_passes
 from merging.engine.plan import TensorPlan
 from merging.engine.source import TensorSource
 from merging.methods.trim_stats import ModelThreshold
@@ -29,16 +29,7 @@ def model_thresholds(
     """Returns one finished accumulator per task (result() gives its threshold and trimmed L1 share)."""
     accs = _sampled(source, tensors, densities, progress) or [ModelThreshold(d) for d in densities]
     todo = [None if acc.needs_pass2 or acc.density >= 1 else acc for acc in accs]  # those the sample did not settle
-    if any(acc is not None for acc in todo):
-        for t in tqdm(tensors, desc="trim thresholds (1/2)", disable=not progress, leave=False):
-            threshold_pass(source, t, todo, second=False)
-        for acc in todo:
-            if acc is not None:
-                acc.finish_pass1()
-        second = [acc if acc is not None and acc.needs_pass2 else None for acc in todo]
-        if any(acc is not None for acc in second):
-            for t in tqdm(tensors, desc="trim thresholds (2/2)", disable=not progress, leave=False):
-                threshold_pass(source, t, second, second=True)
+    select_passes(source, tensors, todo, progress)
     return accs
 
 
@@ -81,15 +72,9 @@ def tensor_trimmed_l1(
         accs = [ModelThreshold(d) if d < 1 else None for d in densities]
         if all(acc is None for acc in accs):
             break
-        threshold_pass(source, t, accs, second=False)
-        for acc in accs:
-            if acc is not None:
-                acc.finish_pass1()
-        second = [acc if acc is not None and acc.needs_pass2 else None for acc in accs]
-        if any(acc is not None for acc in second):
-            threshold_pass(source, t, second, second=True)
-        for i, acc in enumerate(second):
-            if acc is not None:
+        select_passes(source, [t], accs)
+        for i, acc in enumerate(accs):
+            if acc is not None and acc.needs_pass2:
                 k, n = acc.trimmed_l1()
                 kept[i] += k
                 total[i] += n
