@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: no CUDA device is available")
     os.environ[DEVICE_ENV] = device
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_mlflow_default_store_in_the_checkout():
+    """MLflow's default store is ./mlflow.db (with ./mlruns): a test that reaches MLflow with no tracking URI set
+    writes there, in the checkout. None may."""
+    strays = [Path.cwd() / name for name in ("mlflow.db", "mlruns")]
+    before = {p for p in strays if p.exists()}
+    yield
+    written = sorted(str(p) for p in strays if p.exists() and p not in before)
+    assert not written, f"a test used MLflow's default store (no tracking URI): {written}"
 
 
 @pytest.fixture(autouse=True)
