@@ -46,6 +46,29 @@ def test_probe_separates_separable_features_and_binary_matches_softmax():
     assert head3.num_labels == 3 and int((head3.predict(x) == 2).sum()) == 0
 
 
+def test_probe_with_validation_is_a_fresh_fit_at_the_c_best_on_validation():
+    """The probe keeps the grid's winning model instead of fitting it again: it must equal a refit at that C
+    (smallest C among validation ties), computed here the slow way with sklearn directly."""
+    from sklearn.linear_model import LogisticRegression
+
+    from merging.evaluation.heads import PROBE_C_GRID
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, generator=gen) * 2 + 3
+    y = ((x[:, 0] - x[:, 2] + torch.randn(300, generator=gen) * 2) > 0).long() + (x[:, 3] > 4).long()
+    xt, yt, xv, yv = x[:200], y[:200], x[200:], y[200:]
+    head = fit_probe(xt, yt, 3, xv, yv, seed=0)
+    mean, std = xt.double().numpy().mean(0), xt.double().numpy().std(0) + 1e-6
+    z, zv = (xt.double().numpy() - mean) / std, (xv.double().numpy() - mean) / std
+    scores = {
+        c: LogisticRegression(C=c, max_iter=2000, random_state=0).fit(z, yt.numpy()).score(zv, yv.numpy())
+        for c in PROBE_C_GRID
+    }
+    best = min(c for c in PROBE_C_GRID if scores[c] == max(scores.values()))
+    ref = LogisticRegression(C=best, max_iter=2000, random_state=0).fit(z, yt.numpy())
+    assert torch.allclose(head.weight.double(), torch.from_numpy(ref.coef_ / std).float().double(), atol=0, rtol=0)
+
+
 # --- datasets -----------------------------------------------------------------------------
 
 

@@ -92,12 +92,13 @@ def fit_probe(
         model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
         return model.fit((x - mean) / std, y)
 
-    best = PROBE_C_GRID[len(PROBE_C_GRID) // 2]
     if validation is not None and validation_labels is not None and len(validation_labels):
         xv = (validation.double().numpy() - mean) / std
-        scores = [(fit(c).score(xv, validation_labels.numpy()), -c) for c in PROBE_C_GRID]
-        best = -max(scores)[1]
-    model = fit(best)
+        # the grid's best model is the fit (lbfgs is deterministic: fitting its C again gives the same weights)
+        fits = [(m.score(xv, validation_labels.numpy()), -c, m) for c in PROBE_C_GRID for m in [fit(c)]]
+        model = max(fits, key=lambda f: f[:2])[2]
+    else:
+        model = fit(PROBE_C_GRID[len(PROBE_C_GRID) // 2])
     coef, intercept = model.coef_, model.intercept_
     weight = np.zeros((num_labels, x.shape[1]))
     bias = np.full(num_labels, -1e4)  # classes absent from the train split are never predicted
