@@ -155,11 +155,18 @@ def add_min_merging(
     return previous | {"min_merging": previous.get("min_merging", {}) | rows}
 
 
-# key, name, MinMergingOptions overrides: the default design, the LM head (tied embeddings) patched too, a larger patch
+# key, name, MinMergingOptions overrides: the design measured here, the LM head (tied embeddings) patched too, a
+# larger patch. θ_shared is NeuroMerging of the enhanced fine-tunes (what `shared_from: auto` picks for a causal LM),
+# pinned because these rows were measured so; θ_shared = θ₀ (the encoders' choice) is not measured here.
+SHARED = {"shared_from": "enhanced"}
 MIN_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("min_merging", "MIN-Merging (ratio 0.1)", {"neuron_ratio": 0.1}),
-    ("min_merging_lm_head", "MIN-Merging (ratio 0.1, LM head patched)", {"neuron_ratio": 0.1, "patch_lm_head": True}),
-    ("min_merging_r02", "MIN-Merging (ratio 0.2)", {"neuron_ratio": 0.2}),
+    ("min_merging", "MIN-Merging (ratio 0.1)", {**SHARED, "neuron_ratio": 0.1}),
+    (
+        "min_merging_lm_head",
+        "MIN-Merging (ratio 0.1, LM head patched)",
+        {**SHARED, "neuron_ratio": 0.1, "patch_lm_head": True},
+    ),
+    ("min_merging_r02", "MIN-Merging (ratio 0.2)", {**SHARED, "neuron_ratio": 0.2}),
 ]
 CALIBRATION_TEXTS = 64  # per domain, from its train split (the router holds out 20% for its threshold)
 

@@ -48,22 +48,25 @@ from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
 
-DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, shared NeuroMerging, router depth auto)"
+DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, θ_shared = θ₀, router depth auto)"
+ENHANCED = {"shared_from": "enhanced"}  # the default before: θ_shared = NeuroMerging of the enhanced fine-tunes
+ENHANCED_PREFIX = "  θ_shared: NeuroMerging of the enhanced fine-tunes"
+RATIOS = (0.05, 0.2, 0.01, 0.3, 0.5)
 ROWS: list[tuple[str, dict[str, Any]]] = [
     (DEFAULT_ROW, {}),
     ("  patches + 1-D tensors (biases, LayerNorm)", {"patch_small_tensors": True}),
-    ("  θ_shared from the whole fine-tunes", {"shared_from": "finetuned"}),
+    ("  θ_shared: NeuroMerging of the whole fine-tunes", {"shared_from": "finetuned"}),
     ("  one budget over the whole model", {"budget": "model"}),
-    ("  neuron_ratio 0.05", {"neuron_ratio": 0.05}),
-    ("  neuron_ratio 0.2", {"neuron_ratio": 0.2}),
-    ("  neuron_ratio 0.01", {"neuron_ratio": 0.01}),
-    ("  neuron_ratio 0.3", {"neuron_ratio": 0.3}),
-    ("  neuron_ratio 0.5", {"neuron_ratio": 0.5}),
+    *((f"  neuron_ratio {r:g}", {"neuron_ratio": r}) for r in RATIOS),
     ("  importance: norm", {"importance": "norm"}),
     ("  router on the last layer", {"router_layer": None}),
     ("  top-2", {"top_k": 2}),
-    ("  OOD → θ_shared", {"ood_model": "shared"}),
-    ("  shared by TA (λ 0.3)", {"shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}}),
+    (f"{ENHANCED_PREFIX} (the default before)", ENHANCED),
+    (
+        "  θ_shared: TA (λ 0.3) of the enhanced fine-tunes",
+        {**ENHANCED, "shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}},
+    ),
+    *((f"{ENHANCED_PREFIX}, neuron_ratio {r:g}", {**ENHANCED, "neuron_ratio": r}) for r in RATIOS),
 ]
 RESULTS = ROOT / "benchmarks" / "results" / "min_merging.json"
 
@@ -191,25 +194,36 @@ def plot(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points: dict[float, dict[str, list[float]]] = {}
+    curves: dict[str, dict[float, dict[str, list[float]]]] = {
+        "θ_shared = θ₀ (default)": {},
+        "θ_shared = NeuroMerging": {},
+    }
     for run in results["seeds"].values():
         for name, row in run["rows"].items():
-            if name == DEFAULT_ROW or name.strip().startswith("neuron_ratio"):
-                p = points.setdefault(row["options"]["neuron_ratio"], {"x": [], "routed": [], "oracle": []})
-                p["x"].append(100 * patch_fraction(row))
-                p["routed"].append(100 * row["average_normalized"])
-                p["oracle"].append(100 * row["oracle"]["average_normalized"])
-    if not points:
+            if name == DEFAULT_ROW or name.startswith("  neuron_ratio"):
+                curve = curves["θ_shared = θ₀ (default)"]
+            elif name.startswith(ENHANCED_PREFIX):
+                curve = curves["θ_shared = NeuroMerging"]
+            else:
+                continue
+            p = curve.setdefault(row["options"]["neuron_ratio"], {"x": [], "routed": [], "oracle": []})
+            p["x"].append(100 * patch_fraction(row))
+            p["routed"].append(100 * row["average_normalized"])
+            p["oracle"].append(100 * row["oracle"]["average_normalized"])
+    if not any(curves.values()):
         raise SystemExit("no neuron-ratio rows to plot")
-    ratios = sorted(points)
-    x = [statistics.mean(points[r]["x"]) for r in ratios]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, style in (("routed", "o-"), ("oracle", "s--")):
-        y = [statistics.mean(points[r][key]) for r in ratios]
-        ax.plot(x, y, style, label=f"MIN-Merging, {key} routing")
-        for xi, yi, r in zip(x, y, ratios):
-            if key == "routed":
-                ax.annotate(f"{r:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for label, points in curves.items():
+        ratios = sorted(points)
+        x = [statistics.mean(points[r]["x"]) for r in ratios]
+        for key, style in (("routed", "o-"), ("oracle", "s--")):
+            y = [statistics.mean(points[r][key]) for r in ratios]
+            if not y:
+                continue
+            ax.plot(x, y, style, label=f"{label}, {key} routing")
+            for xi, yi, r in zip(x, y, ratios):
+                if key == "routed":
+                    ax.annotate(f"{r:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
     static = results["summary"].get("best_static_normalized")
     if static is not None:
         ax.axhline(100 * static, color="grey", linestyle=":", label="best static merge (λ on validation)")

@@ -12,7 +12,7 @@ from merging.engine.plan import DEFAULT_TASK_SPECIFIC
 from merging.errors import ConfigError
 from merging.methods import REGISTRY
 from merging.methods.base import MethodParams
-from merging.minmerging.params import MinMergingParams
+from merging.minmerging.params import MinMergingParams, shared_merge
 from merging.pipeline_config import (
     CalibrationConfig,
     EvaluationConfig,
@@ -121,13 +121,12 @@ class MergeConfig(BaseModel):
                 "runs in the pipeline (`mergeflow run CONFIG`); its θ_shared is merged by parameters.shared_method"
             )
 
-    def shared_config(self) -> MergeConfig:
-        """Returns the static merge of a routed method's θ_shared (its shared_method and shared_parameters)."""
+    def shared_config(self, causal: bool = False) -> MergeConfig:
+        """Returns the static merge that writes a routed method's θ_shared (`causal`: the base is a causal LM)."""
         params = self.method_params()
         assert isinstance(params, MinMergingParams)
-        return self.model_copy(
-            update={"merge_method": params.shared_method, "parameters": dict(params.shared_parameters)}
-        )
+        method, parameters = shared_merge(params.shared_from, params.shared_method, params.shared_parameters, causal)
+        return self.model_copy(update={"merge_method": method, "parameters": parameters})
 
     def fine_tunes(self) -> list[ModelEntry]:
         """Returns the models entries that are not the base model (mergekit lists the base there too)."""

@@ -25,6 +25,7 @@ from merging.errors import ConfigError
 from merging.evaluation.heads import Head, load_head
 from merging.minmerging.build import Enhancement, MinMergingOptions, MinMergingReport, calibrate, enhance
 from merging.minmerging.calibration import CalibrationSet, calibration_set
+from merging.minmerging.models import folder_is_causal
 from merging.minmerging.params import MinMergingParams
 from merging.minmerging.router import RouterOptions
 from tasks.logs import run_logger
@@ -120,7 +121,7 @@ def enhance_task(config: MergeConfig, calib: CalibrationSet, out_dir: Path) -> E
 
 def shared_merge_config(config: MergeConfig, enhancement: Enhancement) -> MergeConfig:
     """Returns the static merge config of θ_shared: the shared method over θ₀ and the enhanced fine-tunes."""
-    shared = config.shared_config()
+    shared = config.shared_config(folder_is_causal(enhancement.base_dir))
     models = [
         e.model_copy(update={"model": str(enhancement.enhanced[label]), "name": label})
         for label, e in zip(model_labels(config), config.fine_tunes())

@@ -273,6 +273,7 @@ def test_neuron_ratio_auto_bad_inputs(family, tmp_path):
         ({"neuron_ratio": "auto", "storage_budget": 0}, r"parameters\.storage_budget"),
         ({"neuron_ratio": "auto", "neuron_ratio_grid": [0.1, 2]}, r"parameters\.neuron_ratio_grid"),
         ({"neuron_ratio": "auto", "neuron_ratio_grid": []}, r"parameters\.neuron_ratio_grid"),
+        ({"shared_from": "base", "shared_method": "ties"}, r"parameters.*shared_from base makes θ_shared θ₀"),
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config(min_config(root, base, fts, tmp_path, parameters=bad), "test").method_params()

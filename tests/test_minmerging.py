@@ -418,6 +418,7 @@ def test_build_min_merging_shared_model_is_base_plus_masked_task_vectors(tmp_pat
     options = MinMergingOptions(
         importance="norm",
         neuron_ratio=0.25,
+        shared_from="enhanced",
         shared_method="task_arithmetic",
         shared_parameters={"lambda": 1.0},
         router=RouterOptions(holdout=0.34),
@@ -443,6 +444,42 @@ def test_build_min_merging_shared_model_is_base_plus_masked_task_vectors(tmp_pat
     assert saved["storage"] == storage
 
 
+def test_default_shared_model_is_the_base_bit_for_bit_and_routed_inputs_see_only_their_rows(tmp_path: Path):
+    """shared_from auto (the default) on an encoder is base: θ_shared is θ₀ exactly; an input routed to a task runs
+    θ₀ with that task's kept rows written in, and no other task's vector anywhere."""
+    from safetensors.torch import load_file
+
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
+    calibration = {"a": ["merge the model", "the base", "a"], "b": ["task vectors", "of the fine tune", "b"]}
+    options = MinMergingOptions(importance="norm", neuron_ratio=0.25, router=RouterOptions(holdout=0.34))
+    assert options.shared_from == "auto"
+    report = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / "min", options)
+    base = load_file(str(base_dir / "model.safetensors"))
+    shared = load_file(str(report.shared_dir / "model.safetensors"))
+    for name, value in shared.items():
+        original = base.get(name, base.get(name.removeprefix("bert."), base.get(f"bert.{name}")))
+        assert original is not None and torch.equal(value, original), name
+    routed = RoutedModel.load(tmp_path / "min")
+    text = "merge the model"
+    for task in ("a", "b"):
+        got = routed.run([text], oracle=[task])[0].features
+        want = materialized(routed.shared, routed.patches, [task], [1.0])(**dict(routed._batch([text]))).pooler_output
+        torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+    # A shared method named together with shared_from base is a contradiction, not silently ignored.
+    with pytest.raises(ConfigError, match="shared_from base"):
+        MinMergingOptions(shared_from="base", shared_method="ties")
+    from merging.minmerging.params import MinMergingParams, resolve_shared_from
+
+    # Naming a shared method means a merged θ_shared; auto resolves by the base model's kind.
+    assert MinMergingOptions(shared_method="ties").shared_from == "enhanced"
+    assert MinMergingParams(shared_method="ties").shared_from == "enhanced"
+    assert (resolve_shared_from("auto", False), resolve_shared_from("auto", True)) == ("base", "enhanced")
+    with pytest.raises(ValueError, match="shared_from base"):
+        MinMergingParams(shared_from="base", shared_parameters={"lambda": 0.5})
+
+
 def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(tmp_path: Path):
     from transformers import AutoModel
 
@@ -454,7 +491,7 @@ def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(t
     common["shared_parameters"] = {"lambda": 1.0}
     reports = {}
     for label, extra in (
-        ("rows", {}),
+        ("rows", {"shared_from": "enhanced"}),
         ("whole", {"shared_from": "finetuned", "budget": "model", "patch_small_tensors": True}),
     ):
         options = MinMergingOptions(**common, **extra, router=RouterOptions(holdout=0.34))

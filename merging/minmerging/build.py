@@ -5,8 +5,10 @@
    tensor, or over the whole model with `budget: model`); the rest of that layer's task vector is
    dropped (other tensors keep their whole task vector). The task's patch holds the kept rows (and,
    with `patch_small_tensors`, its biases and LayerNorm parameters whole).
-2. Shared model: θ_shared = θ₀ + a registered static merge of the enhanced fine-tunes (or of the
-   whole fine-tunes, `shared_from: finetuned`).
+2. Shared model: θ_shared = θ₀ itself (`shared_from: base`, the encoders' default under `auto`: on
+   zoo v2 any other task's vector in θ_shared moved a routed task's logits enough to break its
+   head, see benchmarks/head_collapse.py), or θ₀ + a registered static merge of the enhanced
+   fine-tunes (`enhanced`, the causal LMs' default) or of the whole fine-tunes (`finetuned`).
 3. Router: trained on θ₀'s mean-pooled features (after `router_layer` layers) of the calibration texts,
    labelled by task.
 4. Routed model: θ_shared + per-task patches (the important rows of θₜ) + router, saved as a folder.
@@ -37,6 +39,7 @@ from merging.minmerging.importance import (
     top_rows,
 )
 from merging.minmerging.models import feature_model, folder_is_causal, load_model, load_tokenizer
+from merging.minmerging.params import SharedFrom, resolve_shared_from, shared_merge
 from merging.minmerging.routed import OodModel, Patch, RoutedModel, neuron_patch
 from merging.minmerging.router import Router, RouterOptions, train_router
 
@@ -54,7 +57,9 @@ class MinMergingOptions:
     budget: Literal["layer", "model"] = "layer"  # top rows per tensor, or over the whole model
     patch_small_tensors: bool = False  # patches also carry every 1-D tensor (biases, LayerNorm) whole
     patch_lm_head: bool = False  # a causal LM's output layer is scored and patched like the others (token rows)
-    shared_from: Literal["enhanced", "finetuned"] = "enhanced"  # what θ_shared merges
+    # θ_shared = θ₀ (base), shared_method's merge of the enhanced / whole fine-tunes, or auto (encoders: base; causal
+    # LMs: enhanced). Naming a shared method under auto means enhanced, as in the pipeline's parameters.
+    shared_from: SharedFrom = "auto"
     # the router reads θ₀ after this many layers (None: the last; "auto": the depth whose router is most
     # accurate on the held-out calibration texts, ties to the shallower)
     router_layer: int | Literal["auto"] | None = "auto"
@@ -62,6 +67,16 @@ class MinMergingOptions:
     # prefix of 4 tokens or more, so short prompts look like what the router was calibrated on
     prompt_prefixes: bool = True
     router: RouterOptions = field(default_factory=RouterOptions)
+
+    def __post_init__(self) -> None:
+        named = self.shared_method != "neuromerging" or bool(self.shared_parameters)
+        if named and self.shared_from == "auto":
+            object.__setattr__(self, "shared_from", "enhanced")  # frozen: set once, while constructing
+        if named and self.shared_from == "base":
+            raise ConfigError(
+                f"shared_from base makes θ_shared θ₀ itself, so shared_method {self.shared_method!r} and its "
+                "parameters would not be used; pass shared_from='enhanced' or 'finetuned' to merge θ_shared"
+            )
 
 
 @dataclass
@@ -213,7 +228,7 @@ def enhance(
         state = tuned.state_dict()
         empty = torch.zeros(0, dtype=torch.long)
         with torch.no_grad():
-            for name in scores if options.shared_from == "enhanced" else ():
+            for name in scores if resolve_shared_from(options.shared_from, causal) == "enhanced" else ():
                 idx = mask.get(name, empty)
                 kept = state[name][idx].clone()
                 state[name].copy_(base_state[name])
@@ -294,11 +309,14 @@ def build_min_merging(
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".enhanced-") as tmp:
         enhancement = enhance(base_dir, finetunes, calibration, Path(tmp), options)
+        method, parameters = shared_merge(
+            options.shared_from, options.shared_method, options.shared_parameters, folder_is_causal(base_dir)
+        )
         config = MergeConfig(
-            merge_method=options.shared_method,
+            merge_method=method,
             base_model=str(enhancement.base_dir),
             models=[{"model": str(enhancement.enhanced[t]), "name": t} for t in enhancement.tasks],  # type: ignore[misc]
-            parameters=dict(options.shared_parameters),
+            parameters=parameters,
         )
         shared_dir = out_dir / "shared"
         run_merge(config, shared_dir, MergeOptions(progress=False, overwrite=True))

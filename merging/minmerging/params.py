@@ -4,9 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from merging.methods.base import MethodParams
+
+SharedFrom = Literal["auto", "base", "enhanced", "finetuned"]
+# θ_shared = θ₀ is written by the merge step like any θ_shared (same folders, manifest, registration) as θ₀ + 0·Σ τₜ,
+# which is θ₀ bit for bit.
+BASE_AS_SHARED: tuple[str, dict[str, Any]] = ("task_arithmetic", {"lambda": 0.0})
+
+
+def resolve_shared_from(shared_from: SharedFrom, causal: bool) -> SharedFrom:
+    """Returns `auto` resolved by what was measured: θ₀ for encoders (zoo v2: a merged θ_shared broke the routed
+    tasks' own heads), the merge of the enhanced fine-tunes for causal LMs (the causal zoo's measurements)."""
+    if shared_from == "auto":
+        return "enhanced" if causal else "base"
+    return shared_from
+
+
+def shared_merge(
+    shared_from: SharedFrom, method: str, parameters: dict[str, Any], causal: bool
+) -> tuple[str, dict[str, Any]]:
+    """Returns (merge method, parameters) that write θ_shared."""
+    if resolve_shared_from(shared_from, causal) == "base":
+        return BASE_AS_SHARED[0], dict(BASE_AS_SHARED[1])
+    return method, dict(parameters)
 
 
 class MinMergingParams(MethodParams):
@@ -52,8 +74,12 @@ class MinMergingParams(MethodParams):
         description="a causal LM's router is calibrated with half of its texts cut to a random prefix (4 tokens or "
         "more), as prompts are; encoders ignore it",
     )
-    shared_from: Literal["enhanced", "finetuned"] = Field(
-        default="enhanced", description="θ_shared merges the enhanced fine-tunes (kept rows only) or the whole ones"
+    shared_from: SharedFrom = Field(
+        default="auto",
+        description="`base`: θ_shared is θ₀ itself, a routed input gets its own task's kept rows and no other task's "
+        "vector (shared_method unused); `enhanced` / `finetuned`: shared_method's merge of the enhanced fine-tunes "
+        "(kept rows only) or of the whole ones; `auto`: base for encoders, enhanced for causal LMs (what was measured "
+        "best on each zoo)",
     )
     router_layer: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
         default="auto",
@@ -70,3 +96,17 @@ class MinMergingParams(MethodParams):
         if v not in REGISTRY:
             raise ValueError(f"unknown shared_method {v!r}; known: {', '.join(sorted(REGISTRY))}")
         return v
+
+    @model_validator(mode="after")
+    def _shared_source(self) -> MinMergingParams:
+        # A config that names a shared method wants a merged θ_shared: without shared_from it merges the enhanced
+        # fine-tunes (the behaviour before θ₀ became the default); with shared_from base it is a contradiction.
+        named = {"shared_method", "shared_parameters"} & self.model_fields_set
+        if named and self.shared_from in ("auto", "base"):
+            if "shared_from" in self.model_fields_set:
+                raise ValueError(
+                    f"shared_from base makes θ_shared θ₀ itself, so {' and '.join(sorted(named))} would not be used; "
+                    "set shared_from to enhanced or finetuned to merge θ_shared"
+                )
+            self.shared_from = "enhanced"
+        return self
