@@ -478,6 +478,8 @@ def test_default_shared_model_is_the_base_bit_for_bit_and_routed_inputs_see_only
     assert (resolve_shared_from("auto", False), resolve_shared_from("auto", True)) == ("base", "enhanced")
     with pytest.raises(ValueError, match="shared_from base"):
         MinMergingParams(shared_from="base", shared_parameters={"lambda": 0.5})
+    with pytest.raises(ValueError, match="shared_from auto makes θ_shared θ₀ for an encoder"):
+        MinMergingParams(shared_from="auto", shared_method="ties")
 
 
 def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(tmp_path: Path):

@@ -104,8 +104,9 @@ class MinMergingParams(MethodParams):
         named = {"shared_method", "shared_parameters"} & self.model_fields_set
         if named and self.shared_from in ("auto", "base"):
             if "shared_from" in self.model_fields_set:
+                why = "makes θ_shared θ₀ itself" if self.shared_from == "base" else "makes θ_shared θ₀ for an encoder"
                 raise ValueError(
-                    f"shared_from base makes θ_shared θ₀ itself, so {' and '.join(sorted(named))} would not be used; "
+                    f"shared_from {self.shared_from} {why}, so {' and '.join(sorted(named))} would not be used; "
                     "set shared_from to enhanced or finetuned to merge θ_shared"
                 )
             self.shared_from = "enhanced"
