@@ -67,3 +67,16 @@ def build_tiny_tasks(root: Path, scale: float = 0.3, finetunes: int = 2) -> tupl
             TaskSpec(name=name, dataset=str(root / "data" / name), num_labels=labels, model=model, max_length=8)
         )
     return base, fts, tasks
+
+
+def scale_in_place_keeping_mtime(weights: Path, suffix: str, factor: float = 1.5) -> None:
+    """Rewrites the first tensor of `weights` whose name ends with `suffix`, scaled, and puts the file's mtime
+    back: a cache keyed on anything but the contents would miss the change."""
+    from safetensors.torch import load_file, save_file
+
+    stamp = weights.stat()
+    tensors = load_file(str(weights))
+    name = next(n for n in tensors if n.endswith(suffix))
+    tensors[name] = tensors[name] * factor
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))

@@ -114,6 +114,23 @@ def test_an_identical_build_is_reused_and_the_cli_prints_the_table(causal_zoo, c
     assert "--head and --suite apply to the encoder zoo only" in capsys.readouterr().err
 
 
+def test_the_builds_scores_are_cached_so_a_pipeline_scores_only_merged_models(causal_zoo, monkeypatch) -> None:
+    """The build scored its base and fine-tunes through the score cache, keyed by their saved folders: the
+    pipeline's evaluator (windows per batch as the pipeline sets them) finds every one, bit for bit."""
+    import merging.evaluation.lm as lm
+    from tasks.evaluate import LM_BATCH
+
+    root, manifest = causal_zoo
+    monkeypatch.setattr(lm, "load_causal_lm", lambda path: pytest.fail(f"{path} was loaded: not in the cache"))
+    evaluator = lm.LmEvaluator(causal_zoo_tasks(root, manifest), root / manifest.base.path, batch_size=LM_BATCH)
+    for split in ("validation", "test"):
+        for domain in manifest.domains:
+            assert evaluator.value(root / manifest.base.path, domain.name, split) == getattr(domain.base, split)
+            if domain.finetune is not None:
+                tuned = evaluator.value(root / domain.finetune.path, domain.name, split)
+                assert tuned == getattr(domain.finetune.perplexity, split)
+
+
 def test_a_merge_of_the_zoo_scored_by_mergeflow_evaluate(causal_zoo, tmp_path: Path, capsys) -> None:
     root, manifest = causal_zoo
     config = causal_zoo_merge_config(root, "task_arithmetic", {"lambda": 0.5}, manifest)

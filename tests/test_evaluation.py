@@ -362,17 +362,9 @@ def test_feature_cache_returns_the_same_bits_once_encoded_and_misses_on_any_chan
     fc.encode_cached(encoder, texts, 16, 3)
     assert calls == [10, 10, 10, 10]
     # The same folder with changed weights (rewritten in place, even with its mtime put back) is a miss.
-    from safetensors.torch import load_file, save_file
+    from tests.helpers import scale_in_place_keeping_mtime
 
-    weights = folder / "model.safetensors"
-    stamp = weights.stat()
-    tensors = load_file(str(weights))
-    name = next(n for n in tensors if n.endswith("attention.self.query.weight"))
-    tensors[name] = tensors[name] * 1.5
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    import os
-
-    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    scale_in_place_keeping_mtime(folder / "model.safetensors", "attention.self.query.weight")
     changed = fc.encode_cached(load_encoder(folder), texts, 16, 4)
     assert calls[-1] == 10 and len(calls) == 5 and not torch.equal(changed, first)
     # A damaged entry is encoded again and replaced; with the cache off nothing is read or written.

@@ -129,6 +129,59 @@ def test_the_evaluator_equals_direct_perplexity_and_the_hand_formula(domains):
     assert [t["role"] for t in report["tasks"]] == ["merge", "merge", "out_of_domain"]
 
 
+def test_perplexity_is_cached_by_folder_contents_texts_and_settings(domains, tmp_path: Path, monkeypatch):
+    """`folder_perplexity` returns the computed scores bit for bit from the cache; any change of the model's
+    files, the texts, the window or the batch is a miss; a damaged entry is computed again."""
+    import shutil
+
+    from merging.evaluation.causal import folder_perplexity
+    from tests.helpers import scale_in_place_keeping_mtime
+
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    _root, base, _fts = domains
+    folder = tmp_path / "lm"
+    shutil.copytree(base, folder)
+    texts = _texts(DOMAINS["alpha"], 6, seed=7)
+    loads: list[Path] = []
+
+    def load():
+        loads.append(folder)
+        return load_causal_lm(folder)
+
+    def scored(t=texts, window=32, batch=4):
+        return folder_perplexity(folder, t, window, batch, load)
+
+    first = scored()
+    assert first == perplexity(*load_causal_lm(folder), texts, 32, 4) and len(loads) == 1
+    assert scored() == first and len(loads) == 1  # read back, exactly; the model was not loaded
+    scored(list(reversed(texts)))
+    scored(window=16)
+    scored(batch=3)
+    assert len(loads) == 4
+    # the same folder with other weights (rewritten in place, its mtime put back) is a miss
+    scale_in_place_keeping_mtime(folder / "model.safetensors", "q_proj.weight")
+    changed = scored()
+    assert len(loads) == 5 and changed != first
+    entries = sorted((tmp_path / "cache" / "features").glob("*/*.safetensors"))
+    assert len(entries) == 5
+    for entry in entries:
+        entry.write_bytes(b"damaged")
+    assert scored() == changed and len(loads) == 6
+    monkeypatch.setenv("MERGEFLOW_FEATURE_CACHE", "0")
+    shutil.rmtree(tmp_path / "cache" / "features")
+    assert scored() == changed and len(loads) == 7 and not (tmp_path / "cache" / "features").exists()
+
+
+def test_a_second_evaluator_scores_base_and_finetunes_from_the_cache(domains, tmp_path: Path, monkeypatch):
+    import merging.evaluation.lm as lm
+
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    root, base, fts = domains
+    first = LmEvaluator(_tasks(root, fts), base).evaluate({"merged": fts["beta"]}, "test").to_json()
+    monkeypatch.setattr(lm, "load_causal_lm", lambda path: pytest.fail(f"{path} was loaded: a cache miss"))
+    assert LmEvaluator(_tasks(root, fts), base).evaluate({"merged": fts["beta"]}, "test").to_json() == first
+
+
 def test_pipeline_chooses_lambda_on_validation_and_gates_on_mean_perplexity(prefect_harness, domains, tmp_path):
     import mlflow
 

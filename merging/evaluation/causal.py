@@ -9,7 +9,7 @@ a window has no context and is not predicted). lm-evaluation-harness is optional
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from merging.errors import CheckpointError, ConfigError
+from merging.evaluation.feature_cache import scores_cached
 
 
 def load_causal_lm(path: str | Path) -> tuple[torch.nn.Module, Any]:
@@ -67,6 +68,31 @@ def perplexity(
         total_tokens += int(keep.sum())
     mean = total_nll / total_tokens
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(total_tokens)}
+
+
+def folder_perplexity(
+    folder: str | Path,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    load: Callable[[], tuple[torch.nn.Module, Any]],
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Returns `perplexity(...)` of the model saved in `folder` (`load()` returns it and its tokenizer, on
+    `device`), read from the score cache when the same files were scored on the same texts: `load` is
+    called only on a miss."""
+    import transformers
+
+    settings: dict[str, str | int] = {
+        "max_length": int(max_length),
+        "batch_size": int(batch_size),
+        "device": device,
+        "transformers": transformers.__version__,
+    }
+    return scores_cached(
+        "perplexity", folder, texts, settings, lambda: perplexity(*load(), texts, max_length, batch_size, progress)
+    )
 
 
 def lm_eval_scores(

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.errors import ConfigError
-from merging.evaluation.causal import lm_eval_scores, load_causal_lm, perplexity
+from merging.evaluation.causal import folder_perplexity, lm_eval_scores, load_causal_lm
 from merging.evaluation.data import LM_EVAL_BUILTIN, TaskSpec, lm_eval_target, load_texts, tasks_by_name
 from merging.evaluation.harness import EvaluationReport, ModelScores
 
@@ -130,15 +130,24 @@ class LmEvaluator:
             self._loaded = None  # lm-eval loads the model itself: drop ours first
             self._results[key] = self._lm_eval(path, task)
         else:
-            if self._loaded is None or self._loaded[0] != path:
-                model, tokenizer = load_causal_lm(path)
-                self._loaded = (path, model, tokenizer)
-            _, model, tokenizer = self._loaded
             spec = self.tasks[task]
-            self._results[key] = perplexity(
-                model, tokenizer, self.texts(task, split), spec.max_length, self.batch_size, self.progress
+            self._results[key] = folder_perplexity(
+                path,
+                self.texts(task, split),
+                spec.max_length,
+                self.batch_size,
+                lambda: self._load(path),
+                "cpu",
+                self.progress,
             )
         return self._results[key]
+
+    def _load(self, path: Path) -> tuple[Any, Any]:
+        """Returns (model, tokenizer) of `path`, loading it unless it is the one model kept loaded."""
+        if self._loaded is None or self._loaded[0] != path:
+            model, tokenizer = load_causal_lm(path)
+            self._loaded = (path, model, tokenizer)
+        return self._loaded[1], self._loaded[2]
 
     def forget(self, model_path: str | Path) -> None:
         """Drops what was measured on one model (a merged folder about to be overwritten)."""

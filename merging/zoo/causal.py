@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from merging.errors import ConfigError
-from merging.evaluation.causal import perplexity
+from merging.evaluation.causal import folder_perplexity
 from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import publish_folder
 from merging.zoo.build import task_vector_norm
@@ -229,20 +229,25 @@ def build_causal_zoo(
             for split, texts in splits.items():
                 write_parquet(tmp / "data" / domain.name / f"{split}.parquet", texts)
 
-            def ppl(model: torch.nn.Module, split: str, texts: dict[str, list[str]] = splits) -> dict[str, float]:
-                return perplexity(model, tokenizer, texts[split], spec.max_length, spec.eval_batch)
+            def ppl(
+                model: torch.nn.Module, folder: Path, split: str, texts: dict[str, list[str]] = splits
+            ) -> dict[str, float]:
+                # through the score cache, keyed by the saved folder: a pipeline run on this zoo finds them
+                return folder_perplexity(
+                    folder, texts[split], spec.max_length, spec.eval_batch, lambda: (model, tokenizer)
+                )
 
-            base_scores = {s: ppl(base, s) for s in ("validation", "test")}
+            base_scores = {s: ppl(base, tmp / "base", s) for s in ("validation", "test")}
             finetune = None
             if domain.name in spec.merge:
                 t0 = time.perf_counter()
                 model = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
                 torch.manual_seed(seed)
                 steps = finetune_lm(model, token_blocks(tokenizer, splits["train"], spec.block), spec, seed)
-                tuned = {s: ppl(model, s) for s in ("validation", "test")}
                 path = f"finetunes/{domain.name}"
                 model.save_pretrained(tmp / path)
                 tokenizer.save_pretrained(tmp / path)
+                tuned = {s: ppl(model, tmp / path, s) for s in ("validation", "test")}
                 finetune = CausalFineTune(
                     path=path,
                     method="full",
