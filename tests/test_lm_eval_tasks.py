@@ -96,6 +96,31 @@ def test_without_the_extra_the_error_says_how_to_install(tmp_path: Path, monkeyp
         lm_eval_scores(tmp_path, ["hellaswag"])
 
 
+def test_the_task_index_is_built_once_per_folder_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """lm-eval's TaskManager indexes every YAML it ships (10-20 s): one per process and include folder state."""
+    from merging.evaluation import causal
+
+    monkeypatch.setattr(causal, "_MANAGERS", {})
+    built: list[dict] = []
+
+    def factory(**kwargs):
+        built.append(kwargs)
+        return object()
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("task: a\n")
+    first = causal.task_manager(factory, folder)
+    assert causal.task_manager(factory, folder) is first and built == [{"include_path": str(folder)}]
+    (folder / "a.yaml").write_text("task: a_renamed\n")  # an edited YAML: indexed again
+    second = causal.task_manager(factory, folder)
+    assert second is not first and len(built) == 2
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.yaml").write_text("task: b\n")  # a new YAML in a subfolder too
+    assert causal.task_manager(factory, folder) is not second and len(built) == 3
+    assert causal.task_manager(factory, None) is causal.task_manager(factory, None) and built[-1] == {}
+
+
 def test_an_lm_eval_task_through_the_real_harness(family, choice_task: Path):
     root, base, fts = family
     tasks = [*_tasks(root, fts), TaskSpec(name="choice", dataset=str(choice_task), metric=f"lm_eval:{TASK}")]
