@@ -90,9 +90,10 @@ def causal_ci_zoo(tmp_path_factory: pytest.TempPathFactory):
     return root, manifest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_harness():
-    """Prefect's test harness (a temporary API server) for the tests of one module."""
+    """Prefect's test harness (a temporary API server on a temporary database), started once per test session
+    by the first test that asks for it (each start costs 15-20 s on two cores)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):

@@ -381,6 +381,9 @@ def test_secrets_never_reach_what_the_pipeline_writes(prefect_harness, stack, fa
     block_secret = f"block-secret-{uuid.uuid4().hex}"
     keys = {"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY, "comment": block_secret}
     Secret(value=json.dumps(keys)).save("secret-check-keys", overwrite=True)
+    from datetime import UTC, datetime
+
+    started = datetime.now(UTC)
     result = run_pipeline(parse_config(data, "secrets.yml"))
     assert result.registration is not None
     secrets = [env_secret, uri_password, SECRET_KEY, block_secret]
@@ -407,12 +410,32 @@ def test_secrets_never_reach_what_the_pipeline_writes(prefect_harness, stack, fa
     run = client.get_run(result.registration.run_id)
     version = client.get_model_version("secret-check", result.registration.version)
     records = json.dumps([run.data.params, run.data.tags, version.tags, version.description or ""])
+    # Every page of what Prefect recorded since the run started (the harness serves the whole test session,
+    # and its server returns at most 200 rows a request).
     from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        LogFilter,
+        LogFilterTimestamp,
+    )
+
+    def every_page(read) -> list:  # type: ignore[no-untyped-def]
+        rows, offset = [], 0
+        while page := read(offset):
+            rows += page
+            offset += len(page)
+        return rows
 
     with get_client(sync_client=True) as pc:
-        flow_runs = pc.read_flow_runs()
-        records += json.dumps([fr.parameters for fr in flow_runs], default=str)
-        records += json.dumps([log.message for log in pc.read_logs()], default=str)
+        since = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=started))
+        flow_runs = every_page(lambda at: pc.read_flow_runs(flow_run_filter=since, limit=200, offset=at))
+        logs = every_page(
+            lambda at: pc.read_logs(LogFilter(timestamp=LogFilterTimestamp(after_=started)), limit=200, offset=at)
+        )
+    assert flow_runs and logs, "the run left no flow run or log to search"
+    records += json.dumps([fr.parameters for fr in flow_runs], default=str)
+    records += json.dumps([log.message for log in logs], default=str)
     found += [("records", s) for s in secrets if s in records]
     # Prefect's database file itself (the harness's sqlite): the block is stored there encrypted.
     from prefect.settings import get_current_settings
