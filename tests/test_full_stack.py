@@ -198,7 +198,7 @@ def wait_for_runs(deployment: str, count: int, timeout: float = 300) -> list:
             assert r.state.is_completed(), f"{deployment} run {r.name} ended {r.state.type}: {r.state.message}"
         if len(final) >= count:
             return final
-        time.sleep(2)
+        time.sleep(1)
     raise TimeoutError(f"{deployment}: {count} finished runs not seen in {timeout} s")
 
 
@@ -250,7 +250,7 @@ def test_deployments_schedule_watch_and_remerge_through_the_gate(stack_env, full
     worker_log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
         [prefect, "worker", "start", "--pool", "mergeflow", "--limit", "2"],
-        env=env,
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},  # picks each run up within a second (default: 10 s)
         cwd=ROOT,
         stdout=worker_log,
         stderr=subprocess.STDOUT,
@@ -258,16 +258,16 @@ def test_deployments_schedule_watch_and_remerge_through_the_gate(stack_env, full
     )
     try:
         # The scheduled deployment, run once now: version 1 becomes champion.
-        first = run_deployment("mergeflow-scheduled-merge/scheduled-merge", timeout=600)
+        first = run_deployment("mergeflow-scheduled-merge/scheduled-merge", timeout=600, poll_interval=1)
         assert first.state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
         client = mlflow.MlflowClient(tracking_uri=tracking)
         assert client.get_registered_model("ops-merged").aliases == {"champion": "1", "candidate": "1"}
         # The watcher sees only the champion's own inputs: no event.
-        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300)
+        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300, poll_interval=1)
         assert watched.state.is_completed() and run_result(watched) == []
         # A third fine-tune lands: the watcher announces it once, the trigger starts a re-merge.
         v3 = register_finetune(tracking, "ops-finetunes", fts[2], "four")
-        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300)
+        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300, poll_interval=1)
         assert run_result(watched) == [{"reference": f"models:/ops-finetunes/{v3}", "name": "four"}]
         remerged = wait_for_runs("mergeflow-remerge/remerge-on-finetune", 1, timeout=600)
         summary = run_result(remerged[0])
@@ -281,7 +281,7 @@ def test_deployments_schedule_watch_and_remerge_through_the_gate(stack_env, full
         assert aliases["champion"] == ("2" if passed else "1") and aliases["candidate"] == "2"
         assert ("passes" if passed else "fails") in summary["gate"]
         # Watching again announces nothing: the same fine-tune never triggers twice.
-        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300)
+        watched = run_deployment("mergeflow-watch/watch-finetunes", timeout=300, poll_interval=1)
         assert run_result(watched) == []
         time.sleep(5)
         assert len(wait_for_runs("mergeflow-remerge/remerge-on-finetune", 1, timeout=30)) == 1
