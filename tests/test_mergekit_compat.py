@@ -53,12 +53,30 @@ def mergekit_yaml(path: Path, method: str, base: Path, fts: list[Path], params: 
     return path
 
 
-def run_mergekit(config: Path, out: Path) -> None:
+# mergekit's own `mergekit-yaml` command, called once per (YAML, output) pair in one interpreter of its venv:
+# a process per merge would import torch and mergekit again each time (7-10 s on two cores).
+DRIVER = """
+import sys
+from mergekit.scripts.run_yaml import main
+pairs = sys.argv[1:]
+for config, out in zip(pairs[::2], pairs[1::2]):
+    main([config, out, "--no-copy-tokenizer"], standalone_mode=False)
+"""
+
+
+def run_mergekit(jobs: list[tuple[Path, Path]]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [str(MERGEKIT), str(config), str(out), "--no-copy-tokenizer"], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    interpreter = MERGEKIT.read_text(errors="replace").splitlines()[0].removeprefix("#!").strip()
+    if Path(interpreter).is_file():
+        command = [interpreter, "-c", DRIVER, *(str(p) for job in jobs for p in job)]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return
+    for config, out in jobs:  # not a Python entry point script: the executable itself, once per merge
+        proc = subprocess.run(
+            [str(MERGEKIT), str(config), str(out), "--no-copy-tokenizer"], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 CASES = [
@@ -67,26 +85,46 @@ CASES = [
     ("ties", "  normalize: true\n  lambda: 0.9\n"),
     ("ties", "  normalize: false\n  int8_mask: true\n"),
 ]
+FAMILIES = ["family", "bf16_family"]
 
 
-@needs_mergekit
-@pytest.mark.parametrize("method,params", CASES)
-@pytest.mark.parametrize("family_name", ["family", "bf16_family"])
-def test_same_tensors_as_mergekit(request, tmp_path, method, params, family_name):
-    base, fts = request.getfixturevalue(family_name)
+def case_params(family_name: str, method: str, params: str) -> str:
     if family_name == "bf16_family" and method == "ties":
         # Ties at the trim threshold: mergekit keeps whichever its argsort puts first; mergeflow
         # does the same only when asked, since that full sort is what makes mergekit slow.
         params += "  trim_ties: mergekit\n"
-    cfg = mergekit_yaml(tmp_path / "mk.yml", method, base, fts, params)
-    if "trim_ties" in params:  # mergekit itself does not know the key
-        mk_cfg = tmp_path / "mk_only.yml"
+    return params
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(request, tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Path]]:
+    """(family, method, params) → (mergeflow's YAML, mergekit's output folder), every case merged by mergekit
+    in one run."""
+    if not MERGEKIT.exists():
+        pytest.skip(f"mergekit not installed at {MERGEKIT} (run `make mergekit`)")
+    root = tmp_path_factory.mktemp("mergekit-cases")
+    cases, jobs = {}, []
+    for number, (family_name, (method, params)) in enumerate((f, c) for f in FAMILIES for c in CASES):
+        base, fts = request.getfixturevalue(family_name)
+        folder = root / f"case-{number}"
+        folder.mkdir()
+        cfg = mergekit_yaml(folder / "mk.yml", method, base, fts, case_params(family_name, method, params))
+        mk_cfg = folder / "mk_only.yml"  # mergekit itself does not know trim_ties
         mk_cfg.write_text(cfg.read_text().replace("  trim_ties: mergekit\n", ""))
-    else:
-        mk_cfg = cfg
-    run_mergekit(mk_cfg, tmp_path / "mergekit")
+        cases[(family_name, method, params)] = (cfg, folder / "mergekit")
+        jobs.append((mk_cfg, folder / "mergekit"))
+    run_mergekit(jobs)
+    return cases
+
+
+@needs_mergekit
+@pytest.mark.parametrize("method,params", CASES)
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_same_tensors_as_mergekit(request, mergekit_outputs, tmp_path, method, params, family_name):
+    base, _fts = request.getfixturevalue(family_name)
+    cfg, theirs_dir = mergekit_outputs[(family_name, method, params)]
     run_merge(load_config(cfg), tmp_path / "mergeflow", MergeOptions(progress=False))
-    theirs = load_file(tmp_path / "mergekit" / "model.safetensors")
+    theirs = load_file(theirs_dir / "model.safetensors")
     ours = load_file(tmp_path / "mergeflow" / "model.safetensors")
     assert set(theirs) == set(ours)
     worst = max(float((theirs[k].float() - ours[k].float()).abs().max()) for k in theirs)
