@@ -115,8 +115,11 @@ class ServiceStarters:
         ports = {f: port(f) for f in ("master", "volume", "filer", "admin", "webdav")}
         grpc = {f: port(f"{f}.grpc") for f in ("master", "volume", "filer", "s3", "admin")}
         debug = {"debug": port("debug"), "s3.debug": port("s3.debug")}
+        logs = self.data / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
         command = [
             executable("weed"),
+            f"-logdir={logs}",  # glog's files (default: the system's temp folder, left behind)
             "mini",
             f"-dir={folder}",
             f"-ip={HOST}",
@@ -129,6 +132,9 @@ class ServiceStarters:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
+        socket = folder / "s3.sock"  # default /tmp/seaweedfs-s3-<port>.sock, left behind; a Unix socket path is short
+        if len(str(socket).encode()) < 100:
+            command.append(f"-s3.localSocket={socket}")
         command += [f"-{name}.port={port}" for name, port in ports.items()]
         command += [f"-{name}.port={port}" for name, port in debug.items()]
         command += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]

@@ -20,6 +20,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Never touch the user's cache from tests.
 os.environ["MERGEFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergeflow-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MERGEFLOW_CACHE_DIR"], ignore_errors=True)  # tests leave nothing behind
+# Nor in the system's temp folder: what libraries and the servers' processes put there (MLflow's model
+# downloads, Prefect's runner storage, Dask's scratch space) goes into one folder removed at exit. pytest's
+# own folders stay where they were, so a failed test's files are kept as its retention policy says.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+_TMP = tempfile.mkdtemp(prefix="mergeflow-test-tmp-")
+os.environ["TMPDIR"] = tempfile.tempdir = _TMP
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 torch.set_num_threads(2)
 
 

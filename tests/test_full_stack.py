@@ -100,6 +100,10 @@ def test_stack_up_is_idempotent_status_env_and_down_stops_only_its_own(tmp_path:
         assert set(pids) == {"s3", "mlflow", "prefect"} and all(alive(p) for p in pids.values())
         assert (tmp_path / "stack" / "mlflow" / "mlflow.db").exists()
         assert oct((tmp_path / "stack" / "credentials.json").stat().st_mode & 0o777) == "0o600"
+        # SeaweedFS keeps its socket and its glog files in the stack's folder, not in the system's temp folder.
+        assert (tmp_path / "stack" / "s3" / "s3.sock").is_socket()
+        assert list((tmp_path / "stack" / "logs").glob("weed.*"))
+        assert not Path(f"/tmp/seaweedfs-s3-{ports['s3_port']}.sock").exists()
         # A second up is a no-op: same processes, nothing started.
         started = time.monotonic()
         assert cli_main(["stack", "up", "--data", str(tmp_path / "stack")]) == 0
