@@ -15,6 +15,8 @@ from infra.processes import HOST, executable, free_port, port_open, spawn, wait_
 
 SERVICES = ("s3", "mlflow", "prefect")
 STATE = "stack.json"
+# sockaddr_un.sun_path is 108 bytes on Linux (104 on macOS), the terminating NUL included: stay below both
+UNIX_SOCKET_PATH_MAX = 100
 
 
 @dataclass
@@ -132,8 +134,8 @@ class ServiceStarters:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
-        socket = folder / "s3.sock"  # default /tmp/seaweedfs-s3-<port>.sock, left behind; a Unix socket path is short
-        if len(str(socket).encode()) < 100:
+        socket = folder / "s3.sock"  # default /tmp/seaweedfs-s3-<port>.sock, left behind
+        if len(str(socket).encode()) < UNIX_SOCKET_PATH_MAX:
             command.append(f"-s3.localSocket={socket}")
         command += [f"-{name}.port={port}" for name, port in ports.items()]
         command += [f"-{name}.port={port}" for name, port in debug.items()]

@@ -5,7 +5,7 @@ argsort lists first; `trim_ties: mergekit` reproduces that (bit-identical), the 
 the lowest indices (fast). The bfloat16 family is full of such ties.
 
 mergekit itself runs from its own virtual environment (`make mergekit`, or MERGEKIT_YAML pointing
-at a `mergekit-yaml` executable), side by side: nothing of it is imported here.
+at the `mergekit-yaml` script pip installs in a venv), side by side: nothing of it is imported here.
 """
 
 from __future__ import annotations
@@ -67,16 +67,10 @@ for config, out in zip(pairs[::2], pairs[1::2]):
 def run_mergekit(jobs: list[tuple[Path, Path]]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     interpreter = MERGEKIT.read_text(errors="replace").splitlines()[0].removeprefix("#!").strip()
-    if Path(interpreter).is_file():
-        command = [interpreter, "-c", DRIVER, *(str(p) for job in jobs for p in job)]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return
-    for config, out in jobs:  # not a Python entry point script: the executable itself, once per merge
-        proc = subprocess.run(
-            [str(MERGEKIT), str(config), str(out), "--no-copy-tokenizer"], capture_output=True, text=True, env=env
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(interpreter).is_file(), f"{MERGEKIT} is not a pip-installed mergekit-yaml (#! names {interpreter!r})"
+    command = [interpreter, "-c", DRIVER, *(str(p) for job in jobs for p in job)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 CASES = [
@@ -99,9 +93,7 @@ def case_params(family_name: str, method: str, params: str) -> str:
 @pytest.fixture(scope="module")
 def mergekit_outputs(request, tmp_path_factory) -> dict[tuple[str, str, str], tuple[Path, Path]]:
     """(family, method, params) → (mergeflow's YAML, mergekit's output folder), every case merged by mergekit
-    in one run."""
-    if not MERGEKIT.exists():
-        pytest.skip(f"mergekit not installed at {MERGEKIT} (run `make mergekit`)")
+    in one run (the tests that use it carry `needs_mergekit`)."""
     root = tmp_path_factory.mktemp("mergekit-cases")
     cases, jobs = {}, []
     for number, (family_name, (method, params)) in enumerate((f, c) for f in FAMILIES for c in CASES):
