@@ -7,8 +7,10 @@ task's fine-tune and scores its own head on test with encoders that differ from 
 controlled way:
 
 - the Task Arithmetic merge (λ, mergeflow's own merge of the zoo's fine-tunes);
-- the fine-tune plus λ × the *other* tasks' vectors (interference only, no scaling of its own);
-- the base plus λ × its own task vector (scaling only, no interference);
+- the fine-tune plus λ × the *other* tasks' vectors (interference only, no scaling of its own):
+  mergeflow's Task Arithmetic (λ 1) with weight 1 for its own fine-tune and λ for the others;
+- the base plus λ × its own task vector (scaling only, no interference): the same with its own
+  fine-tune alone at weight λ;
 - the TA merge with one group of tensors put back to the fine-tune's (pooler, embeddings, 1-D
   tensors, attention, feed-forward, the last layers, the first layers): which part must a
   per-task patch hold for the head to work.
@@ -38,7 +40,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merging.engine.merge import run_merge  # noqa: E402
+from merging.engine.merge import MergeOptions, run_merge  # noqa: E402
 from merging.evaluation.data import load_split  # noqa: E402
 from merging.evaluation.encoder import encode, load_encoder  # noqa: E402
 from merging.evaluation.heads import load_head  # noqa: E402
@@ -69,20 +71,20 @@ def encoder_tensors(state: State) -> list[str]:
     return [n for n, t in state.items() if t.is_floating_point() and not n.startswith("classifier.")]
 
 
-def base_name(name: str, base: State) -> str:
-    return name if name in base else name.removeprefix("bert.")
-
-
-def combine(own: State, base: State, parts: list[tuple[float, State]], keep_own: float) -> State:
-    """Returns θ₀ + keep_own·τ_own + Σ weight·τ over `parts`, on the encoder's tensors (the rest: the fine-tune's)."""
-    out = dict(own)
-    for name in encoder_tensors(own):
-        b = base[base_name(name, base)].float()
-        value = b + keep_own * (own[name].float() - b)
-        for weight, state in parts:
-            value = value + weight * (state[name].float() - b)
-        out[name] = value.to(own[name].dtype)
+def as_finetune(merged: State, own: State) -> State:
+    """Returns `own` with each tensor the merge holds replaced by the merged one (the merge saves the base's names)."""
+    out = {}
+    for name, tensor in own.items():
+        key = name if name in merged else name.removeprefix("bert.")
+        out[name] = merged[key] if key in merged else tensor
     return out
+
+
+def merge_state(zoo: Path, manifest: Any, folder: Path, weights: dict[str, float] | None, lam: float) -> State:
+    """Returns mergeflow's Task Arithmetic of the zoo (λ `lam`; `weights`: task → weight, only those tasks)."""
+    config = zoo_merge_config(zoo, "task_arithmetic", {"lambda": lam}, manifest, weights=weights)
+    run_merge(config, folder, MergeOptions(progress=False))
+    return load_file(str(folder / WEIGHTS))
 
 
 def measure(state: State, folder: Path, spec: Any, texts: list[str], labels: torch.Tensor) -> dict[str, Any]:
@@ -109,29 +111,31 @@ def main() -> int:
     zoo, manifest, _ = build_zoo(None, args.size, "joint", args.seed, progress=print)
     specs = {t.name: t for t in zoo_tasks(zoo, manifest)}
     names = [n for n, t in specs.items() if t.model is not None]
-    base = load_file(str(zoo / manifest.base.path / WEIGHTS))
     finetunes = {n: load_file(str(Path(specs[n].model or "") / WEIGHTS)) for n in names}
     results: dict[str, Any] = {"zoo": {"size": args.size, "seed": args.seed, "key": manifest.key}, "lambda": args.lam}
     with tempfile.TemporaryDirectory(prefix="mergeflow-collapse-") as tmp:
-        merged_dir = Path(tmp) / "ta"
-        run_merge(zoo_merge_config(zoo, "task_arithmetic", {"lambda": args.lam}, manifest), merged_dir)
-        ta = load_file(str(merged_dir / WEIGHTS))
+        ta = merge_state(zoo, manifest, Path(tmp) / "ta", None, args.lam)
         for task in args.tasks.split(","):
             if task not in names:
                 raise SystemExit(f"--tasks: {task!r} is not a merge task of this zoo ({', '.join(names)})")
             spec, own = specs[task], finetunes[task]
-            ta_own = {n: ta[base_name(n, ta)] if base_name(n, ta) in ta else t for n, t in own.items()}
+            ta_own = as_finetune(ta, own)
             split = load_split(spec, "test")
             labels = torch.tensor(split.labels)
             folder = Path(tmp) / task
             shutil.copytree(spec.model or "", folder)
 
-            others = [(args.lam, finetunes[n]) for n in names if n != task]
+            # the fine-tune with the others' vectors added (weights 1 and λ), and its own vector scaled by λ
+            with_others = {n: (1.0 if n == task else args.lam) for n in names}
             rows: dict[str, State] = {
                 "fine-tune": own,
                 f"TA merge (λ {args.lam})": ta_own,
-                f"fine-tune + {args.lam} × the other tasks' vectors": combine(own, base, others, 1.0),
-                f"base + {args.lam} × its own vector": combine(own, base, [], args.lam),
+                f"fine-tune + {args.lam} × the other tasks' vectors": as_finetune(
+                    merge_state(zoo, manifest, Path(tmp) / f"{task}-others", with_others, 1.0), own
+                ),
+                f"base + {args.lam} × its own vector": as_finetune(
+                    merge_state(zoo, manifest, Path(tmp) / f"{task}-own", {task: args.lam}, 1.0), own
+                ),
             }
             for group, picked in GROUPS.items():
                 rows[f"TA merge, the fine-tune's {group}"] = {

@@ -102,6 +102,24 @@ def test_merge_and_evaluate_on_the_zoo(ci_zoo: tuple[Path, ZooManifest], tmp_pat
     assert 0.5 < merged["ood_retention"] < 1.5
 
 
+def test_zoo_merge_config_weights_each_task(ci_zoo: tuple[Path, ZooManifest], tmp_path: Path):
+    root, manifest = ci_zoo
+    first, second = MERGE_TASKS[:2]
+    config = zoo_merge_config(root, "task_arithmetic", {"lambda": 1.0}, manifest, weights={first: 1.0, second: 0.3})
+    assert [m.parameters.weight for m in config.models] == [1.0, 0.3]
+    run_merge(config, tmp_path / "ta", MergeOptions(progress=False))
+    merged = load_file(tmp_path / "ta" / "model.safetensors")
+    base = load_file(root / manifest.base.path / "model.safetensors")
+    paths = {t.name: root / t.finetune.path for t in manifest.merge_tasks() if t.finetune}
+    a, b = (load_file(paths[n] / "model.safetensors") for n in (first, second))
+    name = next(n for n in merged if n.endswith("attention.self.query.weight"))
+    key = name if name in a else f"bert.{name}"
+    expected = base[name] + (a[key] - base[name]) + 0.3 * (b[key] - base[name])
+    torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="'nope'"):
+        zoo_merge_config(root, "task_arithmetic", {}, manifest, weights={"nope": 1.0})
+
+
 def test_head_protocols(ci_zoo: tuple[Path, ZooManifest]):
     """frozen keeps the probe head bit for bit and moves the encoder; joint moves both."""
     root, manifest = ci_zoo
