@@ -51,7 +51,10 @@ from merging.zoo.build import build_zoo  # noqa: E402
 DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, θ_shared = θ₀, router depth auto)"
 ENHANCED = {"shared_from": "enhanced"}  # the default before: θ_shared = NeuroMerging of the enhanced fine-tunes
 ENHANCED_PREFIX = "  θ_shared: NeuroMerging of the enhanced fine-tunes"
-RATIOS = (0.05, 0.2, 0.01, 0.3, 0.5)
+RATIOS = (0.05, 0.2, 0.01, 0.3, 0.5, 0.4)
+FLOAT16 = {"patch_dtype": "float16"}  # the patches' rows stored in float16: half the bytes per row
+FLOAT16_PREFIX = "  patches in float16"
+FLOAT16_RATIOS = (0.3, 0.5, 0.8, 0.1)
 ROWS: list[tuple[str, dict[str, Any]]] = [
     (DEFAULT_ROW, {}),
     ("  patches + 1-D tensors (biases, LayerNorm)", {"patch_small_tensors": True}),
@@ -67,6 +70,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
         {**ENHANCED, "shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}},
     ),
     *((f"{ENHANCED_PREFIX}, neuron_ratio {r:g}", {**ENHANCED, "neuron_ratio": r}) for r in RATIOS),
+    *((f"{FLOAT16_PREFIX}, neuron_ratio {r:g}", {**FLOAT16, "neuron_ratio": r}) for r in FLOAT16_RATIOS),
 ]
 RESULTS = ROOT / "benchmarks" / "results" / "min_merging.json"
 
@@ -196,12 +200,15 @@ def plot(results: dict[str, Any], out: Path) -> None:
 
     curves: dict[str, dict[float, dict[str, list[float]]]] = {
         "θ_shared = θ₀ (default)": {},
+        "θ_shared = θ₀, float16 patches": {},
         "θ_shared = NeuroMerging": {},
     }
     for run in results["seeds"].values():
         for name, row in run["rows"].items():
             if name == DEFAULT_ROW or name.startswith("  neuron_ratio"):
                 curve = curves["θ_shared = θ₀ (default)"]
+            elif name.startswith(FLOAT16_PREFIX):
+                curve = curves["θ_shared = θ₀, float16 patches"]
             elif name.startswith(ENHANCED_PREFIX):
                 curve = curves["θ_shared = NeuroMerging"]
             else:

@@ -49,6 +49,7 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
         budget=params.budget,
         patch_small_tensors=params.patch_small_tensors,
         patch_lm_head=params.patch_lm_head,
+        patch_dtype=params.patch_dtype,
         prompt_prefixes=params.prompt_prefixes,
         shared_from=params.shared_from,
         router_layer=params.router_layer,

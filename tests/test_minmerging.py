@@ -515,6 +515,45 @@ def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(t
     assert [r.task for r in routed.run(["merge the model", "task vectors"])] != [None, None]
 
 
+def test_float16_patches_halve_storage_and_route_as_models_with_those_rows(tmp_path: Path):
+    """patch_dtype float16: the stored rows are the fine-tune's rounded to float16, about half the bytes, the
+    storage estimate agrees with the files, and a routed input runs exactly θ_shared with those stored rows."""
+    from transformers import AutoModel
+
+    from merging.minmerging.auto import estimated_patch_fraction
+    from merging.minmerging.build import MinMergingOptions, build_min_merging
+    from merging.minmerging.params import MinMergingParams
+
+    base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
+    calibration = {"a": ["merge the model", "the base", "a"], "b": ["task vectors", "of the fine tune", "b"]}
+    reports, routed = {}, {}
+    for label, dtype in (("fp32", None), ("fp16", "float16")):
+        options = MinMergingOptions(
+            importance="norm", neuron_ratio=0.25, patch_dtype=dtype, router=RouterOptions(holdout=0.34)
+        )
+        reports[label] = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / label, options)
+        routed[label] = RoutedModel.load(tmp_path / label)
+    for name, (idx, rows) in routed["fp16"].patches["a"].items():
+        idx32, rows32 = routed["fp32"].patches["a"][name]
+        assert rows.dtype == torch.float16 and rows32.dtype == torch.float32, name
+        assert torch.equal(idx, idx32) and torch.equal(rows, rows32.half()), name
+    fp16, fp32 = (reports[k].storage["patch_bytes:a"] for k in ("fp16", "fp32"))
+    assert 0.45 < fp16 / fp32 < 0.6
+    base = AutoModel.from_pretrained(base_dir)
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    for label, dtype in (("fp16", torch.float16), ("fp32", None)):  # the tensors' bytes (the files add a header)
+        held = sum(i.numel() * 8 + r.numel() * r.element_size() for i, r in routed[label].patches["a"].values())
+        assert estimated_patch_fraction(base, 0.25, dtype=dtype) == pytest.approx(held / model_bytes, rel=0.02)
+    model, text = routed["fp16"], "merge the model"
+    for task in ("a", "b"):
+        got = model.run([text], oracle=[task])[0].features
+        want = materialized(model.shared, model.patches, [task], [1.0])(**dict(model._batch([text]))).pooler_output
+        torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+    assert MinMergingParams(patch_dtype="float16").patch_dtype == "float16"
+    with pytest.raises(ValueError, match="patch_dtype"):
+        MinMergingParams(patch_dtype="bfloat16")
+
+
 def test_router_depth_auto_keeps_the_most_accurate_held_out_depth(tmp_path: Path):
     from merging.minmerging.build import MinMergingOptions, build_min_merging
 

@@ -27,6 +27,7 @@ from merging.minmerging.build import MinMergingOptions, build_min_merging
 from merging.minmerging.evaluate import routed_report
 from merging.minmerging.importance import neuron_linears
 from merging.minmerging.models import folder_is_causal, load_model
+from merging.minmerging.params import patch_torch_dtype
 from merging.minmerging.routed import RoutedModel
 
 DEFAULT_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -58,20 +59,28 @@ class RatioChoice:
 
 
 def estimated_patch_fraction(
-    base: torch.nn.Module, neuron_ratio: float, small_tensors: bool = False, lm_head: bool = False
+    base: torch.nn.Module,
+    neuron_ratio: float,
+    small_tensors: bool = False,
+    lm_head: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> float:
-    """Returns the patch bytes of one task over the model's bytes: the kept rows (values and an int64 index
-    each) of every linear layer at `neuron_ratio` (per-layer budget; `lm_head`: a causal LM's output layer
-    too), plus the 1-D tensors when patched whole."""
+    """Returns the patch bytes of one task over the model's bytes: the kept rows (values, in `dtype` or the
+    model's own, and an int64 index each) of every linear layer at `neuron_ratio` (per-layer budget; `lm_head`:
+    a causal LM's output layer too), plus the 1-D tensors when patched whole."""
     params = dict(base.named_parameters(remove_duplicate=False))  # a tied LM head is found by its name
     model_bytes = sum(p.numel() * p.element_size() for p in dict(base.named_parameters()).values())
+
+    def size(p: torch.Tensor) -> int:
+        return torch.empty((), dtype=dtype).element_size() if dtype is not None else p.element_size()
+
     patch = 0
     for name in neuron_linears(base, lm_head):
         w = params[name]
         rows = max(1, math.ceil(neuron_ratio * w.shape[0]))
-        patch += rows * (w[0].numel() * w.element_size() + 8)
+        patch += rows * (w[0].numel() * size(w) + 8)
     if small_tensors:
-        patch += sum(p.numel() * (p.element_size() + 8) for p in params.values() if p.dim() == 1)
+        patch += sum(p.numel() * (size(p) + 8) for p in params.values() if p.dim() == 1)
     return patch / model_bytes
 
 
@@ -94,7 +103,10 @@ def choose_neuron_ratio(
         raise ConfigError(f"neuron_ratio_grid must be ratios in (0, 1], got {list(grid)}")
     base = load_model(base_dir, folder_is_causal(base_dir))
     lm_head = options.patch_lm_head and folder_is_causal(base_dir)
-    estimated = {r: estimated_patch_fraction(base, r, options.patch_small_tensors, lm_head) for r in sorted(set(grid))}
+    dtype = patch_torch_dtype(options.patch_dtype)
+    estimated = {
+        r: estimated_patch_fraction(base, r, options.patch_small_tensors, lm_head, dtype) for r in sorted(set(grid))
+    }
     del base
     fitting = [r for r, f in estimated.items() if f <= storage_budget]
     if not fitting:

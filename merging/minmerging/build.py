@@ -39,7 +39,7 @@ from merging.minmerging.importance import (
     top_rows,
 )
 from merging.minmerging.models import feature_model, folder_is_causal, load_model, load_tokenizer
-from merging.minmerging.params import SharedFrom, resolve_shared_from, shared_merge
+from merging.minmerging.params import PatchDType, SharedFrom, patch_torch_dtype, resolve_shared_from, shared_merge
 from merging.minmerging.routed import OodModel, Patch, RoutedModel, neuron_patch
 from merging.minmerging.router import Router, RouterOptions, train_router
 
@@ -57,6 +57,7 @@ class MinMergingOptions:
     budget: Literal["layer", "model"] = "layer"  # top rows per tensor, or over the whole model
     patch_small_tensors: bool = False  # patches also carry every 1-D tensor (biases, LayerNorm) whole
     patch_lm_head: bool = False  # a causal LM's output layer is scored and patched like the others (token rows)
+    patch_dtype: PatchDType | None = None  # the patches' rows stored rounded to this dtype (None: the model's)
     # θ_shared = θ₀ (base), shared_method's merge of the enhanced / whole fine-tunes, or auto (encoders: base; causal
     # LMs: enhanced). Naming a shared method under auto means enhanced, as in the pipeline's parameters.
     shared_from: SharedFrom = "auto"
@@ -222,7 +223,7 @@ def enhance(
             scores = norm_importance(vectors)
         mask = top_rows(scores, options.neuron_ratio, options.budget)
         masks.append(mask)
-        patches[task] = neuron_patch(tuned, mask, options.patch_small_tensors)
+        patches[task] = neuron_patch(tuned, mask, options.patch_small_tensors, patch_torch_dtype(options.patch_dtype))
         # θ₀ + Mₜ ⊙ τₜ on linear weights (a scored tensor with no kept row falls back to θ₀); other tensors
         # keep their whole fine-tuned value. With shared_from "finetuned", θ_shared merges the whole fine-tunes.
         state = tuned.state_dict()

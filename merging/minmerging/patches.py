@@ -20,9 +20,15 @@ Patch = dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor name -> (row indi
 Delta = tuple[int, str, torch.Tensor, torch.Tensor]  # (task index, kind, row indices, θₜ's rows − θ_shared's rows)
 
 
-def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor], small_tensors: bool = False) -> Patch:
+def neuron_patch(
+    finetuned: torch.nn.Module,
+    masks: dict[str, torch.Tensor],
+    small_tensors: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Patch:
     """Returns a task's patch: for each masked tensor, its important row indices and the fine-tune's rows;
-    with `small_tensors`, also every one-dimensional parameter (biases, LayerNorm scales) whole."""
+    with `small_tensors`, also every one-dimensional parameter (biases, LayerNorm scales) whole. `dtype`: the
+    rows are stored rounded to it (None: the fine-tune's own dtype); the routed forward uses them as stored."""
     state = finetuned.state_dict()
     missing = sorted(set(masks) - set(state))
     if missing:
@@ -32,6 +38,8 @@ def neuron_patch(finetuned: torch.nn.Module, masks: dict[str, torch.Tensor], sma
         for name, param in finetuned.named_parameters():
             if param.dim() == 1 and name not in patch:
                 patch[name] = (torch.arange(param.shape[0]), param.detach().clone())
+    if dtype is not None:
+        patch = {name: (idx, rows.to(dtype)) for name, (idx, rows) in patch.items()}
     return patch
 
 
