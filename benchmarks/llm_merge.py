@@ -157,8 +157,9 @@ def add_min_merging(
 
 # key, name, MinMergingOptions overrides: the design measured here, the LM head (tied embeddings) patched too, a
 # larger patch. θ_shared is NeuroMerging of the enhanced fine-tunes (what `shared_from: auto` picks for a causal LM),
-# pinned because these rows were measured so; θ_shared = θ₀ (the encoders' choice) is not measured here.
-SHARED = {"shared_from": "enhanced"}
+# pinned because these rows were measured so; θ_shared = θ₀ (the encoders' choice) is not measured here. The rows
+# were measured with float32 patches, before patch_dtype auto (float16 for this float32 model): pinned too.
+SHARED = {"shared_from": "enhanced", "patch_dtype": "float32"}
 MIN_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("min_merging", "MIN-Merging (ratio 0.1)", {**SHARED, "neuron_ratio": 0.1}),
     (

@@ -1,8 +1,9 @@
 """MIN-Merging on the offline zoo: routed accuracy, OOD retention, router accuracy, storage, latency, ablations.
 
 For the `full` zoo (joint heads by default) it builds the routed model for each configuration
-(default: activation importance, neuron_ratio 0.1, top-1, out-of-domain inputs to θ₀, θ_shared by
-NeuroMerging) and each ablation row, and reports on test splits: per-task accuracy with the task's
+(default: activation importance, neuron_ratio 0.5, float16 patches, top-1, out-of-domain inputs to
+θ₀, θ_shared = θ₀) and each ablation row (measured against the default before, ratio 0.1 with
+float32 patches, which they pin), and reports on test splits: per-task accuracy with the task's
 own head on the routed features, average normalized accuracy, the strict variant (the routed
 task's head; a misrouted input is wrong), router accuracy, OOD retention and the share of OOD
 inputs flagged, patch storage, and latency per sample against the static merged model. Each row
@@ -17,9 +18,10 @@ writes the file after every row, and `--resume` keeps the rows already measured 
 build. The `summary` is the default (first) row's mean over the seeds measured; its
 `best_static_normalized` is the best static merge (own heads, λ chosen on validation) of the same
 zoo builds in benchmarks/results/merge_accuracy.json (null when that file measured other builds).
-The rows `neuron_ratio r` with the default row trace the storage–accuracy curve
-(benchmarks/results/min_merging_curve.png): in-domain normalized accuracy, routed and oracle,
-against patch storage per task, with the best static merge and the all-fine-tunes ceiling.
+The rows `neuron_ratio r` (float32 patches) and `patches in float16` with the default row trace
+the storage–accuracy curves (benchmarks/results/min_merging_curve.png): in-domain normalized
+accuracy, routed and oracle, against patch storage per task, with the best static merge and the
+all-fine-tunes ceiling.
 """
 
 from __future__ import annotations
@@ -48,29 +50,33 @@ from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
 
-DEFAULT_ROW = "MIN-Merging (activation, ratio 0.1, top-1, OOD→θ₀, θ_shared = θ₀, router depth auto)"
-ENHANCED = {"shared_from": "enhanced"}  # the default before: θ_shared = NeuroMerging of the enhanced fine-tunes
+DEFAULT_ROW = "MIN-Merging (activation, ratio 0.5, float16 patches, top-1, OOD→θ₀, θ_shared = θ₀, router depth auto)"
+# Rows measured against the default before (ratio 0.1, float32 patches) pin it, so each name keeps its meaning.
+BEFORE = {"neuron_ratio": 0.1, "patch_dtype": "float32"}
+BEFORE_ROW = "  neuron_ratio 0.1 (float32 patches: the default before)"
+ENHANCED = {**BEFORE, "shared_from": "enhanced"}  # θ_shared = NeuroMerging of the enhanced fine-tunes (before that)
 ENHANCED_PREFIX = "  θ_shared: NeuroMerging of the enhanced fine-tunes"
 RATIOS = (0.05, 0.2, 0.01, 0.3, 0.5, 0.4)
-FLOAT16 = {"patch_dtype": "float16"}  # the patches' rows stored in float16: half the bytes per row
 FLOAT16_PREFIX = "  patches in float16"
-FLOAT16_RATIOS = (0.3, 0.5, 0.8, 0.1)
+FLOAT16_RATIOS = (0.3, 0.8, 0.1)
 ROWS: list[tuple[str, dict[str, Any]]] = [
     (DEFAULT_ROW, {}),
-    ("  patches + 1-D tensors (biases, LayerNorm)", {"patch_small_tensors": True}),
-    ("  θ_shared: NeuroMerging of the whole fine-tunes", {"shared_from": "finetuned"}),
-    ("  one budget over the whole model", {"budget": "model"}),
-    *((f"  neuron_ratio {r:g}", {"neuron_ratio": r}) for r in RATIOS),
-    ("  importance: norm", {"importance": "norm"}),
-    ("  router on the last layer", {"router_layer": None}),
-    ("  top-2", {"top_k": 2}),
-    (f"{ENHANCED_PREFIX} (the default before)", ENHANCED),
+    ("  patches + 1-D tensors (biases, LayerNorm)", {**BEFORE, "patch_small_tensors": True}),
+    ("  θ_shared: NeuroMerging of the whole fine-tunes", {**BEFORE, "shared_from": "finetuned"}),
+    ("  one budget over the whole model", {**BEFORE, "budget": "model"}),
+    *((f"  neuron_ratio {r:g}", {**BEFORE, "neuron_ratio": r}) for r in RATIOS),
+    ("  importance: norm", {**BEFORE, "importance": "norm"}),
+    ("  router on the last layer", {**BEFORE, "router_layer": None}),
+    ("  top-2", {**BEFORE, "top_k": 2}),
+    (f"{ENHANCED_PREFIX} (the first design)", ENHANCED),
     (
         "  θ_shared: TA (λ 0.3) of the enhanced fine-tunes",
         {**ENHANCED, "shared_method": "task_arithmetic", "shared_parameters": {"lambda": 0.3}},
     ),
     *((f"{ENHANCED_PREFIX}, neuron_ratio {r:g}", {**ENHANCED, "neuron_ratio": r}) for r in RATIOS),
-    *((f"{FLOAT16_PREFIX}, neuron_ratio {r:g}", {**FLOAT16, "neuron_ratio": r}) for r in FLOAT16_RATIOS),
+    *((f"{FLOAT16_PREFIX}, neuron_ratio {r:g}", {"patch_dtype": "float16", "neuron_ratio": r}) for r in FLOAT16_RATIOS),
+    (BEFORE_ROW, BEFORE),
+    ("  importance: norm, at the default ratio 0.5 and float16 patches", {"importance": "norm"}),
 ]
 RESULTS = ROOT / "benchmarks" / "results" / "min_merging.json"
 
@@ -199,18 +205,18 @@ def plot(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves: dict[str, dict[float, dict[str, list[float]]]] = {
-        "θ_shared = θ₀ (default)": {},
-        "θ_shared = θ₀, float16 patches": {},
-        "θ_shared = NeuroMerging": {},
+        "θ_shared = θ₀, float16 patches (default)": {},
+        "θ_shared = θ₀, float32 patches": {},
+        "θ_shared = NeuroMerging, float32": {},
     }
     for run in results["seeds"].values():
         for name, row in run["rows"].items():
-            if name == DEFAULT_ROW or name.startswith("  neuron_ratio"):
-                curve = curves["θ_shared = θ₀ (default)"]
-            elif name.startswith(FLOAT16_PREFIX):
-                curve = curves["θ_shared = θ₀, float16 patches"]
+            if name == DEFAULT_ROW or name.startswith(FLOAT16_PREFIX):
+                curve = curves["θ_shared = θ₀, float16 patches (default)"]
+            elif name.startswith("  neuron_ratio"):
+                curve = curves["θ_shared = θ₀, float32 patches"]
             elif name.startswith(ENHANCED_PREFIX):
-                curve = curves["θ_shared = NeuroMerging"]
+                curve = curves["θ_shared = NeuroMerging, float32"]
             else:
                 continue
             p = curve.setdefault(row["options"]["neuron_ratio"], {"x": [], "routed": [], "oracle": []})

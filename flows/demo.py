@@ -26,8 +26,9 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"density": 0.2, "lambda": 1.0, "trim_scope": "model"},
     "neuromerging": {},
-    # MIN-Merging: θ_shared = θ₀ (the encoders' default), 10% of neurons per task patched, routed per input.
-    "min_merging": {"neuron_ratio": 0.1},
+    # MIN-Merging at its defaults: θ_shared = θ₀ (encoders), half of each layer's rows per task patched in float16,
+    # routed per input.
+    "min_merging": {},
 }
 
 

@@ -516,18 +516,19 @@ def test_build_min_merging_variants_whole_finetunes_model_budget_small_tensors(t
 
 
 def test_float16_patches_halve_storage_and_route_as_models_with_those_rows(tmp_path: Path):
-    """patch_dtype float16: the stored rows are the fine-tune's rounded to float16, about half the bytes, the
-    storage estimate agrees with the files, and a routed input runs exactly θ_shared with those stored rows."""
+    """patch_dtype auto (the default) on a float32 model: the stored rows are the fine-tune's rounded to float16,
+    about half the bytes, the storage estimate agrees with the tensors, and a routed input runs exactly θ_shared
+    with those stored rows."""
     from transformers import AutoModel
 
     from merging.minmerging.auto import estimated_patch_fraction
     from merging.minmerging.build import MinMergingOptions, build_min_merging
-    from merging.minmerging.params import MinMergingParams
+    from merging.minmerging.params import MinMergingParams, patch_torch_dtype
 
     base_dir, fts = build_family(tmp_path / "fam", "bert", 2, classification=True, scale=0.5)
     calibration = {"a": ["merge the model", "the base", "a"], "b": ["task vectors", "of the fine tune", "b"]}
     reports, routed = {}, {}
-    for label, dtype in (("fp32", None), ("fp16", "float16")):
+    for label, dtype in (("fp32", "float32"), ("fp16", "auto")):  # auto: float16 for this float32 model
         options = MinMergingOptions(
             importance="norm", neuron_ratio=0.25, patch_dtype=dtype, router=RouterOptions(holdout=0.34)
         )
@@ -549,7 +550,10 @@ def test_float16_patches_halve_storage_and_route_as_models_with_those_rows(tmp_p
         got = model.run([text], oracle=[task])[0].features
         want = materialized(model.shared, model.patches, [task], [1.0])(**dict(model._batch([text]))).pooler_output
         torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
-    assert MinMergingParams(patch_dtype="float16").patch_dtype == "float16"
+    assert MinMergingParams().patch_dtype == "auto" and MinMergingParams(patch_dtype="float16").patch_dtype == "float16"
+    assert patch_torch_dtype("auto", torch.float32) == torch.float16
+    assert patch_torch_dtype("auto", torch.bfloat16) == torch.bfloat16  # a low-precision model's rows as they are
+    assert patch_torch_dtype("float32", torch.bfloat16) == torch.float32
     with pytest.raises(ValueError, match="patch_dtype"):
         MinMergingParams(patch_dtype="bfloat16")
 

@@ -103,7 +103,7 @@ def choose_neuron_ratio(
         raise ConfigError(f"neuron_ratio_grid must be ratios in (0, 1], got {list(grid)}")
     base = load_model(base_dir, folder_is_causal(base_dir))
     lm_head = options.patch_lm_head and folder_is_causal(base_dir)
-    dtype = patch_torch_dtype(options.patch_dtype)
+    dtype = patch_torch_dtype(options.patch_dtype, next(base.parameters()).dtype)
     estimated = {
         r: estimated_patch_fraction(base, r, options.patch_small_tensors, lm_head, dtype) for r in sorted(set(grid))
     }

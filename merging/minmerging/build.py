@@ -47,7 +47,7 @@ from merging.minmerging.router import Router, RouterOptions, train_router
 @dataclass(frozen=True)
 class MinMergingOptions:
     importance: Literal["activation", "norm"] = "activation"
-    neuron_ratio: float = 0.1
+    neuron_ratio: float = 0.5  # with float16 patches 11.9% of a model per task on zoo v2, 96.5% in-domain
     shared_method: str = "neuromerging"
     shared_parameters: dict[str, Any] = field(default_factory=dict)
     top_k: int = 1
@@ -57,7 +57,7 @@ class MinMergingOptions:
     budget: Literal["layer", "model"] = "layer"  # top rows per tensor, or over the whole model
     patch_small_tensors: bool = False  # patches also carry every 1-D tensor (biases, LayerNorm) whole
     patch_lm_head: bool = False  # a causal LM's output layer is scored and patched like the others (token rows)
-    patch_dtype: PatchDType | None = None  # the patches' rows stored rounded to this dtype (None: the model's)
+    patch_dtype: PatchDType = "auto"  # the patches' rows stored rounded to this dtype (auto: float16 for float32)
     # θ_shared = θ₀ (base), shared_method's merge of the enhanced / whole fine-tunes, or auto (encoders: base; causal
     # LMs: enhanced). Naming a shared method under auto means enhanced, as in the pipeline's parameters.
     shared_from: SharedFrom = "auto"
@@ -223,7 +223,8 @@ def enhance(
             scores = norm_importance(vectors)
         mask = top_rows(scores, options.neuron_ratio, options.budget)
         masks.append(mask)
-        patches[task] = neuron_patch(tuned, mask, options.patch_small_tensors, patch_torch_dtype(options.patch_dtype))
+        dtype = patch_torch_dtype(options.patch_dtype, next(tuned.parameters()).dtype)
+        patches[task] = neuron_patch(tuned, mask, options.patch_small_tensors, dtype)
         # θ₀ + Mₜ ⊙ τₜ on linear weights (a scored tensor with no kept row falls back to θ₀); other tensors
         # keep their whole fine-tuned value. With shared_from "finetuned", θ_shared merges the whole fine-tunes.
         state = tuned.state_dict()

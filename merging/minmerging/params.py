@@ -11,13 +11,16 @@ from merging.methods.base import MethodParams
 
 SharedFrom = Literal["auto", "base", "enhanced", "finetuned"]
 # float16 keeps a fine-tuned row to about 2% of its task vector (measured on zoo v2); bfloat16 (about 15%) is not
-# offered: it would lose what the patch is for
-PatchDType = Literal["float32", "float16"]
+# offered: it would lose what the patch is for. `auto`: float16 for a float32 model (half the bytes, the same
+# accuracy on zoo v2), the model's own dtype otherwise.
+PatchDType = Literal["auto", "float32", "float16"]
 
 
-def patch_torch_dtype(name: PatchDType | None) -> torch.dtype | None:
-    """Returns the torch dtype the patches' rows are stored in (None: the model's own)."""
-    return None if name is None else {"float32": torch.float32, "float16": torch.float16}[name]
+def patch_torch_dtype(name: PatchDType, model_dtype: torch.dtype) -> torch.dtype:
+    """Returns the torch dtype the patches' rows of a `model_dtype` model are stored in."""
+    if name == "auto":
+        return torch.float16 if model_dtype == torch.float32 else model_dtype
+    return {"float32": torch.float32, "float16": torch.float16}[name]
 
 
 # θ_shared = θ₀ is written by the merge step like any θ_shared (same folders, manifest, registration) as θ₀ + 0·Σ τₜ,
@@ -49,7 +52,7 @@ class MinMergingParams(MethodParams):
         default="activation", description="neuron score: mean |τₜᵏ·x| on task t's calibration texts, or ‖τₜᵏ‖₂"
     )
     neuron_ratio: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
-        default=0.1,
+        default=0.5,
         description="share of each linear layer's rows kept per task; `auto`: the grid's best ratio on the "
         "evaluation tasks' validation splits whose patches fit storage_budget",
     )
@@ -75,10 +78,11 @@ class MinMergingParams(MethodParams):
     patch_small_tensors: bool = Field(
         default=False, description="patches also carry each task's 1-D tensors (biases, LayerNorm) whole"
     )
-    patch_dtype: PatchDType | None = Field(
-        default=None,
-        description="the dtype the patches' rows are stored in (null: the model's); float16 halves a float32 "
-        "model's patch bytes and keeps each row to about 2% of its task vector",
+    patch_dtype: PatchDType = Field(
+        default="auto",
+        description="the dtype the patches' rows are stored in; `auto`: float16 for a float32 model (half the "
+        "bytes; each row kept to about 2% of its task vector, the same accuracy on zoo v2), the model's own "
+        "dtype otherwise",
     )
     patch_lm_head: bool = Field(
         default=False,
