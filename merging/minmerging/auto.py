@@ -72,7 +72,7 @@ def estimated_patch_fraction(
     model_bytes = sum(p.numel() * p.element_size() for p in dict(base.named_parameters()).values())
 
     def size(p: torch.Tensor) -> int:
-        return torch.empty((), dtype=dtype).element_size() if dtype is not None else p.element_size()
+        return dtype.itemsize if dtype is not None else p.element_size()
 
     patch = 0
     for name in neuron_linears(base, lm_head):

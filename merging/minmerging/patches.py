@@ -33,13 +33,15 @@ def neuron_patch(
     missing = sorted(set(masks) - set(state))
     if missing:
         raise ConfigError(f"neuron masks name tensors the fine-tune does not have: {missing[:3]}")
-    patch = {name: (idx.long(), state[name][idx.long()].detach().clone()) for name, idx in masks.items()}
+
+    def stored(rows: torch.Tensor) -> torch.Tensor:  # one copy, in the stored dtype
+        return rows.detach().to(dtype=dtype or rows.dtype, copy=True)
+
+    patch = {name: (idx.long(), stored(state[name][idx.long()])) for name, idx in masks.items()}
     if small_tensors:
         for name, param in finetuned.named_parameters():
             if param.dim() == 1 and name not in patch:
-                patch[name] = (torch.arange(param.shape[0]), param.detach().clone())
-    if dtype is not None:
-        patch = {name: (idx, rows.to(dtype)) for name, (idx, rows) in patch.items()}
+                patch[name] = (torch.arange(param.shape[0]), stored(param))
     return patch
 
 
