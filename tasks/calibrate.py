@@ -53,6 +53,7 @@ def min_merging_options(config: MergeConfig) -> MinMergingOptions:
         prompt_prefixes=params.prompt_prefixes,
         shared_from=params.shared_from,
         router_layer=params.router_layer,
+        routed_compute=params.routed_compute,
         router=router,
     )
 

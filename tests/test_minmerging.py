@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation.heads import Head
 from merging.minmerging.features import layer_pooled, mean_pooled
+from merging.minmerging.grouped import task_groups
 from merging.minmerging.importance import (
     activation_importance,
     neuron_linears,
@@ -228,10 +229,14 @@ def slow_features(base, shared, patches, router, tok, text, top_k, ood_model):
         return router.tasks[int(experts[0])], patched(**batch).pooler_output[0]
 
 
-@pytest.mark.parametrize(("top_k", "ood_model"), [(1, "base"), (2, "shared")])
-def test_routed_model_matches_materialized_patched_models(routed_family, top_k, ood_model):
+@pytest.mark.parametrize(
+    ("top_k", "ood_model", "compute"), [(1, "base", "grouped"), (1, "base", "delta"), (2, "shared", "grouped")]
+)
+def test_routed_model_matches_materialized_patched_models(routed_family, top_k, ood_model, compute):
     _root, _base_dir, _shared_dir, base, shared, tok, router, patches, texts = routed_family
-    routed = RoutedModel(shared, base, tok, router, patches, ood_model=ood_model, top_k=top_k, batch_size=7)
+    routed = RoutedModel(
+        shared, base, tok, router, patches, ood_model=ood_model, top_k=top_k, batch_size=7, compute=compute
+    )
     results = routed.run(texts)
     assert len(results) == len(texts)
     before = {k: v.clone() for k, v in shared.state_dict().items()}
@@ -339,6 +344,55 @@ def test_patch_hooks_act_only_inside_a_routed_forward(routed_family):
         RoutedModel(shared, base, tok, router, wide)
     with pytest.raises(ConfigError, match="unknown task"):
         routed.run(texts[:2], oracle=["a", "zzz"])
+
+
+def test_grouped_compute_runs_each_task_slice_through_its_materialized_layers(routed_family, tmp_path: Path):
+    import copy
+
+    _root, _base_dir, shared_dir, base, shared, tok, router, patches, texts = routed_family
+    grouped = RoutedModel(shared, base, tok, router, patches, batch_size=16)
+    delta = RoutedModel(shared, base, tok, router, patches, batch_size=16, compute="delta")
+    assert grouped._grouped._by_id is None and delta._grouped is None  # built on first use, for grouped only
+    names = ["b" if i % 3 else "a" for i in range(len(texts))]  # tasks interleaved in each batch
+    got, want = grouped.run(texts, oracle=names), delta.run(texts, oracle=names)
+    for g, d in zip(got, want):
+        torch.testing.assert_close(g.features, d.features, rtol=1e-5, atol=1e-5)
+    assert grouped._grouped._by_id is not None  # the grouped path ran
+    # Each input's result is its own, in input order: the same text alone gives the same features.
+    alone = grouped.run(texts[4:5], oracle=names[4:5])[0]
+    torch.testing.assert_close(got[4].features, alone.features, rtol=1e-5, atol=1e-5)
+    # The materialized weights are θ_shared's with the task's rows written in; a task without rows there has none.
+    modules = dict(shared.named_modules())
+    by_id = grouped._grouped.weights()
+    for j, task in enumerate(router.tasks):
+        state = materialized(shared, patches, [task], [1.0]).state_dict()
+        for name in patches[task]:
+            layer = name.rpartition(".")[0]
+            weight, bias = by_id[id(modules[layer])][j]
+            torch.testing.assert_close(weight, state[f"{layer}.weight"], rtol=0, atol=1e-6)
+            assert bias is None or torch.equal(bias, state[f"{layer}.bias"])
+            assert weight.data_ptr() != modules[layer].weight.data_ptr()
+    assert grouped._grouped.names == {n.rpartition(".")[0] for p in patches.values() for n in p}
+    # A deep copy of θ_shared computes with its own weights, not the grouped ones nor the original's.
+    clone = copy.deepcopy(shared)
+    layer = sorted(grouped._grouped.names)[0]
+    dict(clone.named_modules())[layer].weight.data.zero_()
+    batch = dict(tok(texts[:3], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert not torch.allclose(clone(**batch).pooler_output, shared(**batch).pooler_output)
+    # Mixtures cannot be grouped: they go to the delta hooks.
+    assert task_groups(torch.tensor([[0.6, 0.4], [1.0, 0.0]])) is None
+    order, groups = task_groups(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert order.tolist() == [1, 0, 2] and groups == [(0, 0, 1), (1, 1, 3)]
+    # The choice is saved with the model; a bad one is refused, naming where it came from.
+    delta.save(tmp_path / "r", shared_dir, _base_dir)
+    assert RoutedModel.load(tmp_path / "r").compute == "delta"
+    manifest = json.loads((tmp_path / "r" / "routed.json").read_text())
+    (tmp_path / "r" / "routed.json").write_text(json.dumps({**manifest, "compute": "fast"}))
+    with pytest.raises(CheckpointError, match=r"routed\.json: compute must be 'grouped' or 'delta', got 'fast'"):
+        RoutedModel.load(tmp_path / "r")
+    with pytest.raises(ConfigError, match="routed compute must be"):
+        RoutedModel(shared, base, tok, router, patches, compute="sparse")
 
 
 def test_routed_model_is_safe_to_share_between_threads(routed_family):

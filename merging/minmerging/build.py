@@ -31,6 +31,7 @@ from merging.engine.merge import MergeOptions, run_merge
 from merging.errors import ConfigError
 from merging.evaluation.heads import Head
 from merging.minmerging.features import layer_pooled, pooled_depths
+from merging.minmerging.grouped import RoutedCompute
 from merging.minmerging.importance import (
     activation_importance,
     norm_importance,
@@ -67,6 +68,9 @@ class MinMergingOptions:
     # a causal LM routes on prompts: half of the router's calibration texts (and OOD texts) are cut to a random
     # prefix of 4 tokens or more, so short prompts look like what the router was calibrated on
     prompt_prefixes: bool = True
+    # how an encoder's top-1 routed batch runs: each task's linear layers materialized in memory, one product per
+    # task and layer ("grouped", the FLOPs of a static forward), or θ_shared plus row deltas ("delta", no copies)
+    routed_compute: RoutedCompute = "grouped"
     router: RouterOptions = field(default_factory=RouterOptions)
 
     def __post_init__(self) -> None:
@@ -276,6 +280,7 @@ def calibrate(
         options.top_k,
         options.max_length,
         router_layer=router_layer,
+        compute=options.routed_compute,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = routed.save(out_dir, shared_dir, Path(base_dir).resolve())

@@ -108,6 +108,14 @@ class MinMergingParams(MethodParams):
         "share of a forward",
     )
 
+    routed_compute: Literal["grouped", "delta"] = Field(
+        default="grouped",
+        description="how an encoder's top-1 routed batch runs: `grouped` sorts it by task and runs each task's slice "
+        "through its linear layers with the task's rows written in (the FLOPs of a static forward; one in-memory copy "
+        "of each patched linear layer per task), `delta` runs θ_shared and adds each task's row deltas (no copies, an "
+        "extra product over the patched rows); top-k mixtures and generation always use deltas",
+    )
+
     @field_validator("shared_method")
     @classmethod
     def _static(cls, v: str) -> str:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation.heads import Head
 from merging.minmerging.features import layer_pooled
+from merging.minmerging.grouped import Group, GroupedLinears, RoutedCompute, checked_compute, task_groups
 from merging.minmerging.models import feature_model, is_causal_lm, load_model, load_tokenizer, quiet_transformers
 from merging.minmerging.patches import Patch, neuron_patch, patch_hook, row_deltas
 from merging.minmerging.router import Router
@@ -90,6 +91,7 @@ class RoutedModel:
         max_length: int = 64,
         batch_size: int = 64,
         router_layer: int | None = None,
+        compute: RoutedCompute = "grouped",
     ):
         unknown = sorted(set(patches) - set(router.tasks))
         if unknown:
@@ -107,10 +109,19 @@ class RoutedModel:
         self.router_layer = router_layer
         self._route = threading.local()  # this thread's per-input expert weights while a routed forward runs
         self._deltas = row_deltas(self.shared, patches, router.tasks)
+        self.compute = checked_compute(compute, "routed compute")
+        # encoders' top-1 batches run the grouped linear layers (grouped.py); generation keeps the delta hooks
+        self._grouped = (
+            GroupedLinears(shared, patches, router.tasks) if compute == "grouped" and not self.causal else None
+        )
+        grouped = self._grouped.install() if self._grouped is not None else set()
         modules = dict(self.shared.named_modules())
         current = lambda: getattr(self._route, "weights", None)  # noqa: E731
+        ungrouped = lambda: None if getattr(self._route, "groups", None) else current()  # noqa: E731
         self._hooks = [
-            modules[name].register_forward_hook(patch_hook(modules[name], deltas, current))
+            modules[name].register_forward_hook(
+                patch_hook(modules[name], deltas, ungrouped if name in grouped else current)
+            )
             for name, deltas in sorted(self._deltas.items())
         ]
 
@@ -129,14 +140,19 @@ class RoutedModel:
         return layer_pooled(feature_model(self.base), batch, self.router_layer)
 
     @contextmanager
-    def routing(self, weights: torch.Tensor) -> Iterator[None]:
+    def routing(self, weights: torch.Tensor, groups: list[Group] | None = None) -> Iterator[None]:
         """Within the block, this thread's forwards of θ_shared mix in the experts by `weights` (inputs × tasks,
-        zero where a task is not an input's expert; a single row routes every input of a batch alike)."""
-        self._route.weights = weights
+        zero where a task is not an input's expert; a single row routes every input of a batch alike); `groups`
+        (a batch sorted by task) runs the grouped linear layers on each task's slice instead."""
+        self._route.weights, self._route.groups = weights, groups
         try:
-            yield
+            if self._grouped is None:
+                yield
+            else:
+                with self._grouped.active(groups):
+                    yield
         finally:
-            self._route.weights = None
+            self._route.weights, self._route.groups = None, None
 
     def expert_weights(self, experts: list[str], weights: list[float]) -> torch.Tensor:
         """Returns the one-row weights (1 × tasks) of a route, for `routing`."""
@@ -147,9 +163,14 @@ class RoutedModel:
 
     def _routed_forward(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Returns θ_shared's pooled output with each input's experts mixed in by `weights` (inputs × tasks)."""
-        with self.routing(weights):
-            out = self.shared(**batch)
-        return _pooled_output(out)
+        plan = task_groups(weights) if self._grouped is not None else None
+        if plan is None:
+            with self.routing(weights):
+                return _pooled_output(self.shared(**batch))
+        order, groups = plan  # sorted by task, each task's inputs a contiguous slice; then back in input order
+        with self.routing(weights[order], groups):
+            out = _pooled_output(self.shared(**{k: v[order] for k, v in batch.items()}))
+        return out[torch.argsort(order)]
 
     def _route_batch(
         self, batch: dict[str, torch.Tensor], names: list[str] | None
@@ -266,6 +287,7 @@ class RoutedModel:
             "top_k": self.top_k,
             "max_length": self.max_length,
             "router_layer": self.router_layer,
+            "compute": self.compute,
             "model": "causal_lm" if self.causal else "encoder",
         }
         (folder / "routed.json").write_text(json.dumps(manifest, indent=1))
@@ -311,6 +333,9 @@ class RoutedModel:
             int(manifest["top_k"]),
             int(manifest["max_length"]),
             router_layer=_router_layer(manifest.get("router_layer"), folder),
+            compute=checked_compute(
+                manifest.get("compute", "grouped"), f"{folder}/routed.json: compute", CheckpointError
+            ),
         )
 
 
