@@ -6,7 +6,8 @@ For the `full` zoo (joint heads by default) it builds the routed model for each 
 float32 patches, which they pin), and reports on test splits: per-task accuracy with the task's
 own head on the routed features, average normalized accuracy, the strict variant (the routed
 task's head; a misrouted input is wrong), router accuracy, OOD retention and the share of OOD
-inputs flagged, patch storage, and latency per sample against the static merged model. Each row
+inputs flagged, patch storage, and latency per sample at batch 64 (the routed model with its grouped
+forward and with row deltas, against θ_shared alone, interleaved in one run). Each row
 is also scored with oracle routing (every input to its true task's experts): the ceiling a perfect
 router would give, which separates the router's share of the loss from the method's.
 
@@ -15,7 +16,7 @@ router would give, which separates the router's share of the loss from the metho
 
 Each fine-tune seed is its own entry of benchmarks/results/min_merging.json (`seeds`); a run
 writes the file after every row, and `--resume` keeps the rows already measured on the same zoo
-build. The `summary` is the default (first) row's mean over the seeds measured; its
+build (`--remeasure` measures the picked rows again). The `summary` is the default (first) row's mean over the seeds measured; its
 `best_static_normalized` is the best static merge (own heads, λ chosen on validation) of the same
 zoo builds in benchmarks/results/merge_accuracy.json (null when that file measured other builds).
 The rows `neuron_ratio r` (float32 patches) and `patches in float16` with the default row trace
@@ -45,6 +46,7 @@ from merging.evaluation.harness import Evaluator  # noqa: E402
 from merging.minmerging.build import MinMergingOptions, build_min_merging  # noqa: E402
 from merging.minmerging.evaluate import routed_report  # noqa: E402
 from merging.minmerging.features import pooled_depths  # noqa: E402
+from merging.minmerging.models import load_model  # noqa: E402
 from merging.minmerging.routed import RoutedModel  # noqa: E402
 from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
@@ -81,24 +83,28 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
 RESULTS = ROOT / "benchmarks" / "results" / "min_merging.json"
 
 
-def latency(routed: RoutedModel, texts: list[str], repeats: int = 3) -> tuple[float, float]:
-    """Returns (routed, static) median milliseconds per sample over the same texts (static = θ_shared alone)."""
-    batch_size = routed.batch_size
+def latency(folder: Path, texts: list[str], repeats: int = 5) -> dict[str, float]:
+    """Returns median milliseconds per sample over the same texts, the cases interleaved in each repeat: the routed
+    model saved in `folder` with the grouped forward and with row deltas, and its θ_shared alone (loaded clean)."""
+    grouped, delta = RoutedModel.load(folder, "grouped"), RoutedModel.load(folder, "delta")
+    shared = load_model(folder / json.loads((folder / "routed.json").read_text())["shared"], causal=False)
+    batch_size = grouped.batch_size
 
     def static() -> None:
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
-                routed.shared(**dict(routed._batch(texts[s : s + batch_size])))
+                shared(**dict(grouped._batch(texts[s : s + batch_size])))
 
-    out = []
-    for fn in (lambda: routed.run(texts), static):
-        runs = []
-        for _ in range(repeats):
+    cases = {"routed": lambda: grouped.run(texts), "routed_delta": lambda: delta.run(texts), "static_shared": static}
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()  # warm-up: the grouped weights are built on first use, allocator and thread pools settle
+    for _ in range(repeats):
+        for name, fn in cases.items():
             started = time.perf_counter()
             fn()
-            runs.append(1000 * (time.perf_counter() - started) / len(texts))
-        out.append(statistics.median(runs))
-    return out[0], out[1]
+            runs[name].append(1000 * (time.perf_counter() - started) / len(texts))
+    return {name: statistics.median(v) for name, v in runs.items()}
 
 
 @torch.inference_mode()
@@ -272,7 +278,7 @@ def measure_row(
     oracle = routed_report(evaluator, routed, "test", finetuned, oracle=True, out_of_domain=False)
     row["oracle"] = {k: oracle[k] for k in ("scores", "normalized", "average_normalized", "strict")}
     row["oracle"]["strict_average_normalized"] = oracle["strict_average_normalized"]
-    routed_ms, static_ms = latency(routed, ctx["sample"])
+    ms = latency(tmp / "m", ctx["sample"])
     row.update(
         {
             "options": {k: v for k, v in options.__dict__.items() if k != "router"},
@@ -280,7 +286,7 @@ def measure_row(
             "router": report.router,
             "overlap": report.overlap,
             "storage": report.storage,
-            "latency_ms_per_sample": {"routed": routed_ms, "static_shared": static_ms, "batch_size": routed.batch_size},
+            "latency_ms_per_sample": {**ms, "batch_size": routed.batch_size},
         }
     )
     print(
@@ -288,7 +294,7 @@ def measure_row(
         f"oracle {100 * row['oracle']['average_normalized']:5.1f} strict "
         f"{100 * row['strict_average_normalized']:5.1f} route {100 * row['routing_accuracy_average']:5.1f} "
         f"ood {100 * (row['ood_retention'] or 0):5.1f} patch/task/model {100 * patch_fraction(row):5.1f}% "
-        f"lat {routed_ms:.2f}/{static_ms:.2f} ms",
+        f"lat {ms['routed']:.2f} (delta {ms['routed_delta']:.2f})/{ms['static_shared']:.2f} ms",
         flush=True,
     )
     return row
@@ -304,6 +310,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=len(ROWS), help="run only the first N rows")
     parser.add_argument("--pick", default="", help="run only these rows (comma-separated indices into ROWS)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already measured on this zoo build")
+    parser.add_argument("--remeasure", action="store_true", help="with --resume: measure the picked rows again")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--router-layers-only", action="store_true", help="only the router-depth sweep (no routed model is built)"
@@ -360,7 +367,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
         chosen = [ROWS[int(i)] for i in args.pick.split(",")] if args.pick else ROWS[: args.rows]
         for name, overrides in chosen:
-            if name in entry["rows"]:
+            if name in entry["rows"] and not args.remeasure:
                 print(f"{name[:60]:60s} (kept from the previous run)")
                 continue
             entry["rows"][name] = measure_row(name, overrides, ctx, Path(tmp))

@@ -387,6 +387,7 @@ def test_grouped_compute_runs_each_task_slice_through_its_materialized_layers(ro
     # The choice is saved with the model; a bad one is refused, naming where it came from.
     delta.save(tmp_path / "r", shared_dir, _base_dir)
     assert RoutedModel.load(tmp_path / "r").compute == "delta"
+    assert RoutedModel.load(tmp_path / "r", compute="grouped").compute == "grouped"  # a caller's choice wins
     manifest = json.loads((tmp_path / "r" / "routed.json").read_text())
     (tmp_path / "r" / "routed.json").write_text(json.dumps({**manifest, "compute": "fast"}))
     with pytest.raises(CheckpointError, match=r"routed\.json: compute must be 'grouped' or 'delta', got 'fast'"):

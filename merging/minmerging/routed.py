@@ -34,17 +34,12 @@ from merging.minmerging.features import layer_pooled
 from merging.minmerging.grouped import Group, GroupedLinears, RoutedCompute, checked_compute, task_groups
 from merging.minmerging.models import feature_model, is_causal_lm, load_model, load_tokenizer, quiet_transformers
 from merging.minmerging.patches import Patch, neuron_patch, patch_hook, row_deltas
+from merging.minmerging.routed_manifest import relative_to, router_layer_field, task_names_field
 from merging.minmerging.router import Router
 
 __all__ = ["OodModel", "Patch", "RoutedModel", "neuron_patch", "quiet_transformers"]
 
 OodModel = Literal["base", "shared"]
-
-
-def _relative(path: Path, folder: Path) -> str:
-    """Returns `path` relative to `folder` when it lies inside it (so the folder can move), else absolute."""
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
 
 
 def _pooled_output(out: Any) -> torch.Tensor:
@@ -280,8 +275,8 @@ class RoutedModel:
         manifest = {
             "format": 1,
             "kind": "mergeflow-routed",
-            "shared": _relative(shared_dir, folder),
-            "base": _relative(base_dir, folder),
+            "shared": relative_to(shared_dir, folder),
+            "base": relative_to(base_dir, folder),
             "tasks": self.router.tasks,
             "ood_model": self.ood_model,
             "top_k": self.top_k,
@@ -294,7 +289,8 @@ class RoutedModel:
         return sizes
 
     @classmethod
-    def load(cls, folder: Path) -> RoutedModel:
+    def load(cls, folder: Path, compute: RoutedCompute | None = None) -> RoutedModel:
+        """Returns the routed model saved in `folder` (`compute`: instead of the one it was saved with)."""
         try:
             manifest = json.loads((folder / "routed.json").read_text())
         except (OSError, ValueError) as exc:
@@ -304,7 +300,7 @@ class RoutedModel:
             raise CheckpointError(f"{folder}/routed.json: model must be 'encoder' or 'causal_lm', got {kind!r}")
         router = Router.load(folder / "router")
         patches: dict[str, Patch] = {}
-        for task in _task_names(manifest.get("tasks"), folder):
+        for task in task_names_field(manifest.get("tasks"), folder):
             path = folder / "patches" / f"{task}.safetensors"
             if not path.exists():
                 continue
@@ -319,6 +315,7 @@ class RoutedModel:
         for role, path in (("shared", shared_dir), ("base", base_dir)):
             if not (path / "config.json").exists():
                 raise CheckpointError(f"{folder}/routed.json: the {role} model {path} is missing")
+        saved = checked_compute(manifest.get("compute", "grouped"), f"{folder}/routed.json: compute", CheckpointError)
         causal = kind == "causal_lm"
         shared, base = load_model(shared_dir, causal), load_model(base_dir, causal)
         tokenizer = load_tokenizer(base_dir, causal)
@@ -332,28 +329,6 @@ class RoutedModel:
             manifest["ood_model"],
             int(manifest["top_k"]),
             int(manifest["max_length"]),
-            router_layer=_router_layer(manifest.get("router_layer"), folder),
-            compute=checked_compute(
-                manifest.get("compute", "grouped"), f"{folder}/routed.json: compute", CheckpointError
-            ),
+            router_layer=router_layer_field(manifest.get("router_layer"), folder),
+            compute=compute or saved,
         )
-
-
-def _router_layer(value: Any, folder: Path) -> int | None:
-    """Returns routed.json's `router_layer` (absent or null: the last layer), checked."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise CheckpointError(f"{folder}/routed.json: router_layer must be a layer count >= 0 or null, got {value!r}")
-    return value
-
-
-def _task_names(value: Any, folder: Path) -> list[str]:
-    """Returns routed.json's task names, each a plain file name (they name the patch files: no path may leave
-    `patches/`)."""
-    if not isinstance(value, list) or not value:
-        raise CheckpointError(f"{folder}/routed.json: tasks must be a non-empty list of names, got {value!r}")
-    for name in value:
-        if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\x00" in name:
-            raise CheckpointError(f"{folder}/routed.json: task name {name!r} is not a plain name (a patch file's stem)")
-    return list(value)
