@@ -16,7 +16,10 @@ router would give, which separates the router's share of the loss from the metho
 
 Each fine-tune seed is its own entry of benchmarks/results/min_merging.json (`seeds`); a run
 writes the file after every row, and `--resume` keeps the rows already measured on the same zoo
-build (`--remeasure` measures the picked rows again). The `summary` is the default (first) row's mean over the seeds measured; its
+build: the same key and the same trained weights (`zoo.weights`, a digest each row records as
+`zoo_weights`; rows without it were measured on an earlier build of the key, whose fine-tune
+scores are kept as `finetuned_earlier_build`); `--remeasure` measures the picked rows again. The
+`summary` is the default (first) row's mean over the seeds measured; its
 `best_static_normalized` is the best static merge (own heads, λ chosen on validation) of the same
 zoo builds in benchmarks/results/merge_accuracy.json (null when that file measured other builds).
 The rows `neuron_ratio r` (float32 patches) and `patches in float16` with the default row trace
@@ -51,6 +54,7 @@ from merging.minmerging.routed import RoutedModel  # noqa: E402
 from merging.minmerging.router import RouterOptions, train_router  # noqa: E402
 from merging.zoo import zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
+from merging.zoo.manifest import weights_digest  # noqa: E402
 
 DEFAULT_ROW = "MIN-Merging (activation, ratio 0.5, float16 patches, top-1, OOD→θ₀, θ_shared = θ₀, router depth auto)"
 # Rows measured against the default before (ratio 0.1, float32 patches) pin it, so each name keeps its meaning.
@@ -340,13 +344,26 @@ def main() -> int:
         previous = json.loads(out.read_text())
         if (previous.get("suite"), previous.get("size"), previous.get("head")) == (args.suite, args.size, args.head):
             results["seeds"] = previous.get("seeds", {})  # other seeds' entries are kept
-    zoo_info = {"suite": args.suite, "size": args.size, "head": args.head, "seed": args.seed, "key": manifest.key}
+    digest = weights_digest(zoo, manifest)
+    zoo_info = {
+        "suite": args.suite,
+        "size": args.size,
+        "head": args.head,
+        "seed": args.seed,
+        "key": manifest.key,
+        "weights": digest,  # one key can train other weights elsewhere (see BuildEnvironment); rows carry theirs
+        "environment": manifest.environment.model_dump() if manifest.environment else None,
+    }
     entry = results["seeds"].get(str(args.seed), {})
     if not (args.resume and entry.get("zoo", {}).get("key") == manifest.key):
         entry = {}
     entry.setdefault("rows", {})
+    finetuned = evaluator.finetuned_scores("test")
+    if entry.get("finetuned", finetuned) != finetuned and entry.get("zoo", {}).get("weights") != digest:
+        # rows kept from another build of this key: their own fine-tune scores stay beside them
+        entry.setdefault("finetuned_earlier_build", entry["finetuned"])
     entry["zoo"] = zoo_info
-    entry["finetuned"] = evaluator.finetuned_scores("test")
+    entry["finetuned"] = finetuned
     results["seeds"][str(args.seed)] = entry
     if "router_layers" not in entry:
         entry["router_layers"] = router_layers(evaluator, calibration, ood_texts)
@@ -367,10 +384,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mergeflow-min-") as tmp:
         chosen = [ROWS[int(i)] for i in args.pick.split(",")] if args.pick else ROWS[: args.rows]
         for name, overrides in chosen:
-            if name in entry["rows"] and not args.remeasure:
+            kept = entry["rows"].get(name, {}).get("zoo_weights") == digest
+            if kept and not args.remeasure:
                 print(f"{name[:60]:60s} (kept from the previous run)")
                 continue
-            entry["rows"][name] = measure_row(name, overrides, ctx, Path(tmp))
+            entry["rows"][name] = {**measure_row(name, overrides, ctx, Path(tmp)), "zoo_weights": digest}
             out.write_text(json.dumps(results, indent=1))  # a stopped run keeps the rows done
     results["summary"] = summary(results)
     print("summary: " + json.dumps(results["summary"]))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from flows.cli import main
 from merging.engine.merge import MergeOptions, run_merge
@@ -20,7 +20,7 @@ from merging.evaluation import Evaluator, load_head
 from merging.zoo import zoo_merge_config, zoo_tasks
 from merging.zoo.build import build_zoo
 from merging.zoo.finetune import Job, length_batches, train_once
-from merging.zoo.manifest import ZooManifest, load_manifest
+from merging.zoo.manifest import ZooManifest, build_environment, load_manifest, weights_digest
 from merging.zoo.splits import SIZES
 from merging.zoo.suites import BUILDERS, suite_tasks
 
@@ -179,6 +179,15 @@ def test_seeds_share_data_and_differ_in_fine_tunes(ci_zoo: tuple[Path, ZooManife
     first = load_file(str(root / manifest.merge_tasks()[0].finetune.path / "model.safetensors"))  # type: ignore[union-attr]
     second = load_file(str(other / manifest1.merge_tasks()[0].finetune.path / "model.safetensors"))  # type: ignore[union-attr]
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    # Where the fine-tunes were trained is recorded (one key trains other weights under other threads or CPUs),
+    # and the weights digest tells two builds apart where the key cannot.
+    assert manifest1.environment == build_environment() and manifest1.environment.threads == torch.get_num_threads()
+    digest = weights_digest(other, manifest1)
+    assert digest != weights_digest(root, manifest) and digest == weights_digest(other, load_manifest(other))
+    head = other / manifest1.tasks[-1].probe_head
+    tensors = load_file(str(head))
+    save_file({k: v + 1e-3 for k, v in tensors.items()}, str(head))
+    assert weights_digest(other, manifest1) != digest
 
 
 def test_length_batches_cover_every_index_once_with_similar_lengths():

@@ -40,7 +40,15 @@ from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import publish_folder
 from merging.pipeline_config import EvaluationConfig
 from merging.zoo.finetune import Job, finetune_task
-from merging.zoo.manifest import BaseEntry, FineTuneEntry, Scores, TaskEntry, ZooManifest, load_manifest
+from merging.zoo.manifest import (
+    BaseEntry,
+    FineTuneEntry,
+    Scores,
+    TaskEntry,
+    ZooManifest,
+    build_environment,
+    load_manifest,
+)
 from merging.zoo.sources import TaskSource
 from merging.zoo.splits import SIZES, split_seed, split_source, write_parquet
 from merging.zoo.suites import BUILDERS, DEFAULT_SUITE, suite_tasks
@@ -147,7 +155,7 @@ def build_zoo(
             return root, existing, False
         _log(progress, f"zoo {root} was built from other inputs (key {existing.key[:12]}); rebuilding")
 
-    started = time.perf_counter()
+    started, environment = time.perf_counter(), build_environment()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +185,7 @@ def build_zoo(
             build_seconds=round(time.perf_counter() - started, 1),
             base=BaseEntry(path="base", source=str(source_dir), sha256=base_sha, parameters=n_params),
             tasks=entries,
+            environment=environment,
         )
         (tmp / "zoo.yaml").write_text(yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False))
         publish_folder(tmp, root)

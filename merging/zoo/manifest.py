@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -85,6 +86,25 @@ class TaskEntry(Strict):
         )
 
 
+class BuildEnvironment(Strict):
+    """What fine-tuning's floating point depends on: the same key built under another torch version, intra-op
+    thread count or CPU instruction set gives slightly different weights, and a task whose validation scores are
+    near a tie (zoo v2's dialogue_next_line) can then keep another checkpoint."""
+
+    torch: str
+    threads: int = Field(ge=1)
+    cpu_capability: str
+
+
+def build_environment() -> BuildEnvironment:
+    """Returns this process's build environment."""
+    import torch
+
+    return BuildEnvironment(
+        torch=torch.__version__, threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability()
+    )
+
+
 class ZooManifest(Strict):
     format: Literal[1, 2] = ZOO_FORMAT
     key: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of everything the build depends on")
@@ -95,12 +115,28 @@ class ZooManifest(Strict):
     build_seconds: float = Field(ge=0)
     base: BaseEntry
     tasks: list[TaskEntry] = Field(min_length=2)
+    environment: BuildEnvironment | None = Field(default=None, description="where the fine-tunes were trained")
 
     def merge_tasks(self) -> list[TaskEntry]:
         return [t for t in self.tasks if t.role == "merge"]
 
     def ood_tasks(self) -> list[TaskEntry]:
         return [t for t in self.tasks if t.role == "out_of_domain"]
+
+
+def weights_digest(root: Path, manifest: ZooManifest) -> str:
+    """Returns a sha256 over the weights a zoo build produced (base, fine-tunes, probe heads): two builds of one key
+    have the same digest only if they trained the same weights (benchmarks resume on it, not on the key)."""
+    from merging.io.checkpoint import file_sha256
+
+    h = hashlib.sha256(manifest.base.sha256.encode())
+    for task in manifest.tasks:
+        files = [root / task.probe_head]
+        if task.finetune is not None:
+            files += sorted((root / task.finetune.path).glob("*.safetensors"))
+        for path in files:
+            h.update(f"{path.relative_to(root)}:{file_sha256(path)}".encode())
+    return h.hexdigest()
 
 
 def load_manifest(path: str | Path) -> ZooManifest:
