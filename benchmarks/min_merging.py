@@ -207,6 +207,25 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def per_seed(results: dict[str, Any]) -> dict[str, Any]:
+    """Returns each seed's default row beside the best static merge of the same build (None where
+    merge_accuracy.json measured another build of that seed): the comparison the summary's mean cannot make when
+    only some seeds' builds were measured there."""
+    out = {}
+    for seed, run in sorted(results["seeds"].items()):
+        row = run["rows"].get(DEFAULT_ROW)
+        if row is None:
+            continue
+        out[seed] = {
+            "zoo_key": run["zoo"]["key"],
+            "in_domain_normalized": round(row["average_normalized"], 4),
+            "oracle_normalized": round(row["oracle"]["average_normalized"], 4),
+            "ood_retention": round(row["ood_retention"], 4) if row["ood_retention"] is not None else None,
+            "best_static_normalized": best_static([run["zoo"]["key"]]),
+        }
+    return out
+
+
 def plot(results: dict[str, Any], out: Path) -> None:
     """Writes the storage–accuracy curve: routed and oracle in-domain normalized against patch storage per task."""
     import matplotlib
@@ -327,7 +346,7 @@ def main() -> int:
     out = Path(args.out)
     if args.resummarize or args.plot:
         data = json.loads(out.read_text())
-        data["summary"] = summary(data)
+        data["summary"], data["per_seed"] = summary(data), per_seed(data)
         out.write_text(json.dumps(data, indent=1))
         print("summary: " + json.dumps(data["summary"]))
         if args.plot:
@@ -390,7 +409,7 @@ def main() -> int:
                 continue
             entry["rows"][name] = {**measure_row(name, overrides, ctx, Path(tmp)), "zoo_weights": digest}
             out.write_text(json.dumps(results, indent=1))  # a stopped run keeps the rows done
-    results["summary"] = summary(results)
+    results["summary"], results["per_seed"] = summary(results), per_seed(results)
     print("summary: " + json.dumps(results["summary"]))
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

@@ -120,6 +120,14 @@ def test_min_merging_summary_is_the_default_rows_mean_over_seeds_and_the_curve_d
     assert summary["patch_fraction_per_task"] == pytest.approx(0.1)  # 200 B of patches / 2 tasks / 1000 B
     assert summary["ood_flagged"] == pytest.approx(0.25)
     assert summary["best_static_normalized"] is None  # merge_accuracy.json measured other zoo builds
+    seeds = min_merging.per_seed(data)
+    assert set(seeds) == {"0", "1"} and seeds["1"]["in_domain_normalized"] == pytest.approx(0.82)
+    assert seeds["0"]["zoo_key"] == "k0" and seeds["0"]["best_static_normalized"] is None
+    measured = json.loads((RESULTS / "merge_accuracy.json").read_text())["seeds"]["0"]
+    data["seeds"]["0"]["zoo"]["key"] = measured["zoo"]["key"]  # a build merge_accuracy.json measured
+    best = max(m["average_normalized"] for m in measured["with_validation"].values())
+    assert min_merging.per_seed(data)["0"]["best_static_normalized"] == pytest.approx(best)
+    assert min_merging.per_seed(data)["1"]["best_static_normalized"] is None
     data["summary"] = summary
     min_merging.plot(data, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
