@@ -26,8 +26,8 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"density": 0.2, "lambda": 1.0, "trim_scope": "model"},
     "neuromerging": {},
-    # MIN-Merging at its defaults: θ_shared = θ₀ (encoders), half of each layer's rows per task patched in float16,
-    # routed per input.
+    # MIN-Merging at its defaults: θ_shared = θ₀ and norm importance (encoders), half of each layer's rows per task
+    # patched in float16, routed per input.
     "min_merging": {},
 }
 

@@ -470,14 +470,14 @@ def test_build_min_merging_shared_model_is_base_plus_masked_task_vectors(tmp_pat
         "a": ["merge the model", "a neuron of the model", "the base"],
         "b": ["task vectors", "of the fine tune", "a task"],
     }
-    options = MinMergingOptions(
-        importance="norm",
+    options = MinMergingOptions(  # importance auto (the default): the row norm on an encoder, checked below
         neuron_ratio=0.25,
         shared_from="enhanced",
         shared_method="task_arithmetic",
         shared_parameters={"lambda": 1.0},
         router=RouterOptions(holdout=0.34),
     )
+    assert options.importance == "auto"
     report = build_min_merging(base_dir, {"a": fts[0], "b": fts[1]}, calibration, tmp_path / "min", options)
     base = AutoModel.from_pretrained(base_dir)
     shared = AutoModel.from_pretrained(report.shared_dir)
@@ -525,12 +525,16 @@ def test_default_shared_model_is_the_base_bit_for_bit_and_routed_inputs_see_only
     # A shared method named together with shared_from base is a contradiction, not silently ignored.
     with pytest.raises(ConfigError, match="shared_from base"):
         MinMergingOptions(shared_from="base", shared_method="ties")
-    from merging.minmerging.params import MinMergingParams, resolve_shared_from
+    from merging.minmerging.params import MinMergingParams, resolve_importance, resolve_shared_from
 
     # Naming a shared method means a merged θ_shared; auto resolves by the base model's kind.
     assert MinMergingOptions(shared_method="ties").shared_from == "enhanced"
     assert MinMergingParams(shared_method="ties").shared_from == "enhanced"
     assert (resolve_shared_from("auto", False), resolve_shared_from("auto", True)) == ("base", "enhanced")
+    # importance auto: the row norm for encoders (measured best on zoo v2), activation for causal LMs
+    assert MinMergingParams().importance == "auto" and MinMergingOptions().importance == "auto"
+    assert (resolve_importance("auto", False), resolve_importance("auto", True)) == ("norm", "activation")
+    assert resolve_importance("activation", False) == "activation" and resolve_importance("norm", True) == "norm"
     with pytest.raises(ValueError, match="shared_from base"):
         MinMergingParams(shared_from="base", shared_parameters={"lambda": 0.5})
     with pytest.raises(ValueError, match="shared_from auto makes θ_shared θ₀ for an encoder"):
