@@ -396,6 +396,30 @@ def test_grouped_compute_runs_each_task_slice_through_its_materialized_layers(ro
         RoutedModel(shared, base, tok, router, patches, compute="sparse")
 
 
+def test_grouped_forward_takes_only_plain_linear_layers():
+    """A linear subclass with its own forward (quantized, LoRA) keeps its forward and the delta path."""
+    from merging.minmerging.grouped import GroupedLinears
+
+    class Doubling(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), Doubling(3, 2))
+    patches = {
+        "a": {"0.weight": (torch.tensor([1]), torch.ones(1, 4)), "1.weight": (torch.tensor([0]), torch.ones(1, 3))}
+    }
+    grouped = GroupedLinears(model, patches, ["a"])
+    assert grouped.install() == {"0"}
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = 2 * torch.nn.functional.linear(model[0](x), model[1].weight, model[1].bias)
+        torch.testing.assert_close(model(x), want)  # outside a routed forward: each layer as it was
+        with grouped.active([(0, 0, 5)]):
+            hidden = torch.nn.functional.linear(x, grouped.weights()[id(model[0])][0][0], model[0].bias)
+            torch.testing.assert_close(model(x), 2 * torch.nn.functional.linear(hidden, model[1].weight, model[1].bias))
+    assert torch.equal(grouped.weights()[id(model[0])][0][0][1], torch.ones(4))
+
+
 def test_routed_model_is_safe_to_share_between_threads(routed_family):
     from concurrent.futures import ThreadPoolExecutor
 

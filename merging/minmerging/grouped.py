@@ -97,7 +97,8 @@ class GroupedLinears:
     def __init__(self, shared_model: torch.nn.Module, patches: dict[str, Patch], tasks: list[str]):
         self.model, self.patches, self.tasks = shared_model, patches, tasks
         modules = dict(shared_model.named_modules())
-        # a layer whose forward something else already replaced (accelerate's offload hooks) keeps the delta hooks
+        # a layer whose forward is not nn.Linear's own (a subclass's, or one accelerate's offload hooks replaced)
+        # keeps the delta hooks: the grouped forward computes a plain linear map
         self.names = {n for n in grouped_names(shared_model, patches) if _free(modules[n])}
         self._by_id: dict[int, list[TaskLinear | None]] | None = None
         self._lock = threading.Lock()
@@ -134,7 +135,8 @@ class GroupedLinears:
 
 def _free(module: torch.nn.Module) -> bool:
     forward = module.__dict__.get("forward")
-    return forward is None or getattr(forward, "__func__", None) is _grouped_forward
+    own = forward is None or getattr(forward, "__func__", None) is _grouped_forward
+    return own and type(module).forward is torch.nn.Linear.forward
 
 
 def _grouped_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
