@@ -1,14 +1,14 @@
 """MIN-Merging on the offline zoo: routed accuracy, OOD retention, router accuracy, storage, latency, ablations.
 
 For the `full` zoo (joint heads by default) it builds the routed model for each configuration
-(default: activation importance, neuron_ratio 0.5, float16 patches, top-1, out-of-domain inputs to
-θ₀, θ_shared = θ₀) and each ablation row (measured against the default before, ratio 0.1 with
-float32 patches, which they pin), and reports on test splits: per-task accuracy with the task's
-own head on the routed features, average normalized accuracy, the strict variant (the routed
-task's head; a misrouted input is wrong), router accuracy, OOD retention and the share of OOD
-inputs flagged, patch storage, and latency per sample at batch 64 (the routed model with its grouped
-forward and with row deltas, against θ_shared alone, interleaved in one run). Each row
-is also scored with oracle routing (every input to its true task's experts): the ceiling a perfect
+(default: norm importance, neuron_ratio 0.5, float16 patches, top-1, out-of-domain inputs to θ₀,
+θ_shared = θ₀) and each ablation row (measured against the default before, ratio 0.1 with float32
+patches and activation importance, which they pin), and reports on test splits: per-task accuracy
+with the task's own head on the routed features, average normalized accuracy, the strict variant
+(the routed task's head; a misrouted input is wrong), router accuracy, OOD retention and the share
+of OOD inputs flagged, patch storage, and latency per sample at batch 64 (the routed model with its
+grouped forward and with row deltas, against θ_shared alone, interleaved in one run). Each row is
+also scored with oracle routing (every input to its true task's experts): the ceiling a perfect
 router would give, which separates the router's share of the loss from the method's.
 
     .venv/bin/python benchmarks/min_merging.py [--suite sentences] [--size full] [--seed 0] [--rows N] [--resume]

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from merging.methods.base import MethodParams
+from merging.minmerging.grouped import RoutedCompute
 
 SharedFrom = Literal["auto", "base", "enhanced", "finetuned"]
 # float16 keeps a fine-tuned row to about 2% of its task vector (measured on zoo v2); bfloat16 (about 15%) is not
@@ -122,7 +123,7 @@ class MinMergingParams(MethodParams):
         "share of a forward",
     )
 
-    routed_compute: Literal["grouped", "delta"] = Field(
+    routed_compute: RoutedCompute = Field(
         default="grouped",
         description="how an encoder's top-1 routed batch runs: `grouped` sorts it by task and runs each task's slice "
         "through its linear layers with the task's rows written in (the FLOPs of a static forward; one in-memory copy "
