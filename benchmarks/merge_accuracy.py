@@ -45,6 +45,7 @@ from merging.evaluation.harness import Evaluator  # noqa: E402
 from merging.evaluation.search import search_validation, with_parameters  # noqa: E402
 from merging.zoo import zoo_merge_config, zoo_tasks  # noqa: E402
 from merging.zoo.build import build_zoo  # noqa: E402
+from merging.zoo.manifest import weights_digest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "merge_accuracy.json"
 
@@ -165,6 +166,8 @@ def run_seed(
             "head": head,
             "seed": seed,
             "key": manifest.key,
+            "weights": weights_digest(root, manifest),  # one key can train other weights elsewhere
+            "environment": manifest.environment.model_dump() if manifest.environment else None,
             "build_seconds": manifest.build_seconds,
             "tasks": [t.model_dump(mode="json") for t in manifest.tasks],
         },

@@ -176,16 +176,33 @@ def router_layers(evaluator: Evaluator, calibration: dict[str, list[str]], ood_t
     return rows
 
 
-def best_static(keys: list[str]) -> float | None:
+def best_static(builds: list[tuple[str, str | None]], accuracy: dict[str, Any] | None = None) -> float | None:
     """Returns the best static merge's average normalized score (own heads, with validation), mean over the
-    merge_accuracy seeds whose zoo builds are `keys`; None unless every key was measured there."""
+    merge_accuracy seeds whose zoo builds are `builds` ((key, weights digest) pairs); None unless every build was
+    measured there. A digest on both sides must agree (one key trains other weights on another machine); an entry
+    without one (measured before digests were recorded) matches on the key alone. `accuracy` defaults to
+    benchmarks/results/merge_accuracy.json."""
     path = ROOT / "benchmarks" / "results" / "merge_accuracy.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    runs = {run["zoo"]["key"]: run for run in data.get("seeds", {}).values()}
-    if not keys or any(k not in runs for k in keys):
+    data = accuracy if accuracy is not None else json.loads(path.read_text()) if path.is_file() else {}
+    found = []
+    for key, weights in builds:
+        same = [
+            run
+            for run in data.get("seeds", {}).values()
+            if run["zoo"]["key"] == key and (weights is None or run["zoo"].get("weights") in (None, weights))
+        ]
+        if not same:
+            return None
+        found.append(same[0])
+    if not found:
         return None
-    methods = set.intersection(*(set(runs[k]["with_validation"]) for k in keys))
-    return max(statistics.mean(runs[k]["with_validation"][m]["average_normalized"] for k in keys) for m in methods)
+    methods = set.intersection(*(set(run["with_validation"]) for run in found))
+    return max(statistics.mean(run["with_validation"][m]["average_normalized"] for run in found) for m in methods)
+
+
+def build_of(run: dict[str, Any]) -> tuple[str, str | None]:
+    """Returns the (key, weights digest) of the build a seed's default row was measured on."""
+    return run["zoo"]["key"], run["rows"][DEFAULT_ROW].get("zoo_weights")
 
 
 def patch_fraction(row: dict[str, Any]) -> float:
@@ -206,7 +223,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     flagged = [
         statistics.mean(v["flagged_out_of_domain"] for v in r["ood"].values()) if r["ood"] else None for r in rows
     ]
-    keys = [run["zoo"]["key"] for run in results["seeds"].values() if DEFAULT_ROW in run["rows"]]
+    builds = [build_of(run) for run in results["seeds"].values() if DEFAULT_ROW in run["rows"]]
     return {
         "in_domain_normalized": mean([r["average_normalized"] for r in rows]),
         "oracle_normalized": mean([r["oracle"]["average_normalized"] for r in rows]),
@@ -214,7 +231,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "ood_retention": mean([r["ood_retention"] for r in rows]),
         "ood_flagged": mean(flagged),
         "patch_fraction_per_task": mean([patch_fraction(r) for r in rows]),
-        "best_static_normalized": best_static(keys),
+        "best_static_normalized": best_static(builds),
     }
 
 
@@ -232,7 +249,8 @@ def per_seed(results: dict[str, Any]) -> dict[str, Any]:
             "in_domain_normalized": round(row["average_normalized"], 4),
             "oracle_normalized": round(row["oracle"]["average_normalized"], 4),
             "ood_retention": round(row["ood_retention"], 4) if row["ood_retention"] is not None else None,
-            "best_static_normalized": best_static([run["zoo"]["key"]]),
+            "zoo_weights": build_of(run)[1],
+            "best_static_normalized": best_static([build_of(run)]),
         }
     return out
 

@@ -128,6 +128,13 @@ def test_min_merging_summary_is_the_default_rows_mean_over_seeds_and_the_curve_d
     best = max(m["average_normalized"] for m in measured["with_validation"].values())
     assert min_merging.per_seed(data)["0"]["best_static_normalized"] == pytest.approx(best)
     assert min_merging.per_seed(data)["1"]["best_static_normalized"] is None
+    # one key, other weights (another machine's build): no comparison; the same digest, or none recorded: one
+    accuracy = {"seeds": {"0": {**measured, "zoo": {**measured["zoo"], "weights": "w-here"}}}}
+    key = measured["zoo"]["key"]
+    assert min_merging.best_static([(key, "w-elsewhere")], accuracy) is None
+    assert min_merging.best_static([(key, "w-here")], accuracy) == pytest.approx(best)
+    assert min_merging.best_static([(key, None)], accuracy) == pytest.approx(best)
+    assert min_merging.best_static([(key, "w-here"), ("k1", "w-here")], accuracy) is None
     data["summary"] = summary
     min_merging.plot(data, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
