@@ -388,5 +388,78 @@ def test_the_evaluator_reads_base_and_finetune_features_back_across_runs(tiny, t
     calls: list[int] = []
     real = fc.encode
     monkeypatch.setattr(fc, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fits: list[int] = []
+    real_fit = fc.fit_probe
+    monkeypatch.setattr(fc, "fit_probe", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
     second = Evaluator(tasks, base).evaluate({"merged": merged}, "test").to_json()
-    assert calls == [] and second == first  # a second run (a new process) encodes nothing
+    assert calls == [] and fits == [] and second == first  # a second run (a new process) encodes and fits nothing
+
+
+def test_features_are_keyed_by_tensors_not_file_bytes(tiny, tmp_path: Path, monkeypatch):
+    """θ_shared = θ₀ is the base's tensors written again (other order, other metadata): the same features,
+    read back; the same values in another dtype, or one value changed, are another encoder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import merging.evaluation.feature_cache as fc
+
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    _root, base, _fts, _tasks, _merged, _config = tiny
+    calls: list[int] = []
+    real = fc.encode
+    monkeypatch.setattr(fc, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    texts = [" ".join(WORDS[i : i + 4]) for i in range(0, 40, 4)]
+    first = fc.encode_cached(load_encoder(base), texts, 16, 4)
+    tensors = load_file(str(base / "model.safetensors"))
+    rewritten = tmp_path / "rewritten"
+    shutil.copytree(base, rewritten)
+    save_file(dict(reversed(list(tensors.items()))), str(rewritten / "model.safetensors"), {"written": "again"})
+    assert (rewritten / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes()
+    assert torch.equal(fc.encode_cached(load_encoder(rewritten), texts, 16, 4), first) and calls == [1]
+    name = next(k for k in tensors if k.endswith("query.weight"))
+    for label, change in (
+        ("float64", lambda t: t.double()),
+        ("one value", lambda t: t.index_fill(0, torch.tensor([0]), 0.5)),
+    ):
+        other = tmp_path / label.replace(" ", "-")
+        shutil.copytree(base, other)
+        save_file({**tensors, name: change(tensors[name]).contiguous()}, str(other / "model.safetensors"))
+        assert fc.folder_digest(other) != fc.folder_digest(base), label
+    damaged = tmp_path / "damaged"
+    shutil.copytree(base, damaged)
+    (damaged / "model.safetensors").write_bytes(b"not safetensors")
+    assert fc.tensors_sha256(damaged / "model.safetensors").startswith("file:")
+
+
+def test_probe_cache_returns_the_fit_and_misses_on_any_change(tmp_path: Path, monkeypatch):
+    import merging.evaluation.feature_cache as fc
+
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    fits: list[int] = []
+    real = fc.fit_probe
+    monkeypatch.setattr(fc, "fit_probe", lambda *a, **k: fits.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(60, 8, generator=g), torch.randn(20, 8, generator=g)
+    y, yv = (x[:, 0] > 0).long(), (xv[:, 0] > 0).long()
+    head = fc.probe_cached(x, y, 2, xv, yv)
+    again = fc.probe_cached(x.clone(), y.clone(), 2, xv, yv)
+    assert fits == [1] and torch.equal(again.weight, head.weight) and torch.equal(again.bias, head.bias)
+    fresh = real(x, y, 2, xv, yv)
+    assert torch.equal(fresh.weight, head.weight)  # a hit is the fit's exact weights
+    y2 = y.clone()
+    y2[0] = 1 - y2[0]
+    x2 = x.clone()
+    x2[3, 4] += 1e-3
+    for args in (
+        (x, y2, 2, xv, yv),
+        (x2, y, 2, xv, yv),
+        (x, y, 3, xv, yv),
+        (x, y, 2, None, None),
+        (x, y, 2, xv, yv, 1),
+    ):
+        fc.probe_cached(*args)
+    assert len(fits) == 6
+    monkeypatch.setenv("MERGEFLOW_FEATURE_CACHE", "0")
+    fc.probe_cached(x, y, 2, xv, yv)
+    assert len(fits) == 7

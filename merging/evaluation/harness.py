@@ -30,8 +30,8 @@ import torch
 from merging.errors import ConfigError
 from merging.evaluation.data import Split, TaskSpec, load_split, tasks_by_name
 from merging.evaluation.encoder import Encoder, load_encoder
-from merging.evaluation.feature_cache import encode_cached
-from merging.evaluation.heads import Head, fit_probe, load_head
+from merging.evaluation.feature_cache import encode_cached, probe_cached
+from merging.evaluation.heads import Head, load_head
 from merging.evaluation.metrics import score
 
 
@@ -203,7 +203,7 @@ class Evaluator:
         if key not in self._probes:
             spec = self.tasks[task]
             num_labels = spec.num_labels or int(self.labels(task, "train").max()) + 1
-            self._probes[key] = fit_probe(
+            self._probes[key] = probe_cached(
                 self.features(encoder_path, task, "train"),
                 self.labels(task, "train"),
                 num_labels,

@@ -13,6 +13,7 @@ import os
 import pickle
 import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,10 @@ class HashCache:
     at worst lose an entry, never corrupt the file.
     """
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, hasher: Callable[[Path], str] | None = None):
+        """`hasher` (default: the file's sha256) names what is remembered; another one needs its own `path`."""
         self.path = path or cache_dir() / "sha256-v1.json"
+        self._hasher = hasher or file_sha256
         try:
             self._entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -78,7 +81,7 @@ class HashCache:
             hit = self._entries.get(key)
         if hit and all(hit.get(k) == v for k, v in stamp.items()):
             return str(hit["sha256"])
-        digest = file_sha256(path)
+        digest = self._hasher(path)
         with self._lock:
             self._entries[key] = {**stamp, "sha256": digest}
             self._dirty = True
@@ -87,7 +90,7 @@ class HashCache:
     def verify(self, path: Path) -> str:
         """Returns the sha256 of `path` read afresh, and corrects the remembered one if it was stale."""
         key, stamp = self._key(path)
-        digest = file_sha256(path)
+        digest = self._hasher(path)
         with self._lock:
             if self._entries.get(key, {}).get("sha256") != digest:
                 self._entries[key] = {**stamp, "sha256": digest}

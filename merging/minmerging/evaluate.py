@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from merging.evaluation.feature_cache import probe_cached
 from merging.evaluation.harness import Evaluator
-from merging.evaluation.heads import fit_probe
 from merging.evaluation.lm import LmEvaluator
 from merging.evaluation.metrics import score
 from merging.minmerging.routed import Routed, RoutedModel
@@ -75,7 +75,7 @@ def routed_report(
         ood_feats = {s: torch.stack([r.features for r in results]) for s, results in runs.items()}
         spec = evaluator.tasks[task]
         num_labels = spec.num_labels or int(evaluator.labels(task, "train").max()) + 1
-        probe = fit_probe(
+        probe = probe_cached(
             ood_feats["train"],
             evaluator.labels(task, "train"),
             num_labels,

@@ -33,8 +33,8 @@ import yaml
 from merging.errors import ConfigError
 from merging.evaluation.data import TaskSpec, load_split
 from merging.evaluation.encoder import Encoder, load_encoder
-from merging.evaluation.feature_cache import encode_cached
-from merging.evaluation.heads import Head, fit_probe
+from merging.evaluation.feature_cache import encode_cached, probe_cached
+from merging.evaluation.heads import Head
 from merging.evaluation.metrics import score
 from merging.io.checkpoint import cache_dir, file_sha256
 from merging.io.writer import publish_folder
@@ -232,7 +232,7 @@ def _build_task(
         for s, sp in splits.items()
     }
     labels_t = {s: torch.tensor(sp.labels) for s, sp in splits.items()}
-    probe = fit_probe(
+    probe = probe_cached(
         feats["train"], labels_t["train"], len(source.label_names), feats["validation"], labels_t["validation"]
     )
     (tmp / "heads").mkdir(exist_ok=True)
