@@ -18,7 +18,8 @@ Each fine-tune seed is its own entry of benchmarks/results/min_merging.json (`se
 writes the file after every row, and `--resume` keeps the rows already measured on the same zoo
 build: the same key and the same trained weights (`zoo.weights`, a digest each row records as
 `zoo_weights`; rows without it were measured on an earlier build of the key, whose fine-tune
-scores are kept as `finetuned_earlier_build`); `--remeasure` measures the picked rows again. The
+scores are kept as `finetuned_earlier_build`, and the router-depth sweep is measured again, the earlier one
+kept as `router_layers_earlier_build`); `--remeasure` measures the picked rows again. The
 `summary` is the default (first) row's mean over the seeds measured; its
 `best_static_normalized` is the best static merge (own heads, λ chosen on validation) of the same
 zoo builds in benchmarks/results/merge_accuracy.json (null when that file measured other builds).
@@ -418,6 +419,8 @@ def main() -> int:
     if entry.get("finetuned", finetuned) != finetuned and entry.get("zoo", {}).get("weights") != digest:
         # rows kept from another build of this key: their own fine-tune scores stay beside them
         entry.setdefault("finetuned_earlier_build", entry["finetuned"])
+    if "router_layers" in entry and entry.get("zoo", {}).get("weights") != digest:
+        entry["router_layers_earlier_build"] = entry.pop("router_layers")  # measured again on this build below
     entry["zoo"] = zoo_info
     entry["finetuned"] = finetuned
     results["seeds"][str(args.seed)] = entry
