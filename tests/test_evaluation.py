@@ -417,7 +417,16 @@ def test_features_are_keyed_by_tensors_not_file_bytes(tiny, tmp_path: Path, monk
     save_file(dict(reversed(list(tensors.items()))), str(rewritten / "model.safetensors"), {"written": "again"})
     assert (rewritten / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes()
     assert torch.equal(fc.encode_cached(load_encoder(rewritten), texts, 16, 4), first) and calls == [1]
+    # a merge writes θ₀'s -0.0 back as +0.0 (the same number): one encoder
     name = next(k for k in tensors if k.endswith("query.weight"))
+    negative, positive = tmp_path / "negative-zero", tmp_path / "positive-zero"
+    for folder, zero in ((negative, -0.0), (positive, 0.0)):
+        shutil.copytree(base, folder)
+        save_file(
+            {**tensors, name: tensors[name].index_fill(0, torch.tensor([0]), zero)}, str(folder / "model.safetensors")
+        )
+    assert (negative / "model.safetensors").read_bytes() != (positive / "model.safetensors").read_bytes()
+    assert fc.folder_digest(negative) == fc.folder_digest(positive)
     for label, change in (
         ("float64", lambda t: t.double()),
         ("one value", lambda t: t.index_fill(0, torch.tensor([0]), 0.5)),

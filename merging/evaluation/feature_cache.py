@@ -52,17 +52,20 @@ def enabled() -> bool:
 
 
 def tensors_sha256(path: Path) -> str:
-    """Returns the sha256 over a safetensors file's tensors (name, dtype, shape and bytes, by name): two files
-    holding the same tensors in another order, at other offsets or with other metadata give one digest
-    (MIN-Merging's θ_shared = θ₀ is the base's tensors rewritten). A file safetensors cannot open gets its
-    file sha256 (loading it fails later, where the error is reported)."""
+    """Returns the sha256 over a safetensors file's tensors (name, dtype, shape and bytes, by name, with -0.0
+    counted as +0.0): two files holding the same tensors in another order, at other offsets or with other
+    metadata give one digest (MIN-Merging's θ_shared = θ₀ is the base's tensors rewritten). A file safetensors
+    cannot open gets its file sha256 (loading it fails later, where the error is reported)."""
     from safetensors import safe_open
 
-    digest = hashlib.sha256(b"tensors-v1\0")
+    digest = hashlib.sha256(b"tensors-v2\0")
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in sorted(f.keys()):
-                tensor = f.get_tensor(name).contiguous()
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point():
+                    tensor = tensor + 0.0  # -0.0 → +0.0: a merge writes θ₀'s -0.0 back as +0.0, the same number
+                tensor = tensor.contiguous()
                 digest.update(f"{len(name)}:{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
                 digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     except Exception:
@@ -76,8 +79,8 @@ def folder_digest(folder: Path) -> str:
     global _HASHES, _TENSOR_HASHES
     if _HASHES is None or _HASHES.path != cache_dir() / "sha256-v1.json":
         _HASHES = HashCache()
-    if _TENSOR_HASHES is None or _TENSOR_HASHES.path != cache_dir() / "tensors-sha256-v1.json":
-        _TENSOR_HASHES = HashCache(cache_dir() / "tensors-sha256-v1.json", hasher=tensors_sha256)
+    if _TENSOR_HASHES is None or _TENSOR_HASHES.path != cache_dir() / "tensors-sha256-v2.json":
+        _TENSOR_HASHES = HashCache(cache_dir() / "tensors-sha256-v2.json", hasher=tensors_sha256)
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name not in IGNORED:
