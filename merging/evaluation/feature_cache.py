@@ -65,9 +65,8 @@ def tensors_sha256(path: Path) -> str:
                 tensor = f.get_tensor(name)
                 if tensor.is_floating_point():
                     tensor = tensor + 0.0  # -0.0 → +0.0: a merge writes θ₀'s -0.0 back as +0.0, the same number
-                tensor = tensor.contiguous()
-                digest.update(f"{len(name)}:{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+                digest.update(f"{len(name)}:{name}\0".encode())
+                _tensor_identity(digest, tensor)
     except Exception:
         return "file:" + file_sha256(path)
     return digest.hexdigest()
